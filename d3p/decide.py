@@ -1,0 +1,140 @@
+"""Offline D3P decision from a saved loss window.
+
+    python -m d3p.decide LOSSES.npy --out DECISION.npz [--bins 128] [--quantile 0.999]
+                         [--seed 0] [--min-kept 1] [--plot FIG.png]
+
+LOSSES.npy: float array (n, N), losses[t, i] = loss of sample i in recording epoch t.
+DECISION.npz: pruned (bool N), weights (float32 N), cld (float64 N), support (float64 2),
+observed and expected (int64 bins). Prints one JSON line with the decision's counts.
+Bad input exits with status 2 and a message naming the problem; nothing is written then.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .stats import DegenerateWindowError, decide
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m d3p.decide",
+        description="Make one D3P pruning decision from a (n_epochs, N) loss window.",
+    )
+    p.add_argument("losses", help=".npy file with a float array of shape (n_epochs, N)")
+    p.add_argument("--out", required=True, help="output .npz file for the decision")
+    p.add_argument("--bins", type=int, default=128, help="histogram bins inside the support (>= 2)")
+    p.add_argument("--quantile", type=float, default=0.999,
+                   help="grid quantile of the ideal CLD distribution, in (0, 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trimming generator")
+    p.add_argument("--min-kept", type=int, default=1, help="keep at least this many samples")
+    p.add_argument("--plot", default=None, help="also write the decision figure (e.g. FIG.png)")
+    return p
+
+
+def _load(parser: argparse.ArgumentParser, path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        parser.error(f"LOSSES file not found: {path!r}; pass the .npy written by np.save(path, losses)")
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad input file
+        parser.error(f"cannot read {path!r} as a .npy array ({err}); save it with np.save(path, losses)")
+    if not isinstance(arr, np.ndarray):
+        parser.error(f"{path!r} is an .npz archive, not a single .npy array; save one (n_epochs, N) array with np.save")
+    if arr.ndim != 2:
+        parser.error(
+            f"LOSSES must be 2-D (n_epochs, N), got ndim={arr.ndim} shape={arr.shape}; "
+            "stack the per-epoch loss vectors with np.stack([l_1, ..., l_n])"
+        )
+    if arr.dtype.kind not in "fiu":
+        parser.error(f"LOSSES must hold real numbers (float), got dtype {arr.dtype}")
+    if arr.shape[0] < 1 or arr.shape[1] < 2:
+        parser.error(f"LOSSES needs at least 1 epoch and 2 samples, got shape {arr.shape}")
+    arr = np.asarray(arr, dtype=np.float64 if arr.dtype.kind in "iu" else arr.dtype)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        t, i = (int(v) for v in bad[0])
+        parser.error(
+            f"LOSSES has {bad.shape[0]} NaN/inf values (first at epoch {t}, sample {i}); every "
+            "sample needs a finite loss in every recording epoch: re-record or drop those samples"
+        )
+    return arr
+
+
+def _replace_atomic(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.bins < 2:
+        parser.error(f"--bins must be >= 2, got {args.bins}")
+    if not 0.0 < args.quantile < 1.0:
+        parser.error(f"--quantile must be strictly between 0 and 1 (e.g. 0.999), got {args.quantile}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.min_kept < 0:
+        parser.error(f"--min-kept must be >= 0, got {args.min_kept}")
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else None
+    for target, flag in ((out, "--out"), (plot, "--plot")):
+        if target is not None and not target.parent.resolve().is_dir():
+            parser.error(f"{flag}: directory {str(target.parent)!r} does not exist; create it first")
+    if plot is not None:
+        import matplotlib.figure  # noqa: F401 - fail early, before any work, if matplotlib is absent
+
+        fmt = plot.suffix.lstrip(".").lower() or "png"
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        if fmt not in FigureCanvasAgg.get_supported_filetypes():
+            parser.error(f"--plot: unsupported image format {fmt!r}; use e.g. FIG.png")
+
+    losses = _load(parser, args.losses)
+    try:
+        decision = decide(losses, bins=args.bins, quantile=args.quantile, rng=args.seed,
+                          min_kept=args.min_kept)
+    except DegenerateWindowError as err:  # non-finite was checked above; keep the contract anyway
+        parser.error(str(err))
+
+    # Write to temporaries and rename at the end: a failure leaves no half-written output.
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_plot = plot.with_name(plot.name + ".tmp") if plot is not None else None
+    try:
+        with open(tmp_out, "wb") as fh:
+            np.savez(
+                fh,
+                pruned=decision.pruned.astype(bool),
+                weights=decision.weights.astype(np.float32),
+                cld=decision.cld.astype(np.float64),
+                support=decision.support.astype(np.float64),
+                observed=decision.observed.astype(np.int64),
+                expected=decision.expected.astype(np.int64),
+            )
+        if plot is not None:
+            from .plot import plot_decision
+
+            plot_decision(decision, decision.density, tmp_plot, fmt=fmt)
+            _replace_atomic(tmp_plot, plot)
+        _replace_atomic(tmp_out, out)
+    finally:
+        for tmp in (tmp_out, tmp_plot):
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+
+    summary = decision.summary()
+    line = {k: summary[k] for k in ("N", "pruned", "easy", "hard", "trimmed", "upweighted",
+                                    "prune_ratio", "seconds")}
+    line.update(restored=summary["restored"], reason=summary["reason"])
+    print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The two collectives pruning needs: one reduction of per-sample losses per epoch, and the
+rank-consistency guard at every plan."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from d3p.strategy import EpochLosses, EpochPlan
+
+
+class RankDivergenceError(RuntimeError):
+    pass
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _device() -> torch.device:
+    if _is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_epoch_losses(loss_sum: np.ndarray, count: np.ndarray) -> EpochLosses:
+    """Sum per-sample loss sums and counts over ranks: O(N) bytes, once per epoch."""
+    if not _is_dist():
+        return EpochLosses(loss_sum=loss_sum, count=count)
+    dev = _device()
+    s = torch.from_numpy(loss_sum).to(dev)
+    c = torch.from_numpy(count).to(dev)
+    dist.all_reduce(s)
+    dist.all_reduce(c)
+    return EpochLosses(loss_sum=s.cpu().numpy(), count=c.cpu().numpy())
+
+
+def plan_fingerprint(plan: EpochPlan) -> int:
+    """A 63-bit hash of what the plan trains on and how it weighs it."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(plan.kept, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(plan.forward_only, dtype=np.int64).tobytes())
+    if plan.weights is not None:
+        h.update(np.ascontiguousarray(plan.weights, dtype=np.float32).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def check_ranks_agree(plan: EpochPlan, epoch: int) -> int:
+    """All-gather the plan's fingerprint; raise if any rank would train on other data."""
+    fp = plan_fingerprint(plan)
+    if not _is_dist():
+        return fp
+    t = torch.tensor([fp], dtype=torch.int64, device=_device())
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    prints = [int(x.item()) for x in out]
+    if len(set(prints)) != 1:
+        raise RankDivergenceError(
+            f"epoch {epoch}: ranks disagree on the pruning plan (fingerprints {prints}). Training stops rather "
+            "than train on diverged data. Likely causes: different --seed or flags per rank, or a pruning state "
+            "restored on some ranks only. Fix: relaunch all ranks with identical flags from one checkpoint"
+        )
+    return fp

@@ -1,0 +1,80 @@
+"""The cost ledger (spec §9), the same for every method."""
+from __future__ import annotations
+
+from typing import Any
+
+FORWARD_ONLY_COST = 1.0 / 3.0  # a forward pass is about a third of forward + backward
+
+
+class CostLedger:
+    """Per-epoch and whole-run accounting of what training actually cost."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = int(num_samples)
+        self.epochs: list[dict[str, Any]] = []
+
+    def record_epoch(
+        self,
+        epoch: int,
+        samples_trained: int,
+        samples_forward_only: int,
+        optimizer_steps: int,
+        epoch_seconds: float,
+        data_seconds: float,
+        kept: int,
+    ) -> dict[str, Any]:
+        """Append one epoch; returns the per-epoch fields plus the run-so-far figures."""
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch]  # an epoch replayed after a restart replaces its record
+        self.epochs.append(
+            {
+                "epoch": int(epoch),
+                "samples_trained": int(samples_trained),
+                "samples_forward_only": int(samples_forward_only),
+                "optimizer_steps": int(optimizer_steps),
+                "epoch_seconds": float(epoch_seconds),
+                "data_seconds": float(data_seconds),
+                "kept": int(kept),
+                "pruned": int(self.num_samples - kept),
+            }
+        )
+        out = dict(self.epochs[-1])
+        out.update(self.totals())
+        return out
+
+    def totals(self) -> dict[str, Any]:
+        n_epochs = len(self.epochs)
+        trained = sum(e["samples_trained"] for e in self.epochs)
+        fwd = sum(e["samples_forward_only"] for e in self.epochs)
+        full = max(n_epochs * self.num_samples, 1)
+        return {
+            "epochs_done": n_epochs,
+            "total_samples_trained": trained,
+            "total_samples_forward_only": fwd,
+            "total_optimizer_steps": sum(e["optimizer_steps"] for e in self.epochs),
+            "prune_ratio": 1.0 - trained / full,
+            "compute_saved": 1.0 - (trained + FORWARD_ONLY_COST * fwd) / full,
+            "wall_seconds": sum(e["epoch_seconds"] for e in self.epochs),
+            "total_data_seconds": sum(e["data_seconds"] for e in self.epochs),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Whole-run figures for summary.json (names as in the issue)."""
+        t = self.totals()
+        return {
+            "epochs": t["epochs_done"],
+            "num_samples": self.num_samples,
+            "samples_trained": t["total_samples_trained"],
+            "samples_forward_only": t["total_samples_forward_only"],
+            "optimizer_steps": t["total_optimizer_steps"],
+            "prune_ratio": t["prune_ratio"],
+            "compute_saved": t["compute_saved"],
+            "wall_seconds": t["wall_seconds"],
+            "data_seconds": t["total_data_seconds"],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "epochs": [dict(e) for e in self.epochs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_samples = int(state["num_samples"])
+        self.epochs = [dict(e) for e in state["epochs"]]

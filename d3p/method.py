@@ -1,0 +1,138 @@
+"""D3P as a PruningStrategy: record losses in the window epochs, decide at each prune epoch."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from d3p.schedule import D3PSchedule
+from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
+
+_DECISION_RNG = 1  # `purpose` of epoch_rng for the trimming draw
+
+
+class D3P:
+    """Distribution-aware Dynamic Data Pruning (spec §2-§7).
+
+    Per-sample state on CPU: the loss window float32 [n, N], the pruned mask bool [N] and the
+    weights float32 [N] — 4n + 5 bytes per sample (17 for n = 3).
+    """
+
+    name = "d3p"
+
+    def __init__(
+        self,
+        num_samples: int,
+        schedule: D3PSchedule,
+        bins: int = 128,
+        quantile: float = 0.999,
+        seed: int = 0,
+        min_kept: int = 1,
+    ):
+        self.num_samples = int(num_samples)
+        self.schedule = schedule
+        self.bins = int(bins)
+        self.quantile = float(quantile)
+        self.seed = int(seed)
+        self.min_kept = int(min_kept)
+        self.window = np.full((schedule.window, self.num_samples), np.nan, dtype=np.float32)
+        self.pruned = np.zeros(self.num_samples, dtype=bool)
+        self.weights = np.ones(self.num_samples, dtype=np.float32)
+        self.decisions = 0
+        self.last_decision: dict[str, Any] = {}
+        self.last_cld: np.ndarray | None = None  # for TensorBoard's histogram; not part of the state
+
+    # ------------------------------------------------------------------ plan
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        record = self.schedule.is_recording(epoch)
+        if self.schedule.is_annealing(epoch) or not self.pruned.any():
+            kept = np.arange(self.num_samples, dtype=np.int64)
+            forward_only = np.zeros(0, dtype=np.int64)
+        else:
+            kept = np.flatnonzero(~self.pruned)
+            forward_only = np.flatnonzero(self.pruned) if record else np.zeros(0, dtype=np.int64)
+        weights = None
+        if not self.schedule.is_annealing(epoch) and (self.weights != 1).any():
+            weights = self.weights
+        return EpochPlan(kept=kept, weights=weights, forward_only=forward_only, record_losses=record)
+
+    # ------------------------------------------------------------- observe
+    def end_epoch(self, epoch: int, losses: EpochLosses | None, embeddings=None) -> dict[str, Any]:
+        if not self.schedule.is_recording(epoch):
+            return {}
+        if losses is None:
+            raise RuntimeError(f"D3P needs the losses of recording epoch {epoch}")
+        unseen = int((~losses.seen).sum())
+        if unseen:
+            raise RuntimeError(
+                f"epoch {epoch}: {unseen} samples got no loss in a recording epoch; the forward-only pass "
+                "over pruned samples must cover them (sampler/plan mismatch)"
+            )
+        self.window[self.schedule.window_slot(epoch)] = losses.mean.astype(np.float32)
+        if not self.schedule.is_decision(epoch):
+            return {}
+        return self._decide(epoch)
+
+    def _decide(self, epoch: int) -> dict[str, Any]:
+        from d3p.stats import decide
+
+        decision = decide(
+            self.window.astype(np.float64),
+            bins=self.bins,
+            quantile=self.quantile,
+            rng=epoch_rng(self.seed, epoch, _DECISION_RNG),
+            min_kept=self.min_kept,
+        )
+        self.pruned = decision.pruned.astype(bool)
+        self.weights = decision.weights.astype(np.float32)
+        self.decisions += 1
+        self.last_cld = decision.cld
+        self.last_decision = decision
+        log = {
+            "d3p_easy": int(decision.easy),
+            "d3p_hard": int(decision.hard),
+            "d3p_trimmed": int(decision.trimmed),
+            "d3p_upweighted": int(decision.upweighted),
+            "d3p_restored": int(decision.restored),
+            "d3p_support": [float(decision.support[0]), float(decision.support[1])],
+            "d3p_decision_pruned": int(self.pruned.sum()),
+            "d3p_seconds": float(decision.seconds),
+        }
+        if decision.reason:
+            log["d3p_note"] = decision.reason
+        self.window[:] = np.nan  # the next window starts empty
+        return log
+
+    # --------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "window": torch.from_numpy(self.window.copy()),
+            "pruned": torch.from_numpy(self.pruned.copy()),
+            "weights": torch.from_numpy(self.weights.copy()),
+            "decisions": self.decisions,
+            "seed": self.seed,
+            "schedule": [self.schedule.start, self.schedule.period, self.schedule.window],
+            "bins": self.bins,
+            "quantile": self.quantile,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"pruning state is for {state['num_samples']} samples, the dataset has {self.num_samples}. "
+                "Fix: resume with the same dataset, or start a new --output_dir"
+            )
+        sched = [self.schedule.start, self.schedule.period, self.schedule.window]
+        if list(state["schedule"]) != sched:
+            raise ValueError(
+                f"checkpoint's D3P schedule (s, p, n) = {tuple(state['schedule'])} differs from the flags' "
+                f"{tuple(sched)}. Fix: resume with the same --d3p_start/--d3p_period/--d3p_window"
+            )
+        self.window = state["window"].numpy().copy()
+        self.pruned = state["pruned"].numpy().copy()
+        self.weights = state["weights"].numpy().copy()
+        self.decisions = int(state["decisions"])
+        self.seed = int(state["seed"])

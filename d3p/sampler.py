@@ -1,0 +1,67 @@
+"""A DistributedSampler whose index list is rebuilt from the kept set before every epoch (spec §8)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class PrunedDistributedSampler(Sampler[int]):
+    """Yields this rank's share of a subset of dataset indices.
+
+    Before each epoch (`set_indices` then `set_epoch`) the kept indices are shuffled with a
+    generator seeded by (seed, epoch) — identical on every rank —, padded by repetition to a
+    multiple of the world size, and split `rank::num_replicas`. Every rank therefore gets the same
+    number of samples (so the same number of batches: no rank waits in a collective for another),
+    the ranks together cover the kept set, and an index outside it is never yielded, so a pruned
+    sample is never loaded or decoded.
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.num_samples = int(num_samples)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._kept = np.arange(self.num_samples, dtype=np.int64)
+        self._local = self._kept[self.rank :: self.num_replicas]
+        self.set_epoch(0)
+
+    def set_indices(self, kept: np.ndarray) -> None:
+        """The dataset indices to iterate from the next `set_epoch` on (int array, any order)."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if kept.size == 0:
+            raise ValueError("the kept set is empty: nothing to train on")
+        if kept.min() < 0 or kept.max() >= self.num_samples:
+            raise ValueError(f"kept indices outside [0, {self.num_samples})")
+        self._kept = kept
+
+    def set_epoch(self, epoch: int) -> None:
+        """Rebuild this rank's index list for `epoch`."""
+        self.epoch = int(epoch)
+        order = self._kept
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, self.epoch]).permutation(order.size)]
+        total = -(-order.size // self.num_replicas) * self.num_replicas
+        if total != order.size:
+            order = np.resize(order, total)  # repeats from the start: padding by repetition
+        self._local = order[self.rank :: self.num_replicas]
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self._kept
+
+    @property
+    def total_size(self) -> int:
+        """Samples yielded by all ranks together this epoch (padding included)."""
+        return len(self._local) * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._local.tolist())
+
+    def __len__(self) -> int:
+        return len(self._local)

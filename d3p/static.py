@@ -1,0 +1,632 @@
+"""Static data-pruning seeds of spec section 10, adapted to MAE (no labels: the reconstruction loss is the signal).
+
+- Dyn-Unc (He et al., "Large-scale Dataset Pruning with Dynamic Uncertainty"): per-sample loss recorded for J
+  full-data epochs; score = mean over sliding windows (width w, over epochs) of the loss's std inside the window;
+  keep the top (1-r) fraction.
+- D2 Pruning (Maharana et al., 2023): k-NN graph of warm-up encoder embeddings, forward message passing of the
+  difficulty (loss), then reverse message passing while selecting.
+
+Both select once, at the end of warm-up epoch J-1, and then train on the fixed subset (`DynUnc`, `D2Pruning`).
+The pure functions are usable offline through the CLI:
+
+    python -m d3p.static dynunc --losses L.npy --ratio 0.3 --out kept.npy [--window 3]
+    python -m d3p.static d2 --losses L.npy --embeddings E.npy --ratio 0.3 --out kept.npy [--neighbors 10] ...
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from d3p.baselines import _Base, kept_size
+from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
+
+_PURPOSE_D2_WEIGHTED = 41
+# Row chunks of the k-NN are sized so one (chunk x N) float32 distance block stays under this many bytes.
+_KNN_BLOCK_BYTES = 256 * 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dyn-Unc
+# ----------------------------------------------------------------------------------------------------------------
+def dynunc_scores(loss_history: np.ndarray, window: int, column_chunk: int = 65536) -> np.ndarray:
+    """Dynamic uncertainty of every sample.
+
+    loss_history: float [J, N] per-sample loss of J consecutive epochs (finite). Returns float64 [N]:
+    mean over the J-w+1 windows [k, k+w) of the population std (ddof=0) of the sample's loss in the window.
+    (ddof only scales every score by the same constant, so the ranking does not depend on it.)
+    Columns are processed in chunks so the temporary [J-w+1, chunk, w] float64 block stays small for large N.
+    """
+    h = np.asarray(loss_history)
+    if h.ndim != 2:
+        raise ValueError(f"loss_history must be 2-D (epochs J, samples N), got shape {h.shape}")
+    num_epochs, n = h.shape
+    if not 2 <= window <= num_epochs:
+        raise ValueError(f"window must be in [2, J={num_epochs}] (a std needs >= 2 epochs), got {window}")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("loss_history has non-finite entries (NaN: a sample without a loss in some epoch)")
+    scores = np.empty(n, dtype=np.float64)
+    for a in range(0, n, column_chunk):
+        block = h[:, a : a + column_chunk].astype(np.float64)
+        windows = sliding_window_view(block, window, axis=0)  # [J-w+1, chunk, w], a view
+        scores[a : a + column_chunk] = windows.std(axis=-1).mean(axis=0)
+    return scores
+
+
+def top_k_indices(scores: np.ndarray, count: int) -> np.ndarray:
+    """int64 [count] sorted indices of the `count` highest scores; ties go to the lower index (deterministic)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if not 0 <= count <= s.size:
+        raise ValueError(f"cannot keep {count} of {s.size} samples")
+    order = np.lexsort((np.arange(s.size), -s))  # primary key: score descending; secondary: index ascending
+    return np.sort(order[:count]).astype(np.int64)
+
+
+def dynunc_select(loss_history: np.ndarray, window: int, ratio: float) -> np.ndarray:
+    """int64 sorted indices of the round((1-ratio)*N) samples with the highest dynamic uncertainty."""
+    scores = dynunc_scores(loss_history, window)
+    return top_k_indices(scores, kept_size(scores.size, ratio))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# D2 Pruning: k-NN graph
+# ----------------------------------------------------------------------------------------------------------------
+def default_knn_chunk(num_samples: int) -> int:
+    """Rows per k-NN chunk so that a [chunk, N] float32 block is at most ~256 MiB."""
+    return int(max(1, min(num_samples, _KNN_BLOCK_BYTES // (4 * max(num_samples, 1)))))
+
+
+def knn_chunked(
+    emb: np.ndarray | torch.Tensor,
+    k: int,
+    chunk: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Euclidean k-NN of every row among the other rows.
+
+    emb: float [N, D]. Returns (dist float32 [N, k] ascending, idx int64 [N, k]); a row is never its own neighbour
+    (duplicates of it can be). Rows are processed `chunk` at a time: ||q||^2 + ||x||^2 - 2 q.x^T with one matmul
+    per chunk and torch.topk, so memory is O(chunk * N), never N x N. The embeddings are centred first: distances
+    are translation-invariant and smaller norms mean less float32 cancellation in the expansion.
+    Ties between equal distances are broken by torch.topk (deterministic for a fixed device and build).
+    """
+    x = torch.as_tensor(emb).to(device=device, dtype=torch.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, N-1={n - 1}], got {k}")
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings have non-finite entries")
+    chunk = default_knn_chunk(n) if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    x = x - x.mean(dim=0, keepdim=True)
+    sq = (x * x).sum(dim=1)
+    dist = torch.empty((n, k), dtype=torch.float32)
+    idx = torch.empty((n, k), dtype=torch.int64)
+    t0 = time.perf_counter()
+    next_report = 0.1
+    with torch.no_grad():
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            # block[r, j] = ||x_j||^2 - 2 x_{a+r}.x_j, then + ||x_{a+r}||^2 in place: a single [chunk, N] buffer.
+            block = torch.addmm(sq.unsqueeze(0), x[a:b], x.T, beta=1.0, alpha=-2.0)
+            block.add_(sq[a:b].unsqueeze(1))
+            rows = torch.arange(b - a, device=block.device)
+            block[rows, rows + a] = float("inf")  # exclude self
+            val, ind = torch.topk(block, k, dim=1, largest=False, sorted=True)
+            dist[a:b] = val.clamp_min_(0.0).sqrt_().cpu()
+            idx[a:b] = ind.cpu()
+            if progress and b / n >= next_report:
+                el = time.perf_counter() - t0
+                print(f"  knn {b}/{n} rows, {el:.1f}s elapsed, ~{el * (n - b) / b:.0f}s left", file=sys.stderr,
+                      flush=True)
+                next_report += 0.1
+    return dist.numpy(), idx.numpy()
+
+
+def default_gamma(dist: np.ndarray) -> float:
+    """gamma = 1 / median k-NN distance, so a typical edge weighs exp(-1) whatever the embedding scale.
+
+    Falls back to the mean positive distance when more than half the distances are 0 (duplicates), and to 1.0
+    when all are.
+    """
+    d = np.asarray(dist, dtype=np.float64).ravel()
+    med = float(np.median(d)) if d.size else 0.0
+    if med > 0:
+        return 1.0 / med
+    pos = d[d > 0]
+    return 1.0 / float(pos.mean()) if pos.size else 1.0
+
+
+def d2_forward(
+    difficulty: np.ndarray, dist: np.ndarray, idx: np.ndarray, gamma: float, mode: str = "sum"
+) -> np.ndarray:
+    """Forward message passing: float64 [N] node scores.
+
+    difficulty: [N]; dist, idx: [N, k] (each node's k-NN). message_i = sum_j exp(-gamma * d_ij) * difficulty_j over
+    i's k-NN; score_i = difficulty_i + message_i ('sum') or difficulty_i * message_i ('product').
+    """
+    diff = np.asarray(difficulty, dtype=np.float64)
+    d = np.asarray(dist, dtype=np.float64)
+    nb = np.asarray(idx, dtype=np.int64)
+    if d.shape != nb.shape or d.ndim != 2 or d.shape[0] != diff.shape[0] or diff.ndim != 1:
+        raise ValueError(f"shape mismatch: difficulty {diff.shape}, dist {d.shape}, idx {nb.shape}")
+    message = (np.exp(-gamma * d) * diff[nb]).sum(axis=1)
+    if mode == "sum":
+        return diff + message
+    if mode == "product":
+        return diff * message
+    raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
+
+
+def neighbour_graph(
+    dist: np.ndarray, idx: np.ndarray, gamma: float, symmetric: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR adjacency used by the reverse pass: (indptr int64 [N+1], cols int64 [E], weight float64 [E]).
+
+    weight = exp(-gamma * d). symmetric=True: j is a neighbour of i if j is in i's k-NN *or* i is in j's k-NN
+    (each pair once, with the smaller of the two float32 distances). Why symmetric: a node that lists the selected
+    node among its own nearest neighbours is as redundant with it as one of the selected node's k-NN; with the
+    directed lists only, nodes on the rim of a dense region (they point into it, its core does not point back)
+    would escape the penalty.
+    """
+    n, k = idx.shape
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    cols = np.asarray(idx, dtype=np.int64).ravel()
+    d = np.asarray(dist, dtype=np.float64).ravel()
+    if symmetric:
+        rows, cols, d = np.concatenate([rows, cols]), np.concatenate([cols, rows]), np.concatenate([d, d])
+    key = rows * n + cols
+    order = np.lexsort((d, key))  # by pair, smallest distance first, so np.unique keeps the smallest
+    key, d = key[order], d[order]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    key, d = key[first], d[first]
+    rows, cols = key // n, key % n
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int64)
+    return indptr, cols, np.exp(-gamma * d)
+
+
+def _select_absolute(
+    s: np.ndarray, selected: np.ndarray, out: list[int], n_select: int,
+    indptr: np.ndarray, cols: np.ndarray, weight: np.ndarray,
+) -> None:
+    """Greedy argmax selection with a lazy max-heap; mutates s, selected, out.
+
+    Scores only decrease (decrements are clamped at a non-negative selected score), so a heap key is always an
+    upper bound of the node's current score: a popped entry whose key is stale is re-pushed with the current score,
+    and a popped entry whose key is current is the true argmax (ties: lowest index). Each pick costs O(log N) plus
+    its degree, never a rescan of N.
+    """
+    heap = [(-float(v), int(i)) for i, v in zip(np.flatnonzero(~selected).tolist(), s[~selected].tolist())]
+    heapq.heapify(heap)
+    while len(out) < n_select:
+        neg, i = heapq.heappop(heap)
+        cur = s[i]
+        if -neg != cur:
+            heapq.heappush(heap, (-float(cur), i))
+            continue
+        selected[i] = True
+        out.append(i)
+        if cur > 0:
+            a, b = indptr[i], indptr[i + 1]
+            s[cols[a:b]] -= weight[a:b] * cur
+
+
+def _select_weighted(
+    s: np.ndarray, selected: np.ndarray, out: list[int], n_select: int,
+    indptr: np.ndarray, cols: np.ndarray, weight: np.ndarray, rng: np.random.Generator,
+) -> None:
+    """Sequential sampling with probability proportional to max(score, 0); mutates s, selected, out.
+
+    Exact sequential sampling (each pick sees the scores lowered by all earlier picks), made cheap with a two-level
+    (sqrt-decomposition) sum tree: masses p live in blocks of B ~ sqrt(N); a pick draws one uniform, finds its block
+    by a cumulative sum over the N/B block sums and the node by a cumulative sum inside the block; after the
+    neighbours' scores drop, only the touched blocks' sums are recomputed (from scratch, so no float drift).
+    O(sqrt(N) + degree) per pick, one rng.random() per pick: deterministic from rng. When no positive mass is left
+    (every remaining score <= 0) the remaining picks follow the absolute (argmax) rule.
+    """
+    n = s.size
+    bsize = max(64, int(math.isqrt(n)))
+    nblocks = -(-n // bsize)
+    p = np.zeros(nblocks * bsize, dtype=np.float64)
+    p[:n] = np.where(selected, 0.0, np.maximum(s, 0.0))
+    p2 = p.reshape(nblocks, bsize)
+    bsum = p2.sum(axis=1)
+    while len(out) < n_select:
+        csum = np.cumsum(bsum)
+        total = csum[-1]
+        if not total > 0:
+            _select_absolute(s, selected, out, n_select, indptr, cols, weight)
+            return
+        u = rng.random() * total
+        blk = min(int(np.searchsorted(csum, u, side="right")), nblocks - 1)
+        while bsum[blk] <= 0:  # float edge cases: u landed on the boundary of an empty block
+            blk -= 1
+        inner = np.cumsum(p2[blk])
+        j = min(int(np.searchsorted(inner, u - (csum[blk] - bsum[blk]), side="right")), bsize - 1)
+        while p2[blk, j] <= 0:
+            j -= 1
+        i = blk * bsize + j
+        cur = s[i]
+        selected[i] = True
+        out.append(i)
+        p[i] = 0.0
+        touched = [blk]
+        if cur > 0:
+            a, b = indptr[i], indptr[i + 1]
+            nb = cols[a:b]
+            s[nb] -= weight[a:b] * cur
+            p[nb] = np.where(selected[nb], 0.0, np.maximum(s[nb], 0.0))
+            touched = np.unique(np.concatenate([nb // bsize, [blk]]))
+        bsum[touched] = p2[touched].sum(axis=1)
+
+
+def d2_select(
+    scores: np.ndarray,
+    dist: np.ndarray,
+    idx: np.ndarray,
+    gamma: float,
+    n_select: int,
+    sampling: str = "absolute",
+    rng: np.random.Generator | None = None,
+    symmetric: bool = True,
+) -> np.ndarray:
+    """Reverse message passing selection: int64 [n_select] sorted indices.
+
+    Repeatedly pick an unselected node ('absolute': the highest current score, ties to the lowest index;
+    'weighted': sampled with probability proportional to max(current score, 0)), then lower every neighbour j's
+    score by exp(-gamma * d_ij) * max(score of the picked node, 0). Neighbours come from `neighbour_graph`
+    (symmetric by default, see there). The clamp at 0: a node whose score has already fallen to <= 0 is explained by
+    earlier picks and must not *raise* its neighbours' scores (it also keeps scores monotone for the lazy heap).
+    `rng` is only used by 'weighted' (default: np.random.default_rng(0)).
+    """
+    s = np.array(scores, dtype=np.float64)
+    n = s.size
+    if not 0 <= n_select <= n:
+        raise ValueError(f"cannot select {n_select} of {n} nodes")
+    if idx.shape != dist.shape or idx.shape[0] != n:
+        raise ValueError(f"shape mismatch: scores {s.shape}, dist {dist.shape}, idx {idx.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores have non-finite entries")
+    indptr, cols, weight = neighbour_graph(dist, idx, gamma, symmetric=symmetric)
+    selected = np.zeros(n, dtype=bool)
+    out: list[int] = []
+    if sampling == "absolute":
+        _select_absolute(s, selected, out, n_select, indptr, cols, weight)
+    elif sampling == "weighted":
+        _select_weighted(s, selected, out, n_select, indptr, cols, weight,
+                         rng if rng is not None else np.random.default_rng(0))
+    else:
+        raise ValueError(f"sampling must be 'absolute' or 'weighted', got {sampling!r}")
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def d2_prune(
+    difficulty: np.ndarray,
+    embeddings: np.ndarray,
+    ratio: float,
+    neighbors: int = 10,
+    gamma: float | None = None,
+    mode: str = "sum",
+    sampling: str = "absolute",
+    rng: np.random.Generator | None = None,
+    chunk: int | None = None,
+    device: str = "cpu",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The whole D2 pipeline: k-NN -> forward -> reverse selection of round((1-ratio)*N) samples.
+
+    difficulty: [N]; embeddings: [N, D]. Returns (kept int64 sorted, stats with gamma and stage timings).
+    gamma=None: `default_gamma` of the k-NN distances.
+    """
+    diff = np.asarray(difficulty, dtype=np.float64)
+    if embeddings.shape[0] != diff.shape[0]:
+        raise ValueError(f"{embeddings.shape[0]} embeddings for {diff.shape[0]} difficulties")
+    t0 = time.perf_counter()
+    dist, idx = knn_chunked(embeddings, neighbors, chunk=chunk, device=device)
+    t1 = time.perf_counter()
+    g = default_gamma(dist) if gamma is None else float(gamma)
+    scores = d2_forward(diff, dist, idx, g, mode=mode)
+    kept = d2_select(scores, dist, idx, g, kept_size(diff.size, ratio), sampling=sampling, rng=rng)
+    t2 = time.perf_counter()
+    return kept, {"gamma": g, "knn_seconds": t1 - t0, "select_seconds": t2 - t1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------------------------------
+def impute_history(history: np.ndarray) -> tuple[np.ndarray, int]:
+    """Fill NaN (sample not seen in an epoch, e.g. a dropped last batch) of a float [J, N] loss history.
+
+    A missing entry gets the sample's mean over its recorded epochs; a sample never seen gets each epoch's dataset
+    mean (so its volatility is 0 and Dyn-Unc treats it as stable). Returns (float64 [J, N], number imputed).
+    """
+    h = np.asarray(history, dtype=np.float64).copy()
+    missing = np.isnan(h)
+    count = int(missing.sum())
+    if count == 0:
+        return h, 0
+    seen_any = (~missing).any(axis=0)
+    with np.errstate(invalid="ignore"):
+        sample_mean = np.nanmean(np.where(seen_any, h, 0.0), axis=0)  # [N]; unseen columns handled below
+        epoch_mean = np.nanmean(h, axis=1)  # [J]
+    fill = np.where(seen_any[None, :], sample_mean[None, :], epoch_mean[:, None])
+    h[missing] = fill[missing]
+    if np.isnan(h).any():
+        raise ValueError("a warm-up epoch recorded no loss at all")
+    return h, count
+
+
+class _StaticBase(_Base):
+    """Warm-up on full data for J epochs recording losses, select once at the end of epoch J-1, then keep the
+    subset fixed. `subset` (int64 sorted, or None before the decision) is what the engine saves as kept_static.npy."""
+
+    def __init__(self, num_samples: int, warmup_epochs: int, prune_ratio: float, seed: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if warmup_epochs < 1:
+            raise ValueError(f"warmup_epochs must be >= 1, got {warmup_epochs}")
+        self.num_samples = int(num_samples)
+        self.warmup_epochs = int(warmup_epochs)
+        self.prune_ratio = float(prune_ratio)
+        self.seed = int(seed)
+        self.n_keep = kept_size(self.num_samples, self.prune_ratio)
+        self.history = np.full((self.warmup_epochs, self.num_samples), np.nan, dtype=np.float32)
+        self.subset: np.ndarray | None = None
+
+    def _warmup_plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(kept=np.arange(self.num_samples, dtype=np.int64), record_losses=True)
+
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        if epoch < self.warmup_epochs:
+            return self._warmup_plan(epoch)
+        if self.subset is None:
+            raise RuntimeError(
+                f"{self.name}: epoch {epoch} needs the subset selected at the end of warm-up epoch "
+                f"{self.warmup_epochs - 1}, but end_epoch({self.warmup_epochs - 1}) was never called"
+            )
+        return EpochPlan(kept=self.subset.copy(), record_losses=False)
+
+    def _select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def end_epoch(
+        self, epoch: int, losses: EpochLosses | None, embeddings: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        n = self.num_samples
+        if epoch >= self.warmup_epochs:
+            assert self.subset is not None
+            return {"kept": int(self.subset.size), "epoch_prune_ratio": 1.0 - self.subset.size / n}
+        if losses is None:
+            raise ValueError(f"{self.name}: warm-up epoch {epoch} needs its recorded losses")
+        self.history[epoch] = losses.mean.astype(np.float32)
+        log: dict[str, Any] = {"kept": n, "epoch_prune_ratio": 0.0}
+        if epoch == self.warmup_epochs - 1:
+            t0 = time.perf_counter()
+            history, imputed = impute_history(self.history)
+            stats = self._select(history, embeddings)
+            log.update({f"{self.name}_{key}": value for key, value in stats.items()})
+            log[f"{self.name}_imputed_losses"] = imputed
+            log[f"{self.name}_selected"] = int(self.subset.size) if self.subset is not None else 0
+            log[f"{self.name}_select_seconds"] = time.perf_counter() - t0
+        return log
+
+    def _base_state(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "warmup_epochs": self.warmup_epochs,
+            "prune_ratio": self.prune_ratio,
+            "seed": self.seed,
+            "history": torch.from_numpy(self.history.copy()),
+            "subset": None if self.subset is None else torch.from_numpy(self.subset.copy()),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._base_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the recorded history and the subset; hyper-parameters stay the constructor's."""
+        self._check_state(state)
+        history = state["history"].numpy().astype(np.float32, copy=True)
+        if history.shape != self.history.shape:
+            raise ValueError(f"state_dict history has shape {history.shape}, expected {self.history.shape}")
+        self.history = history
+        subset = state.get("subset")
+        self.subset = None if subset is None else subset.numpy().astype(np.int64, copy=True)
+
+
+class DynUnc(_StaticBase):
+    """Dyn-Unc as a static selector: epochs 0..J-1 full data with losses recorded; at the end of epoch J-1 keep
+    the round((1-r)*N) samples of highest dynamic uncertainty (window w over the J epochs) for all later epochs."""
+
+    name = "dynunc"
+
+    def __init__(self, num_samples: int, warmup_epochs: int, prune_ratio: float, window: int, seed: int = 0) -> None:
+        super().__init__(num_samples, warmup_epochs, prune_ratio, seed)
+        if not 2 <= window <= warmup_epochs:
+            raise ValueError(f"window must be in [2, warmup_epochs={warmup_epochs}], got {window}")
+        self.window = int(window)
+
+    def _select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+        scores = dynunc_scores(history, self.window)
+        self.subset = top_k_indices(scores, self.n_keep)
+        return {"score_mean": float(scores.mean()), "score_kept_min": float(scores[self.subset].min())}
+
+
+class D2Pruning(_StaticBase):
+    """D2 Pruning as a static selector.
+
+    Epochs 0..J-1 full data with losses recorded; the last warm-up epoch (J-1) also asks the engine for unmasked,
+    mean-pooled encoder embeddings. Difficulty = the sample's mean loss over the J warm-up epochs (MAE's per-sample
+    loss depends on the random mask, so one epoch is noisy; averaging the recorded epochs is cheaper than another
+    pass and less noisy). At the end of epoch J-1: k-NN (k = neighbors) of the embeddings, forward message passing
+    ('sum' or 'product'), reverse message passing selection of round((1-r)*N) samples ('absolute' or 'weighted',
+    the latter with epoch_rng(seed, J-1, ...)). gamma=None: 1 / median k-NN distance (see `default_gamma`).
+    """
+
+    name = "d2"
+
+    def __init__(
+        self,
+        num_samples: int,
+        warmup_epochs: int,
+        prune_ratio: float,
+        neighbors: int = 10,
+        gamma: float | None = None,
+        mode: str = "sum",
+        sampling: str = "absolute",
+        seed: int = 0,
+        knn_device: str = "cpu",
+    ) -> None:
+        super().__init__(num_samples, warmup_epochs, prune_ratio, seed)
+        if not 1 <= neighbors < num_samples:
+            raise ValueError(f"neighbors must be in [1, N-1={num_samples - 1}], got {neighbors}")
+        if mode not in ("sum", "product"):
+            raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
+        if sampling not in ("absolute", "weighted"):
+            raise ValueError(f"sampling must be 'absolute' or 'weighted', got {sampling!r}")
+        if gamma is not None and not gamma > 0:
+            raise ValueError(f"gamma must be > 0 or None, got {gamma}")
+        self.neighbors = int(neighbors)
+        self.gamma = None if gamma is None else float(gamma)
+        self.mode = mode
+        self.sampling = sampling
+        self.knn_device = knn_device
+        self.gamma_used: float | None = None
+
+    def _warmup_plan(self, epoch: int) -> EpochPlan:
+        plan = super()._warmup_plan(epoch)
+        plan.compute_embeddings = epoch == self.warmup_epochs - 1
+        return plan
+
+    def _select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+        if embeddings is None:
+            raise ValueError("d2: the last warm-up epoch needs the embeddings (plan.compute_embeddings was True)")
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2 or emb.shape[0] != self.num_samples:
+            raise ValueError(f"d2: embeddings must have shape ({self.num_samples}, D), got {emb.shape}")
+        difficulty = history.mean(axis=0)
+        rng = epoch_rng(self.seed, self.warmup_epochs - 1, _PURPOSE_D2_WEIGHTED)
+        self.subset, stats = d2_prune(
+            difficulty, emb, self.prune_ratio, neighbors=self.neighbors, gamma=self.gamma, mode=self.mode,
+            sampling=self.sampling, rng=rng, device=self.knn_device,
+        )
+        self.gamma_used = stats["gamma"]
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._base_state()
+        state["gamma_used"] = self.gamma_used
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.gamma_used = state.get("gamma_used")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m d3p.static", description="Offline static subset selection (Dyn-Unc, D2 Pruning)."
+    )
+    sub = parser.add_subparsers(dest="method", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--losses", required=True, type=Path, help="L.npy: per-sample losses, (J, N) or (N,) for d2")
+    common.add_argument("--ratio", required=True, type=float, help="prune ratio r in [0, 1); keeps round((1-r)N)")
+    common.add_argument("--out", required=True, type=Path, help="where to write the kept indices (int64 .npy)")
+    common.add_argument("--seed", type=int, default=0)
+    p_dyn = sub.add_parser("dynunc", parents=[common], help="Dyn-Unc: top dynamic uncertainty")
+    p_dyn.add_argument("--window", type=int, default=3, help="sliding window width over epochs (2..J)")
+    p_d2 = sub.add_parser("d2", parents=[common], help="D2 Pruning: graph message passing on embeddings")
+    p_d2.add_argument("--embeddings", type=Path, help="E.npy: (N, D) embeddings (required)")
+    p_d2.add_argument("--neighbors", type=int, default=10)
+    p_d2.add_argument("--gamma", type=float, default=None, help="edge weight exp(-gamma*d); default 1/median k-NN d")
+    p_d2.add_argument("--mode", choices=("sum", "product"), default="sum")
+    p_d2.add_argument("--sampling", choices=("absolute", "weighted"), default="absolute")
+    p_d2.add_argument("--chunk", type=int, default=None, help="k-NN rows per chunk (default: ~256 MiB blocks)")
+    p_d2.add_argument("--device", default="cpu", help="torch device for the k-NN (cpu, cuda)")
+    return parser
+
+
+def _load_npy(parser: argparse.ArgumentParser, path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        parser.error(f"{what} file {path} does not exist: pass the path of a .npy file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is a usage error here
+        parser.error(f"cannot read {what} file {path} as .npy ({exc}): save it with numpy.save")
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.number):
+        parser.error(f"{what} file {path} must hold a numeric array, got dtype {getattr(arr, 'dtype', '?')}")
+    if not np.all(np.isfinite(arr)):
+        parser.error(f"{what} file {path} has NaN/inf entries: impute or drop them first")
+    return arr
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.ratio < 1.0:
+        parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.out.suffix != ".npy":
+        parser.error(f"--out must end in .npy (numpy.save would append it), got {args.out}")
+    losses = _load_npy(parser, args.losses, "--losses")
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if args.method == "dynunc":
+        if losses.ndim != 2:
+            parser.error(f"dynunc needs --losses of shape (J epochs, N samples), got shape {losses.shape}")
+        if not 2 <= args.window <= losses.shape[0]:
+            parser.error(f"--window must be in [2, J={losses.shape[0]}] for losses of shape {losses.shape}")
+        n = losses.shape[1]
+        kept = dynunc_select(losses, args.window, args.ratio)
+        extra["window"] = args.window
+    else:
+        if args.embeddings is None:
+            parser.error("d2 needs --embeddings E.npy of shape (N, D)")
+        if losses.ndim == 2:
+            difficulty = losses.astype(np.float64).mean(axis=0)
+        elif losses.ndim == 1:
+            difficulty = losses.astype(np.float64)
+        else:
+            parser.error(f"d2 needs --losses of shape (J, N) or (N,), got shape {losses.shape}")
+        emb = _load_npy(parser, args.embeddings, "--embeddings")
+        n = difficulty.shape[0]
+        if emb.ndim != 2 or emb.shape[0] != n:
+            parser.error(f"--embeddings must have shape (N={n}, D) to match --losses, got shape {emb.shape}")
+        if not 1 <= args.neighbors < n:
+            parser.error(f"--neighbors must be in [1, N-1={n - 1}], got {args.neighbors}")
+        if args.gamma is not None and not args.gamma > 0:
+            parser.error(f"--gamma must be > 0 (or omitted for 1/median k-NN distance), got {args.gamma}")
+        if args.chunk is not None and args.chunk < 1:
+            parser.error(f"--chunk must be >= 1, got {args.chunk}")
+        kept, stats = d2_prune(
+            difficulty, emb.astype(np.float32), args.ratio, neighbors=args.neighbors, gamma=args.gamma,
+            mode=args.mode, sampling=args.sampling, rng=epoch_rng(args.seed, 0, _PURPOSE_D2_WEIGHTED),
+            chunk=args.chunk, device=args.device,
+        )
+        extra.update(gamma=stats["gamma"], neighbors=args.neighbors, mode=args.mode, sampling=args.sampling)
+    seconds = time.perf_counter() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, kept.astype(np.int64))
+    print(json.dumps({"method": args.method, "N": int(n), "kept": int(kept.size),
+                      "prune_ratio": 1.0 - kept.size / n, "seconds": round(seconds, 3), **extra}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Fine-tuning / linear-probing engine: one training epoch and the evaluation loop (after MAE's engine_finetune.py).
+
+Train items and val items are (image, target[, ...]). Training statistics are per rank during the epoch and
+reduced across ranks once at its end; evaluation sums correct counts and totals across ranks, so the accuracy is
+exact whenever the ranks' val loaders partition the val set (see main_finetune.EvalShardSampler).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable
+
+import util  # noqa: F401  (torchvision op schemas on CPU-only torch, before timm)
+
+import torch
+import torch.distributed as dist
+from timm.utils import accuracy
+
+from util import lr_sched
+from util.amp import autocast_dtype
+from util.dist import collective_device, is_dist
+from util.metrics import MetricLogger, SmoothedValue
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def _autocast(device, amp_dtype):
+    return torch.autocast(device_type=_device_type(device), dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def _reduce_meters(metric_logger: MetricLogger) -> dict:
+    """Global averages of every meter, over all steps of all ranks (one all_reduce per epoch)."""
+    names = list(metric_logger.meters)
+    if not names:
+        return {}
+    t = torch.tensor(
+        [[metric_logger.meters[n].total, metric_logger.meters[n].count] for n in names],
+        dtype=torch.float64,
+        device=collective_device(),
+    )
+    if is_dist():
+        dist.all_reduce(t)
+    t = t.cpu()
+    return {n: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, n in enumerate(names)}
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device,
+    epoch: int,
+    loss_scaler,
+    max_norm: float | None = None,
+    mixup_fn=None,
+    log_writer=None,
+    args=None,
+) -> dict:
+    """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm."""
+    model.train(True)
+    accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
+    amp_dtype = autocast_dtype(getattr(args, "precision", "auto"), str(device))
+    metric_logger = MetricLogger()
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    num_steps = len(data_loader)
+    if num_steps == 0:
+        raise RuntimeError(
+            f"epoch {epoch}: the training loader is empty (dataset smaller than one batch with drop_last). "
+            "Fix: lower --batch_size"
+        )
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(metric_logger.log_every(data_loader, header=f"Epoch: [{epoch}]", total=num_steps)):
+        if step % accum_iter == 0:  # per-iteration (not per-epoch) schedule, at the fractional epoch
+            lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
+        samples = batch[0].to(device, non_blocking=True)
+        targets = batch[1].to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        # the last step of the epoch also updates, so no accumulated gradient leaks into the next epoch
+        update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
+        sync_ctx = model.no_sync() if (is_ddp and not update) else contextlib.nullcontext()
+        with sync_ctx:
+            with _autocast(device, amp_dtype):
+                outputs = model(samples)
+                loss = criterion(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"non-finite training loss {loss_value} at epoch {epoch}, step {step}/{num_steps}. "
+                    "Fix: lower --blr/--lr, set --clip_grad, or use --precision fp32/bf16 instead of fp16"
+                )
+            grad_norm = loss_scaler(
+                loss / accum_iter, optimizer, clip_grad=max_norm, parameters=params, update_grad=update
+            )
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        max_lr = max(group["lr"] for group in optimizer.param_groups)
+        metric_logger.update(loss=loss_value, lr=max_lr)
+        if grad_norm is not None:
+            metric_logger.update(grad_norm=grad_norm)
+        if log_writer is not None and update:
+            # x-axis: epoch * 1000 (MAE's convention, comparable across batch sizes); rank 0's own loss,
+            # so no per-step collective is needed
+            epoch_1000x = int((step / num_steps + epoch) * 1000)
+            log_writer.add_scalar("loss", loss_value, epoch_1000x)
+            log_writer.add_scalar("lr", max_lr, epoch_1000x)
+
+    stats = _reduce_meters(metric_logger)
+    print("Averaged stats: " + "  ".join(f"{k}: {v:.6g}" for k, v in stats.items()))
+    return stats
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: torch.dtype | None = None) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the union of all ranks' loaders.
+
+    Correct counts, loss sums and sample counts are summed across ranks, so the result is exact when the
+    loaders partition the val set (a rank may have an empty loader). Top-5 becomes top-k with k = #classes
+    when there are fewer than 5 classes.
+    """
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for batch in MetricLogger().log_every(data_loader, header="Test:"):
+        images = batch[0].to(device, non_blocking=True)
+        target = batch[1].to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        n = target.shape[0]
+        acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
+        sums += torch.tensor(
+            [
+                round(acc1.item() * n / 100.0),  # timm returns percentages of integer counts: round back
+                round(acc5.item() * n / 100.0),
+                criterion(output, target).item(),
+                n,
+            ],
+            dtype=torch.float64,
+        )
+    if is_dist():
+        sums = sums.to(collective_device())
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    correct1, correct5, loss_sum, count = sums.tolist()
+    if count == 0:
+        raise RuntimeError("evaluation saw no samples on any rank: the val set is empty")
+    stats = {
+        "acc1": 100.0 * correct1 / count,
+        "acc5": 100.0 * correct5 / count,
+        "loss": loss_sum / count,
+        "num_samples": int(count),
+    }
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({int(count)} images)")
+    return stats

@@ -1,0 +1,423 @@
+"""MAE pre-training with built-in dynamic data pruning (D3P by default).
+
+Single process:   python main_pretrain_d3p.py                      (embedded digits, tiny model, CPU ok)
+Multi-GPU/node:   torchrun --nproc_per_node 8 main_pretrain_d3p.py --data_path /data/imagenet ...
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+import models_mae
+from d3p.integration import PRUNE_METHODS, PruningController, build_strategy
+from d3p.sampler import PrunedDistributedSampler
+from d3p.schedule import validate_schedule
+from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
+from util import checkpoint as ckpt_util
+from util.amp import ScaledOptimizerStep, autocast_dtype
+from util.datasets import (
+    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, eval_transform, pretrain_transform,
+    resolve_data_set,
+)
+from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE pre-training with D3P data pruning", add_help=True)
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch_size", default=64, type=int, help="batch size per GPU (effective: batch_size * accum_iter * GPUs)")
+    g.add_argument("--epochs", default=400, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype: auto = bf16 on CUDA when supported (else fp16), fp32 on CPU")
+    g.add_argument("--print_freq", default=20, type=int, help="steps between host syncs for logging and NaN checks")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, choices=sorted(models_mae.MODELS),
+                   help="default: mae_vit_tiny_patch4 for 32x32 data (digits, CIFAR), mae_vit_base_patch16 otherwise")
+    g.add_argument("--input_size", default=None, type=int, help="default: 32 for digits/CIFAR, 224 otherwise")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    g.add_argument("--norm_pix_loss", default=True, action=argparse.BooleanOptionalAction,
+                   help="per-patch normalised pixels as targets (on by default; --no-norm_pix_loss turns it off)")
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr per 256 samples")
+    g.add_argument("--min_lr", type=float, default=0.0, help="lower bound of the cosine schedule")
+    g.add_argument("--warmup_epochs", type=int, default=40)
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: off, as MAE)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", default=None, type=str, help="dataset root; leave out for the embedded digits")
+    g.add_argument("--data_set", default=None, choices=DATA_SETS,
+                   help="default: imagenet (ImageFolder train/ val/) with --data_path, digits without")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data_path")
+    g.add_argument("--skip_corrupt", action="store_true",
+                   help="replace unreadable images by a neighbour (counted in log.txt) instead of stopping")
+    g.add_argument("--train_subset", default=0, type=int,
+                   help="train on the first N training samples only (smoke tests, CPU demos); 0 = all")
+    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+
+    g = parser.add_argument_group("output and resume")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, summary.json")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--save_every", default=20, type=int, help="checkpoint every N epochs, plus the last")
+    g.add_argument("--resume", default="", help="checkpoint to resume from")
+    g.add_argument("--auto_resume", action="store_true", help="resume from the newest complete checkpoint in --output_dir")
+    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--world_size", default=1, type=int)
+    g.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by the launcher (either spelling)")
+    g.add_argument("--dist_url", default="env://")
+    g.add_argument("--dist_timeout_min", default=30, type=int, help="collective timeout in minutes")
+
+    g = parser.add_argument_group("pruning")
+    g.add_argument("--prune_method", default="d3p", choices=PRUNE_METHODS)
+    g.add_argument("--d3p_start", "--s", dest="d3p_start", default=3, type=int, help="s: first prune epoch (1-based)")
+    g.add_argument("--d3p_period", "--p", dest="d3p_period", default=10, type=int, help="p: epochs between decisions")
+    g.add_argument("--d3p_window", "--n", dest="d3p_window", default=3, type=int, help="n: recorded epochs per decision")
+    g.add_argument("--d3p_bins", "--bin_num", dest="d3p_bins", default=128, type=int, help="histogram bins")
+    g.add_argument("--d3p_quantile", default=0.999, type=float, help="grid end of the ideal density")
+    g.add_argument("--d3p_anneal_epochs", default=0, type=int, help="full data in the last K epochs")
+    g.add_argument("--prune_ratio", default=0.5, type=float, help="r of InfoBatch/SeTa/random/static methods")
+    g.add_argument("--delta", default=0.875, type=float, help="InfoBatch/SeTa: full data from epoch ceil(delta*epochs)")
+    g.add_argument("--seta_groups", default=10, type=int)
+    g.add_argument("--seta_window_scale", default=0.5, type=float)
+    g.add_argument("--random_match", default=None, help="RUN_DIR of a D3P run: keep as many samples per epoch as it did")
+    g.add_argument("--static_warmup_epochs", default=10, type=int, help="J: full-data epochs before a static selection")
+    g.add_argument("--dynunc_window", default=3, type=int)
+    g.add_argument("--d2_neighbors", default=10, type=int)
+    g.add_argument("--d2_gamma", default=None, type=float, help="default: 1 / median k-NN distance")
+    g.add_argument("--d2_mode", default="sum", choices=["sum", "product"])
+    g.add_argument("--d2_sampling", default="absolute", choices=["weighted", "absolute"])
+    return parser
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations the method forbids, with a message naming the fix (exit code 2)."""
+    problems = []
+    if args.prune_method == "d3p":
+        problems += validate_schedule(args.d3p_start, args.d3p_period, args.d3p_window, args.d3p_anneal_epochs)
+    if args.d3p_bins < 2:
+        problems.append(f"--d3p_bins must be >= 2, got {args.d3p_bins}")
+    if not 0.0 < args.d3p_quantile < 1.0:
+        problems.append(f"--d3p_quantile must lie in (0, 1), got {args.d3p_quantile}")
+    if not 0.0 <= args.prune_ratio < 1.0:
+        problems.append(f"--prune_ratio must lie in [0, 1), got {args.prune_ratio}")
+    if not 0.0 < args.delta <= 1.0:
+        problems.append(f"--delta must lie in (0, 1], got {args.delta}")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        problems.append(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
+    if args.train_subset < 0:
+        problems.append(f"--train_subset must be >= 0, got {args.train_subset}")
+    for name in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.random_match and args.prune_method != "random":
+        problems.append("--random_match needs --prune_method random")
+    if args.prune_method in ("dynunc", "d2") and not 1 <= args.static_warmup_epochs < args.epochs:
+        problems.append(f"--static_warmup_epochs must lie in [1, --epochs), got {args.static_warmup_epochs}")
+    if args.resume and args.auto_resume:
+        problems.append("--resume and --auto_resume are exclusive: pick one")
+    if args.resume and not os.path.isfile(args.resume):
+        problems.append(f"--resume {args.resume}: no such file")
+    if args.data_path and not os.path.isdir(args.data_path):
+        problems.append(f"--data_path {args.data_path} does not exist (leave it out to use the embedded digits)")
+    if problems:
+        parser.error("; ".join(problems))
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Defaults that depend on the data: small models and inputs for the 32x32 data sets."""
+    args.data_set = resolve_data_set(args)
+    small = args.data_set in ("digits", "cifar10", "cifar100")
+    if args.input_size is None:
+        args.input_size = 32 if small else 224
+    if args.model is None:
+        args.model = "mae_vit_tiny_patch4" if small else "mae_vit_base_patch16"
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _install_sigterm_handler() -> dict:
+    """A scheduler's SIGTERM sets a flag; the loop saves at the end of the current epoch and exits non-zero."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+        print(f"received signal {signum}: will save a checkpoint after this epoch and exit", force=True)
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def make_loader(dataset, sampler, args, batch_size: int) -> DataLoader:
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
+        persistent_workers=args.num_workers > 0, collate_fn=collate_indexed,
+    )
+
+
+def train_split(args, transform):
+    """The training set, or its first --train_subset samples."""
+    dataset = build_dataset("train", args, transform)
+    if args.train_subset:
+        dataset = torch.utils.data.Subset(dataset, range(min(args.train_subset, len(dataset))))
+    return dataset
+
+
+def rewrite_log_until(path: str, last_epoch: int) -> None:
+    """On resume, drop log lines of epochs after the checkpoint: they are about to be replayed."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("epoch", -1) <= last_epoch]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def main(args: argparse.Namespace) -> int:
+    init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    device = torch.device(args.device)
+    rank, world = get_rank(), get_world_size()
+
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+
+    # ---------------------------------------------------------------- data
+    dataset = IndexedDataset(train_split(args, pretrain_transform(args)), skip_corrupt=args.skip_corrupt)
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
+    print(f"dataset: {args.data_set}, {num_samples} training samples")
+    train_sampler = PrunedDistributedSampler(num_samples, world, rank, seed=args.seed)
+    forward_sampler = PrunedDistributedSampler(num_samples, world, rank, seed=args.seed + 1)
+    train_loader = make_loader(dataset, train_sampler, args, args.batch_size)
+    forward_loader = make_loader(dataset, forward_sampler, args, args.batch_size)
+
+    # --------------------------------------------------------------- model
+    model = models_mae.MODELS[args.model](norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    model.to(device)
+    model_without_ddp = model
+    eff_batch_size = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"model: {args.model}, effective batch {eff_batch_size}, lr {args.lr:.3e}")
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        model_without_ddp = model.module
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    amp_dtype = autocast_dtype(args.precision, args.device)
+    loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
+
+    # ------------------------------------------------------------ pruning
+    strategy = build_strategy(args, num_samples, min_kept=args.batch_size * world)
+    controller = PruningController(strategy, train_sampler, forward_sampler)
+
+    # -------------------------------------------------------------- resume
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "log.txt")
+    resume_path, checkpoint = args.resume, None
+    if args.auto_resume:
+        found = ckpt_util.find_latest_checkpoint(args.output_dir)
+        if found:
+            resume_path, checkpoint = found
+    elif args.resume:
+        checkpoint = ckpt_util.load_checkpoint(args.resume)
+    if checkpoint is not None:
+        load_training_state(checkpoint, resume_path, args, model_without_ddp, optimizer, loss_scaler, controller)
+        if is_main_process():
+            rewrite_log_until(log_path, args.start_epoch - 1)
+
+    log_writer = SummaryWriter(log_dir=args.log_dir) if is_main_process() else None
+    stop = _install_sigterm_handler()
+
+    print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch} ({args.prune_method})")
+    run_start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        epoch_start = time.time()
+        plan = controller.begin_epoch(epoch)
+        recorder = controller.new_recorder()
+        train_stats = train_one_epoch(
+            model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
+            sample_weights=controller.sample_weights(), normalize_weights=plan.normalize_weights,
+            recorder=recorder, amp_dtype=amp_dtype,
+        )
+        forward_seen = 0
+        if plan.forward_only.size and recorder is not None:
+            forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio, amp_dtype)
+            forward_seen = forward_sampler.total_size
+        embeddings = None
+        if plan.compute_embeddings:
+            embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
+                                       PrunedDistributedSampler(num_samples, world, rank, shuffle=False), args,
+                                       args.batch_size)
+            embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype)
+            forward_seen += num_samples
+        decision = controller.end_epoch(epoch, recorder, embeddings)
+        costs = controller.record_costs(epoch, train_stats["optimizer_steps"], time.time() - epoch_start,
+                                        train_stats["data_seconds"], forward_seen)
+
+        last = epoch + 1 == args.epochs
+        if (epoch + 1) % args.save_every == 0 or last or stop["stop"]:
+            save_training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
+        log_stats = {
+            "epoch": epoch,
+            "train_loss": train_stats["train_loss"],
+            "lr": train_stats["lr"],
+            "grad_norm": train_stats["grad_norm"],
+            **{k: v for k, v in costs.items() if k != "epoch"},
+            "corrupt_replaced": train_stats["corrupt_replaced"],
+            "plan_fingerprint": controller.fingerprint,
+            **decision,
+        }
+        if is_main_process():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            write_tensorboard(log_writer, epoch, log_stats, strategy)
+        if stop["stop"]:
+            print(f"stopped by signal after epoch {epoch}; resume with --auto_resume", force=True)
+            return 143
+
+    total_time = time.time() - run_start
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    if is_main_process():
+        write_summary(args, controller)
+        if log_writer is not None:
+            log_writer.close()
+    barrier()
+    return 0
+
+
+def training_state(args, epoch, model, optimizer, loss_scaler, controller) -> dict:
+    """Everything an exact resume needs, as plain data (weights_only=True loads it)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": loss_scaler.state_dict(),
+        "epoch": epoch,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "rng_states": ckpt_util.gather_rng_states(),
+        "world_size": get_world_size(),
+        "pruning": controller.state_dict(),
+    }
+
+
+def save_training_state(args, epoch, model, optimizer, loss_scaler, controller) -> None:
+    state = training_state(args, epoch, model, optimizer, loss_scaler, controller)  # collective: all ranks
+    ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
+    barrier()
+
+
+def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, controller) -> None:
+    """Restore model, optimizer, scaler, pruning state and RNG; refuse a checkpoint of another run."""
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as exc:
+        saved = checkpoint.get("args", {}).get("model", "?")
+        raise RuntimeError(
+            f"checkpoint {path} holds a different model ({saved}) than --model {args.model}: {str(exc)[:300]}. "
+            "Fix: resume with the same --model/--input_size, or use a new --output_dir"
+        ) from exc
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    loss_scaler.load_state_dict(checkpoint.get("scaler", {}))
+    if "pruning" not in checkpoint:
+        raise RuntimeError(f"checkpoint {path} has no pruning state: it is not a checkpoint of this script")
+    controller.load_state_dict(checkpoint["pruning"])
+    args.start_epoch = int(checkpoint["epoch"]) + 1
+    ckpt_util.restore_rng_states(checkpoint["rng_states"])
+    print(f"resumed from {path} (epoch {checkpoint['epoch']}), continuing at epoch {args.start_epoch}")
+
+
+def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
+    if writer is None:
+        return
+    for key, value in log_stats.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "plan_fingerprint"):
+            writer.add_scalar(f"epoch/{key}", value, epoch)
+    cld = getattr(strategy, "last_cld", None)
+    if cld is not None and "d3p_seconds" in log_stats:
+        writer.add_histogram("d3p/cld", cld, epoch)
+        try:
+            from d3p.plot import decision_figure
+
+            writer.add_figure("d3p/decision", decision_figure(strategy.last_decision), epoch)
+        except ImportError:
+            pass
+    writer.flush()
+
+
+def write_summary(args, controller) -> None:
+    """OUTPUT_DIR/summary.json: the run's cost ledger and the flags that define the method."""
+    method_flags = {
+        "d3p": ["d3p_start", "d3p_period", "d3p_window", "d3p_bins", "d3p_quantile", "d3p_anneal_epochs"],
+        "infobatch": ["prune_ratio", "delta"],
+        "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
+        "random": ["prune_ratio", "random_match"],
+        "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],
+        "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling"],
+        "none": [],
+    }[args.prune_method]
+    summary = {
+        "mode": "pretrain",
+        "method": args.prune_method,
+        "model": args.model,
+        "data_set": args.data_set,
+        "seed": args.seed,
+        "world_size": get_world_size(),
+        **controller.ledger.summary(),
+        "flags": {k: getattr(args, k) for k in method_flags},
+    }
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print("summary: " + json.dumps(summary))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    fill_defaults(args)
+    validate_args(parser, args)
+    try:
+        return main(args)
+    except (DatasetError, NonFiniteLossError, ValueError, RuntimeError) as exc:
+        print(f"error (rank {get_rank()}): {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

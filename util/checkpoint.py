@@ -1,0 +1,123 @@
+"""Checkpoints: plain data (loads with weights_only=True), written atomically, found newest-complete-first."""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from util.dist import get_rank, get_world_size, is_dist, is_main_process
+
+_CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash mid-write leaves the previous file (or none) instead of a torn checkpoint.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    """This process's RNG states: torch CPU (masking noise, augmentation seeds), CUDA, Python's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, gathered on all ranks (once per checkpoint, not per step)."""
+    mine = rng_state()
+    if not is_dist():
+        return [mine]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def restore_rng_states(states: list[dict]) -> None:
+    """Restore this rank's RNG state; a different world size cannot resume RNG exactly: warn."""
+    if len(states) != get_world_size():
+        warnings.warn(
+            f"checkpoint holds RNG states of {len(states)} ranks, this run has {get_world_size()}: "
+            "training continues, but augmentation/masking noise will not match an uninterrupted run"
+        )
+        return
+    set_rng_state(states[get_rank()])
+
+
+def checkpoint_path(output_dir: str, epoch: int) -> str:
+    return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+
+
+def save_on_master(obj: Any, path: str) -> None:
+    if is_main_process():
+        atomic_torch_save(obj, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist. Fix: check --resume, or use --auto_resume")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint in `output_dir` that loads completely; torn or foreign files are skipped."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = _CKPT_RE.search(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn file can fail in many ways (EOF, zip, unpickling)
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
+            continue
+        if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
+            return path, ckpt
+        warnings.warn(f"skipping {path}: not a complete training checkpoint")
+    return None
+
+
+def prune_old_checkpoints(output_dir: str, keep: set[int]) -> None:
+    """Remove checkpoint-E.pth for epochs not in `keep` (main rank only)."""
+    if not is_main_process():
+        return
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = _CKPT_RE.search(os.path.basename(path))
+        if m and int(m.group(1)) not in keep:
+            os.remove(path)

@@ -1,0 +1,244 @@
+"""Datasets and transforms. Every training item is (image, target, dataset_index).
+
+`--data_set`:
+  digits           the embedded default: scikit-learn's 1,797 real 8x8 digit images, upscaled to
+                   32x32 RGB, fixed train/val split (no download, no path needed).
+  imagenet|folder  ImageFolder at --data_path with train/ and val/.
+  cifar10|cifar100 torchvision CIFAR at --data_path (downloads only with --download).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import util  # noqa: F401  (torchvision op schemas, before torchvision)
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_SETS = ("digits", "imagenet", "folder", "cifar10", "cifar100")
+DIGITS_VAL_SIZE = 297  # 1,500 train / 297 val; fixed permutation below
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem the user must fix; the message names the problem and the fix."""
+
+
+class CorruptImageError(DatasetError):
+    pass
+
+
+class IndexedDataset(Dataset):
+    """Wrap a dataset so each item also carries its dataset index through the DataLoader.
+
+    With `skip_corrupt`, an unreadable image is replaced by the next readable one and its index is
+    returned negated minus one (-1 - index) so that the engine counts it and records no loss for it.
+    """
+
+    def __init__(self, base: Dataset, skip_corrupt: bool = False):
+        self.base = base
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        try:
+            img, target = self.base[index]
+            return img, target, index
+        except CorruptImageError:
+            if not self.skip_corrupt:
+                raise
+        for offset in range(1, min(len(self.base), 64)):
+            try:
+                img, target = self.base[(index + offset) % len(self.base)]
+                return img, target, -1 - index
+            except CorruptImageError:
+                continue
+        raise DatasetError(f"64 consecutive unreadable images from index {index}: the dataset looks broken")
+
+    @property
+    def targets(self):
+        return getattr(self.base, "targets", None)
+
+
+def _checked_loader(path: str) -> Image.Image:
+    """PIL loader that names the file when an image cannot be decoded."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now: a truncated file fails here, not later inside a transform
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(
+            f"cannot read image {path}: {exc}. Fix: remove or replace the file, or pass --skip_corrupt "
+            "to replace unreadable images by their neighbour and count them in log.txt"
+        ) from exc
+
+
+def _image_folder(root: str, transform: Callable | None) -> tv_datasets.ImageFolder:
+    if not os.path.isdir(root):
+        raise DatasetError(
+            f"dataset folder {root} does not exist. Fix: --data_path must contain train/ and val/ "
+            "with one sub-folder of images per class (ImageNet layout)"
+        )
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DatasetError(f"{root} has no class sub-folders. Fix: put images in {root}/<class_name>/")
+    exts = tuple(tv_datasets.folder.IMG_EXTENSIONS)
+    for c in classes:
+        has_image = False
+        for dirpath, _, files in os.walk(os.path.join(root, c), followlinks=True):
+            if any(f.lower().endswith(exts) for f in files):
+                has_image = True
+                break
+        if not has_image:
+            raise DatasetError(
+                f"class folder {os.path.join(root, c)} has no images ({', '.join(exts)}). "
+                "Fix: add images or remove the empty folder"
+            )
+    return tv_datasets.ImageFolder(root, transform=transform, loader=_checked_loader)
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 digits (1,797 real scans), as 32x32 RGB PIL images with labels 0-9.
+
+    The train/val split is fixed (a permutation from a fixed seed), identical on every machine.
+    """
+
+    def __init__(self, train: bool, transform: Callable | None = None):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        order = np.random.default_rng(0).permutation(len(digits.target))
+        idx = order[DIGITS_VAL_SIZE:] if train else order[:DIGITS_VAL_SIZE]
+        # 0..16 grey levels -> 0..255, upscaled with bilinear filtering to the 32x32 the tiny models use
+        pixels = (digits.images[idx] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        self.images = [Image.fromarray(p, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB") for p in pixels]
+        self.targets = digits.target[idx].astype(np.int64).tolist()
+        self.transform = transform
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = self.images[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def resolve_data_set(args) -> str:
+    """`--data_set` default: digits without a --data_path, imagenet layout with one."""
+    if args.data_set:
+        return args.data_set
+    return "imagenet" if args.data_path else "digits"
+
+
+def build_dataset(split: str, args, transform: Callable | None) -> Dataset:
+    """split 'train' or 'val'. Raises DatasetError with a fix when the data is missing or empty."""
+    name = resolve_data_set(args)
+    train = split == "train"
+    if name == "digits":
+        return DigitsDataset(train=train, transform=transform)
+    if not args.data_path:
+        raise DatasetError(f"--data_set {name} needs --data_path (leave both out to use the embedded digits)")
+    if not os.path.isdir(args.data_path):
+        raise DatasetError(f"--data_path {args.data_path} does not exist. Fix: point it at the dataset root")
+    if name in ("imagenet", "folder"):
+        return _image_folder(os.path.join(args.data_path, split), transform)
+    if name in ("cifar10", "cifar100"):
+        cls = tv_datasets.CIFAR10 if name == "cifar10" else tv_datasets.CIFAR100
+        try:
+            return cls(args.data_path, train=train, transform=transform, download=getattr(args, "download", False))
+        except RuntimeError as exc:
+            raise DatasetError(
+                f"{name} not found under {args.data_path} ({exc}). Fix: extract the python version of "
+                f"{name} there, or pass --download on a machine with internet access"
+            ) from exc
+    raise DatasetError(f"unknown --data_set {name}; choose one of {', '.join(DATA_SETS)}")
+
+
+def dataset_stats(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation mean/std: ImageNet's for photos, 0.5 for the grey digits."""
+    if resolve_data_set(args) == "digits":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def pretrain_transform(args) -> Callable:
+    """MAE's pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise.
+
+    Digits are not flipped (a mirrored digit is another shape) and crop less aggressively.
+    """
+    mean, std = dataset_stats(args)
+    if resolve_data_set(args) == "digits":
+        return transforms.Compose([
+            transforms.RandomResizedCrop(args.input_size, scale=(0.6, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+    return transforms.Compose([
+        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def eval_transform(args) -> Callable:
+    """Resize (to input/0.875, or as-is for small inputs), centre crop, normalise."""
+    mean, std = dataset_stats(args)
+    size = args.input_size
+    resize = size if size <= 32 else int(size / 0.875)
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def finetune_transform(is_train: bool, args) -> Callable:
+    """Fine-tuning transforms: timm's RandAugment + random erasing for training, centre crop for eval."""
+    if not is_train:
+        return eval_transform(args)
+    from timm.data import create_transform
+
+    mean, std = dataset_stats(args)
+    return create_transform(
+        input_size=args.input_size,
+        is_training=True,
+        color_jitter=getattr(args, "color_jitter", None),
+        auto_augment=getattr(args, "aa", None),
+        interpolation="bicubic",
+        re_prob=getattr(args, "reprob", 0.0),
+        re_mode=getattr(args, "remode", "pixel"),
+        re_count=getattr(args, "recount", 1),
+        mean=mean,
+        std=std,
+        hflip=0.0 if resolve_data_set(args) == "digits" else 0.5,
+        scale=(0.6, 1.0) if resolve_data_set(args) == "digits" else (0.08, 1.0),
+    )
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    return int(max(dataset.targets)) + 1
+
+
+def collate_indexed(batch):
+    """Default collation, kept explicit so the index column stays an int64 tensor."""
+    imgs = torch.stack([b[0] for b in batch])
+    targets = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
+    index = torch.as_tensor([b[2] for b in batch], dtype=torch.long)
+    return imgs, targets, index

@@ -1,0 +1,113 @@
+"""Distributed setup in one place: torchrun / SLURM environment, NCCL on CUDA, gloo on CPU."""
+from __future__ import annotations
+
+import builtins
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def _silence_non_main_ranks(is_master: bool) -> None:
+    """Only rank 0 prints, unless `print(..., force=True)`: keeps multi-node logs readable."""
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def resolve_device(requested: str | None) -> str:
+    """`--device` default: cuda when available, else cpu."""
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed_mode(args) -> None:
+    """Read rank/world size from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM, and join the group.
+
+    Sets args.distributed, args.rank, args.world_size, args.gpu, args.dist_backend, args.device.
+    One process on its own (no env vars) runs undistributed.
+    """
+    args.device = resolve_device(getattr(args, "device", None))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = int(os.environ.get("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1)))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(
+                "SLURM run without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
+                "$SLURM_JOB_NODELIST | head -n 1) in the batch script"
+            )
+    else:
+        print("Not using distributed mode")
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.dist_backend = None
+        _silence_non_main_ranks(True)
+        return
+
+    args.distributed = True
+    use_cuda = args.device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(
+        backend=args.dist_backend,
+        init_method="env://",
+        world_size=args.world_size,
+        rank=args.rank,
+        timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30)),
+    )
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend})", force=True)
+    dist.barrier()
+    _silence_non_main_ranks(args.rank == 0)
+
+
+def all_reduce_mean(value: float) -> float:
+    """Average a Python number over ranks (for logging)."""
+    if not is_dist():
+        return value
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(value, dtype=torch.float64, device=backend_device)
+    dist.all_reduce(t)
+    return (t / get_world_size()).item()
+
+
+def collective_device() -> torch.device:
+    """Device on which tensors must live for collectives of the active backend."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
