@@ -64,7 +64,10 @@ def train_one_epoch(
     accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
     amp_dtype = autocast_dtype(getattr(args, "precision", "auto"), str(device))
     metric_logger = MetricLogger()
+    # the same meters, in the same order, on every rank: _reduce_meters all-reduces them as one tensor
+    metric_logger.add_meter("loss", SmoothedValue())
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger.add_meter("grad_norm", SmoothedValue())
     num_steps = len(data_loader)
     if num_steps == 0:
         raise RuntimeError(
@@ -105,7 +108,9 @@ def train_one_epoch(
         max_lr = max(group["lr"] for group in optimizer.param_groups)
         metric_logger.update(loss=loss_value, lr=max_lr)
         if grad_norm is not None:
-            metric_logger.update(grad_norm=grad_norm)
+            grad_norm = float(grad_norm)
+            if math.isfinite(grad_norm):  # fp16 overflow steps are skipped by the scaler: not logged either
+                metric_logger.update(grad_norm=grad_norm)
         if log_writer is not None and update:
             # x-axis: epoch * 1000 (MAE's convention, comparable across batch sizes); rank 0's own loss,
             # so no per-step collective is needed

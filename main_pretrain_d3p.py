@@ -293,8 +293,9 @@ def main(args: argparse.Namespace) -> int:
                                         train_stats["data_seconds"], forward_seen)
 
         last = epoch + 1 == args.epochs
+        checksums = None
         if (epoch + 1) % args.save_every == 0 or last or stop["stop"]:
-            save_training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
+            checksums = save_training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
         log_stats = {
             "epoch": epoch,
             "train_loss": train_stats["train_loss"],
@@ -305,10 +306,14 @@ def main(args: argparse.Namespace) -> int:
             "plan_fingerprint": controller.fingerprint,
             **decision,
         }
+        if checksums is not None:
+            log_stats["replica_checksums"] = checksums
         if is_main_process():
             with open(log_path, "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             write_tensorboard(log_writer, epoch, log_stats, strategy)
+        if hasattr(strategy, "last_decision"):
+            strategy.last_decision = None  # CLD + density: ~13 bytes per sample, not needed after logging
         if stop["stop"]:
             print(f"stopped by signal after epoch {epoch}; resume with --auto_resume", force=True)
             return 143
@@ -337,10 +342,18 @@ def training_state(args, epoch, model, optimizer, loss_scaler, controller) -> di
     }
 
 
-def save_training_state(args, epoch, model, optimizer, loss_scaler, controller) -> None:
+def save_training_state(args, epoch, model, optimizer, loss_scaler, controller) -> list[str]:
+    """Check the replicas agree, then write the checkpoint atomically on rank 0. Returns the checksums."""
+    checksums = ckpt_util.replica_checksums(model)  # collective: all ranks
+    if len(set(checksums)) != 1:
+        raise RuntimeError(
+            f"epoch {epoch}: model replicas differ across ranks ({checksums}); not saving a checkpoint of "
+            "diverged weights. Fix: restart from the last checkpoint with --auto_resume"
+        )
     state = training_state(args, epoch, model, optimizer, loss_scaler, controller)  # collective: all ranks
     ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
     barrier()
+    return checksums
 
 
 def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, controller) -> None:
@@ -369,15 +382,12 @@ def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
     for key, value in log_stats.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "plan_fingerprint"):
             writer.add_scalar(f"epoch/{key}", value, epoch)
-    cld = getattr(strategy, "last_cld", None)
-    if cld is not None and "d3p_seconds" in log_stats:
-        writer.add_histogram("d3p/cld", cld, epoch)
-        try:
-            from d3p.plot import decision_figure
+    decision = getattr(strategy, "last_decision", None)
+    if decision is not None:
+        from d3p.plot import decision_figure
 
-            writer.add_figure("d3p/decision", decision_figure(strategy.last_decision), epoch)
-        except ImportError:
-            pass
+        writer.add_histogram("d3p/cld", decision.cld, epoch)
+        writer.add_figure("d3p/decision", decision_figure(decision), epoch)
     writer.flush()
 
 

@@ -31,11 +31,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from d3p.static import (  # noqa: E402  (needs the repository on sys.path when run as a script)
+    _knn_query_rows,
     d2_forward,
     d2_select,
     default_gamma,
     dynunc_select,
     knn_chunked,
+    prepare_embeddings,
 )
 from d3p.baselines import kept_size  # noqa: E402
 
@@ -68,7 +70,7 @@ def _bench_d2(n: int, dim: int, k: int, ratio: float, chunk: int | None, device:
     t0 = time.perf_counter()
     if 0 < sample_rows < n:
         # Time the k-NN of `sample_rows` query rows against all N rows, then extrapolate.
-        dist_s, _ = _knn_rows(emb, k, sample_rows, chunk, device)
+        dist_s = _knn_rows(emb, k, sample_rows, chunk, device)
         knn_measured = time.perf_counter() - t0
         out["knn_seconds_extrapolated"] = round(knn_measured * n / sample_rows, 1)
         out["knn_seconds_measured_on_rows"] = [sample_rows, round(knn_measured, 2)]
@@ -96,26 +98,18 @@ def _bench_d2(n: int, dim: int, k: int, ratio: float, chunk: int | None, device:
     return out
 
 
-def _knn_rows(emb: np.ndarray, k: int, rows: int, chunk: int | None, device: str):
-    """k-NN of the first `rows` rows against all rows (same code path as knn_chunked, restricted queries)."""
+def _knn_rows(emb: np.ndarray, k: int, rows: int, chunk: int | None, device: str) -> np.ndarray:
+    """float32 [rows, k] k-NN distances of the first `rows` rows against all N rows (knn_chunked's kernel)."""
     import torch
 
-    from d3p.static import default_knn_chunk
-
-    x = torch.from_numpy(emb).to(device)
-    x = x - x.mean(0, keepdim=True)
-    sq = (x * x).sum(1)
-    chunk = chunk or default_knn_chunk(emb.shape[0])
-    dists = []
+    x, sq = prepare_embeddings(emb, device)
+    chunk = chunk or 1024
+    out = []
     with torch.no_grad():
         for a in range(0, rows, chunk):
-            b = min(a + chunk, rows)
-            block = torch.addmm(sq.unsqueeze(0), x[a:b], x.T, beta=1.0, alpha=-2.0).add_(sq[a:b].unsqueeze(1))
-            r = torch.arange(b - a, device=block.device)
-            block[r, r + a] = float("inf")
-            val, _ = torch.topk(block, k, dim=1, largest=False)
-            dists.append(val.clamp_min_(0).sqrt_().cpu())
-    return torch.cat(dists).numpy(), None
+            val, _ = _knn_query_rows(x, sq, a, min(a + chunk, rows), k, 32768)
+            out.append(val.clamp_min_(0).sqrt_().cpu())
+    return torch.cat(out).numpy()
 
 
 def main() -> None:

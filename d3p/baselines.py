@@ -454,7 +454,8 @@ class RandomDynamic(_Base):
             return kept_size(self.num_samples, self.prune_ratio)
         if not 0 <= epoch < len(self.kept_counts):
             raise ValueError(
-                f"epoch {epoch} has no recorded kept count: the matched run covers epochs 0..{len(self.kept_counts) - 1}"
+                f"epoch {epoch} has no recorded kept count: the matched run covers epochs "
+                f"0..{len(self.kept_counts) - 1}"
             )
         return self.kept_counts[epoch]
 

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import DegenerateWindowError, decide
+
+# What matplotlib's Agg canvas writes (FigureCanvasAgg.get_supported_filetypes()); listed here
+# so a bad --plot suffix is refused before matplotlib is imported and any work is done.
+_IMAGE_FORMATS = {"png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp",
+                  "raw", "rgba"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,16 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     for target, flag in ((out, "--out"), (plot, "--plot")):
         if target is not None and not target.parent.resolve().is_dir():
             parser.error(f"{flag}: directory {str(target.parent)!r} does not exist; create it first")
+    fmt = None
     if plot is not None:
-        import matplotlib.figure  # noqa: F401 - fail early, before any work, if matplotlib is absent
-
         fmt = plot.suffix.lstrip(".").lower() or "png"
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        if fmt not in _IMAGE_FORMATS:
             parser.error(f"--plot: unsupported image format {fmt!r}; use e.g. FIG.png")
 
     losses = _load(parser, args.losses)
+    # Imported after the cheap checks so that argument errors answer fast.
+    from .stats import DegenerateWindowError, decide
+
     try:
         decision = decide(losses, bins=args.bins, quantile=args.quantile, rng=args.seed,
                           min_kept=args.min_kept)

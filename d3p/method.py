@@ -40,8 +40,8 @@ class D3P:
         self.pruned = np.zeros(self.num_samples, dtype=bool)
         self.weights = np.ones(self.num_samples, dtype=np.float32)
         self.decisions = 0
-        self.last_decision: dict[str, Any] = {}
-        self.last_cld: np.ndarray | None = None  # for TensorBoard's histogram; not part of the state
+        # the latest decision (CLD, density) for TensorBoard; the caller drops it after logging
+        self.last_decision = None
 
     # ------------------------------------------------------------------ plan
     def plan_epoch(self, epoch: int) -> EpochPlan:
@@ -78,7 +78,7 @@ class D3P:
         from d3p.stats import decide
 
         decision = decide(
-            self.window.astype(np.float64),
+            self.window,  # float32; decide() works in float64 without copying the (n, N) window
             bins=self.bins,
             quantile=self.quantile,
             rng=epoch_rng(self.seed, epoch, _DECISION_RNG),
@@ -87,7 +87,6 @@ class D3P:
         self.pruned = decision.pruned.astype(bool)
         self.weights = decision.weights.astype(np.float32)
         self.decisions += 1
-        self.last_cld = decision.cld
         self.last_decision = decision
         log = {
             "d3p_easy": int(decision.easy),
@@ -95,7 +94,8 @@ class D3P:
             "d3p_trimmed": int(decision.trimmed),
             "d3p_upweighted": int(decision.upweighted),
             "d3p_restored": int(decision.restored),
-            "d3p_support": [float(decision.support[0]), float(decision.support[1])],
+            # null when no support exists (nothing pruned): log.txt stays strict JSON
+            "d3p_support": [None if np.isnan(v) else float(v) for v in decision.support],
             "d3p_decision_pruned": int(self.pruned.sum()),
             "d3p_seconds": float(decision.seconds),
         }

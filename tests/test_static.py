@@ -137,10 +137,10 @@ def test_dynunc_strategy_and_resume():
 # ------------------------------------------------------------------------------------------------------------------
 # D2: k-NN
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk", [1, 7, 64, 250, 1000])
-def test_knn_chunked_equals_brute_force(chunk):
+@pytest.mark.parametrize("chunk, col_chunk", [(1, 250), (7, 3), (64, 33), (250, 250), (1000, None), (None, 8)])
+def test_knn_chunked_equals_brute_force(chunk, col_chunk):
     emb = np.random.default_rng(2).normal(size=(250, 16)).astype(np.float32) + 5.0  # offset: tests the centring
-    dist, idx = knn_chunked(emb, 6, chunk=chunk)
+    dist, idx = knn_chunked(emb, 6, chunk=chunk, col_chunk=col_chunk)
     x = torch.from_numpy(emb).double()
     full = torch.cdist(x, x)
     full.fill_diagonal_(float("inf"))

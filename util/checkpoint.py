@@ -79,6 +79,22 @@ def restore_rng_states(states: list[dict]) -> None:
     set_rng_state(states[get_rank()])
 
 
+def replica_checksums(model: torch.nn.Module) -> list[str]:
+    """Every rank's hash of its model weights (all-gathered): DDP replicas must be bit-identical."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mine = h.hexdigest()
+    if not is_dist():
+        return [mine]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
 def checkpoint_path(output_dir: str, epoch: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
 

@@ -30,9 +30,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+_builtin_print = builtins.print
+
+
 def _silence_non_main_ranks(is_master: bool) -> None:
-    """Only rank 0 prints, unless `print(..., force=True)`: keeps multi-node logs readable."""
-    builtin_print = builtins.print
+    """Only rank 0 prints, unless `print(..., force=True)`: keeps multi-node logs readable (MAE's way)."""
+    builtin_print = _builtin_print  # wrap the original once, however often this is called
 
     def print_(*args, **kwargs):
         force = kwargs.pop("force", False)
@@ -79,6 +82,7 @@ def init_distributed_mode(args) -> None:
         return
 
     args.distributed = True
+    _silence_non_main_ranks(args.rank == 0)
     use_cuda = args.device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(args.gpu)
@@ -93,7 +97,6 @@ def init_distributed_mode(args) -> None:
     )
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend})", force=True)
     dist.barrier()
-    _silence_non_main_ranks(args.rank == 0)
 
 
 def all_reduce_mean(value: float) -> float:

@@ -1,0 +1,669 @@
+"""Fine-tune (or, with --linprobe, linearly probe) a ViT from an MAE pre-training checkpoint.
+
+MAE's main_finetune.py and main_linprobe.py in one script (facebookresearch/mae recipes and flag names):
+
+  fine-tune   python main_finetune.py --finetune OUT/checkpoint-799.pth --model vit_base_patch16 \
+                  --data_path /imagenet --batch_size 32 --accum_iter 4 --epochs 100 --blr 5e-4 \
+                  --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
+  linprobe    python main_finetune.py --linprobe --finetune OUT/checkpoint-799.pth ...   (or main_linprobe.py)
+  CPU demo    python main_finetune.py --finetune OUT/checkpoint-N.pth --model vit_tiny_patch4   (embedded digits)
+
+Epochs count from 0 (as in MAE); checkpoint-E.pth holds epoch E. Per-epoch JSON lines go to OUTPUT_DIR/log.txt
+and OUTPUT_DIR/summary.json is written at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch; must precede timm/torchvision)
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+import models_vit
+from engine_finetune import evaluate, train_one_epoch
+from util import checkpoint as ckpt_util
+from util import datasets as data_util
+from util import lr_decay
+from util.amp import ScaledOptimizerStep, autocast_dtype
+from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util.lars import LARS
+from util.pos_embed import interpolate_pos_embed
+
+
+class ConfigError(RuntimeError):
+    """A problem with the flags or inputs; the message names it and the fix."""
+
+
+# Flags whose default depends on the recipe: None in the parser, filled in by resolve_defaults().
+FINETUNE_DEFAULTS = dict(
+    epochs=50, blr=1e-3, weight_decay=0.05, layer_decay=0.75, min_lr=1e-6, warmup_epochs=5,
+    drop_path=0.1, smoothing=0.1, reprob=0.25, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1",
+    global_pool=True,
+)
+LINPROBE_DEFAULTS = dict(
+    epochs=90, blr=0.1, weight_decay=0.0, layer_decay=None, min_lr=0.0, warmup_epochs=10,
+    drop_path=0.0, smoothing=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, aa=None,
+    global_pool=False,  # MAE's linear probe reads the cls token
+)
+# Flags that are part of the fine-tuning recipe only; --linprobe refuses them when set to an active value.
+_FT_ONLY = ("layer_decay", "drop_path", "smoothing", "reprob", "mixup", "cutmix", "aa", "cutmix_minmax", "color_jitter")
+# Native input size of each model (img_size its constructor defaults to); others use 224.
+NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("MAE fine-tuning / linear probing", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    FT_LP = " (default: {} fine-tune, {} --linprobe)"
+
+    g = p.add_argument_group("recipe")
+    g.add_argument("--linprobe", action="store_true",
+                   help="MAE's linear probing: frozen encoder, BatchNorm(affine=False)+linear head, LARS, "
+                        "RandomResizedCrop+flip only")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", default=64, type=int,
+                   help="batch size per GPU/process (effective batch size = batch_size * accum_iter * world_size)")
+    g.add_argument("--epochs", default=None, type=int, help="training epochs" + FT_LP.format(50, 90))
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="accumulate gradients over this many iterations (raises the effective batch size)")
+    g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype: auto = bf16 on CUDA if supported (else fp16), fp32 on CPU")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS), metavar="MODEL",
+                   help=f"model to train, one of {', '.join(sorted(models_vit.MODELS))}")
+    g.add_argument("--input_size", default=None, type=int,
+                   help="image size (default: the model's native size: 224, 32 for vit_tiny_patch4)")
+    g.add_argument("--drop_path", type=float, default=None, metavar="PCT",
+                   help="drop path (stochastic depth) rate" + FT_LP.format(0.1, 0))
+    g.add_argument("--global_pool", action="store_true", default=None,
+                   help="average-pool the patch tokens then fc_norm (default for fine-tuning)")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="use the class token instead of global pooling (default for --linprobe)")
+
+    g = p.add_argument_group("optimizer (AdamW + layer decay; LARS for --linprobe)")
+    g.add_argument("--weight_decay", type=float, default=None, help="weight decay" + FT_LP.format(0.05, 0))
+    g.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr * eff_batch / 256)")
+    g.add_argument("--blr", type=float, default=None, metavar="LR",
+                   help="base lr: absolute_lr = base_lr * total_batch_size / 256" + FT_LP.format(1e-3, 0.1))
+    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay (ELECTRA/BEiT), fine-tune "
+                   "only (default: 0.75)")
+    g.add_argument("--min_lr", type=float, default=None, metavar="LR",
+                   help="lower lr bound of the cosine schedule" + FT_LP.format(1e-6, 0))
+    g.add_argument("--warmup_epochs", type=float, default=None, metavar="N",
+                   help="epochs of linear lr warm-up" + FT_LP.format(5, 10))
+
+    g = p.add_argument_group("augmentation (fine-tune only)")
+    g.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                   help="color jitter factor (enabled only when not using Auto/RandAug)")
+    g.add_argument("--aa", type=str, default=None, metavar="NAME",
+                   help='AutoAugment policy, "none" to disable (default: rand-m9-mstd0.5-inc1)')
+    g.add_argument("--smoothing", type=float, default=None, help="label smoothing (default: 0.1)")
+    g.add_argument("--reprob", type=float, default=None, metavar="PCT", help="random erase prob (default: 0.25)")
+    g.add_argument("--remode", type=str, default="pixel", help="random erase mode")
+    g.add_argument("--recount", type=int, default=1, help="random erase count")
+    g.add_argument("--resplit", action="store_true", default=False,
+                   help="do not random erase the first (clean) augmentation split (accepted for MAE compatibility; "
+                        "no effect without augmentation splits)")
+    g.add_argument("--mixup", type=float, default=None, help="mixup alpha, mixup enabled if > 0 (default: 0.8)")
+    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, cutmix enabled if > 0 (default: 1.0)")
+    g.add_argument("--cutmix_minmax", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+    g.add_argument("--mixup_prob", type=float, default=1.0,
+                   help="probability of performing mixup or cutmix when either/both is enabled")
+    g.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                   help="probability of switching to cutmix when both mixup and cutmix enabled")
+    g.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+                   help="how to apply mixup/cutmix params: per batch, pair, or elem")
+
+    g = p.add_argument_group("initialisation")
+    g.add_argument("--finetune", default=None, metavar="PATH",
+                   help="pre-training checkpoint (a dict with 'model', MAE's format) to initialise the encoder from")
+
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data_path", default=None, type=str, help="dataset root (default: the embedded digits)")
+    g.add_argument("--data_set", default=None, choices=list(data_util.DATA_SETS),
+                   help="dataset kind (default: digits without --data_path, imagenet layout with it)")
+    g.add_argument("--download", action="store_true", help="cifar10/cifar100: download into --data_path")
+    g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
+
+    g = p.add_argument_group("output and run")
+    g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints, log.txt, summary.json")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--save_ckpt_freq", default=1, type=int,
+                   help="save a checkpoint every N epochs and at the last one (only the newest is kept)")
+    g.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="resume from this fine-tuning checkpoint")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="resume from the newest complete checkpoint in --output_dir if there is one")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (0-based)")
+    g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    g.add_argument("--dist_eval", action="store_true", default=False,
+                   help="shard evaluation across ranks (exact: counts are summed, no sample is duplicated)")
+    g.add_argument("--num_workers", default=None, type=int, help="data loader workers (default: min(10, #CPUs))")
+    g.add_argument("--pin_mem", action="store_true", default=True,
+                   help="pin CPU memory in the DataLoader (CUDA only) for faster host-to-device copies")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+
+    g = p.add_argument_group("distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)")
+    g.add_argument("--world_size", default=1, type=int, help="number of distributed processes (set by torchrun)")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int,
+                   help="accepted for torch.distributed.launch; the LOCAL_RANK environment variable is used")
+    g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--dist_url", default="env://", help="url used to set up distributed training (env:// only)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- flags
+def resolve_defaults(args) -> None:
+    """Fill the recipe-dependent defaults, and refuse fine-tune-only flags under --linprobe."""
+    if args.linprobe:
+        active = []
+        for name in _FT_ONLY:
+            v = getattr(args, name)
+            if v is None or (name in ("drop_path", "smoothing", "reprob", "mixup", "cutmix") and v == 0):
+                continue
+            if name == "aa" and str(v).lower() in ("none", ""):
+                continue
+            active.append(f"--{name} {v}")
+        if active:
+            raise ConfigError(
+                f"{', '.join(active)} belong to the fine-tuning recipe; MAE's linear probe uses none of them "
+                "(RandomResizedCrop + flip, no mixup/cutmix/RandAugment/erasing, no label smoothing, no drop path, "
+                "no layer decay). Fix: drop these flags, or drop --linprobe"
+            )
+    defaults = LINPROBE_DEFAULTS if args.linprobe else FINETUNE_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.aa is not None and str(args.aa).lower() in ("none", ""):
+        args.aa = None
+    if args.input_size is None:
+        args.input_size = NATIVE_INPUT_SIZE.get(args.model, 224)
+    if args.num_workers is None:
+        args.num_workers = min(10, os.cpu_count() or 1)
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
+
+
+def validate_args(args) -> None:
+    """Bad flags -> ConfigError naming the flag and the fix (before any data or model is built)."""
+    checks = [
+        (args.batch_size >= 1, f"--batch_size {args.batch_size} must be >= 1"),
+        (args.epochs >= 1, f"--epochs {args.epochs} must be >= 1"),
+        (args.accum_iter >= 1, f"--accum_iter {args.accum_iter} must be >= 1"),
+        (args.warmup_epochs >= 0, f"--warmup_epochs {args.warmup_epochs} must be >= 0"),
+        (args.start_epoch >= 0, f"--start_epoch {args.start_epoch} must be >= 0"),
+        (args.input_size >= 1, f"--input_size {args.input_size} must be positive"),
+        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0"),
+        (args.lr is None or args.lr > 0, f"--lr {args.lr} must be > 0"),
+        (args.blr > 0, f"--blr {args.blr} must be > 0"),
+        (args.min_lr >= 0, f"--min_lr {args.min_lr} must be >= 0"),
+        (args.layer_decay is None or 0 < args.layer_decay <= 1, f"--layer_decay {args.layer_decay} must be in (0, 1]"),
+        (0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1)"),
+        (0 <= args.smoothing < 1, f"--smoothing {args.smoothing} must be in [0, 1)"),
+        (0 <= args.reprob <= 1, f"--reprob {args.reprob} must be in [0, 1]"),
+        (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+        (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1,
+         "--mixup_prob and --mixup_switch_prob must be in [0, 1]"),
+        (args.clip_grad is None or args.clip_grad > 0, f"--clip_grad {args.clip_grad} must be > 0 (leave it out to disable)"),
+        (args.save_ckpt_freq >= 1, f"--save_ckpt_freq {args.save_ckpt_freq} must be >= 1"),
+        (args.nb_classes is None or args.nb_classes >= 1, f"--nb_classes {args.nb_classes} must be >= 1"),
+        (args.num_workers >= 0, f"--num_workers {args.num_workers} must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
+        raise ConfigError(f"--cutmix_minmax {args.cutmix_minmax} must satisfy 0 < MIN < MAX <= 1")
+    if mixup_active(args) and args.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix needs an even --batch_size (got {args.batch_size}). Fix: use an even "
+                          "batch size, or --mixup 0 --cutmix 0")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise ConfigError(
+            f"--finetune checkpoint {args.finetune} does not exist (or is not a file). Fix: pass the path of a "
+            "pre-training checkpoint, e.g. OUTPUT_DIR/checkpoint-N.pth written by main_pretrain.py or MAE's "
+            "published mae_pretrain_vit_base.pth (a dict with key 'model')"
+        )
+    if args.resume and not os.path.isfile(args.resume):
+        raise ConfigError(f"--resume checkpoint {args.resume} does not exist. Fix: check the path, or use --auto_resume")
+    if args.eval and not (args.resume or args.auto_resume):
+        raise ConfigError("--eval evaluates a fine-tuned checkpoint. Fix: add --resume PATH (or --auto_resume)")
+    try:
+        autocast_dtype(args.precision, resolve_device(args.device))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+# ---------------------------------------------------------------------------------------------- data
+class EvalShardSampler(Sampler):
+    """Val indices for this rank, without padding: with `shard`, rank r gets r, r+W, r+2W, ...; without it
+    rank 0 gets everything and the other ranks nothing. Either way the ranks partition the val set once,
+    so the summed counts of engine_finetune.evaluate are exact."""
+
+    def __init__(self, n: int, rank: int, world_size: int, shard: bool):
+        if shard:
+            self.indices = list(range(rank, n, world_size))
+        else:
+            self.indices = list(range(n)) if rank == 0 else []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def linprobe_transform(is_train: bool, args):
+    """MAE's linear-probe augmentation: RandomResizedCrop + horizontal flip (no flip on digits), normalise."""
+    if not is_train:
+        return data_util.eval_transform(args)
+    from torchvision import transforms
+
+    mean, std = data_util.dataset_stats(args)
+    digits = data_util.resolve_data_set(args) == "digits"
+    ops = [transforms.RandomResizedCrop(args.input_size, scale=(0.6, 1.0) if digits else (0.08, 1.0),
+                                        interpolation=transforms.InterpolationMode.BICUBIC)]
+    if not digits:
+        ops.append(transforms.RandomHorizontalFlip())
+    ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(ops)
+
+
+def _posterize_safe(img, bits_to_keep, **__):
+    """timm's RandAugment posterize for Pillow >= 11, which rejects bits < 1: keeping 0 bits gives the black
+    image older Pillow returned. Without this, MAE's rand-m9-mstd0.5-inc1 raises ValueError whenever a
+    'PosterizeIncreasing' op draws magnitude >= 10 (a few images per epoch)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        from PIL import Image
+
+        return Image.new(img.mode, img.size)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def fix_timm_posterize(transform):
+    """Swap timm's posterize for `_posterize_safe` in the RandAugment ops of `transform` (in place)."""
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, AugmentOp) and t.aug_fn is posterize:
+            t.aug_fn = _posterize_safe
+        stack.extend(getattr(t, "transforms", None) or [])
+        stack.extend(getattr(t, "ops", None) or [])
+    return transform
+
+
+def build_loaders(args):
+    if args.linprobe:
+        tf = linprobe_transform
+    else:
+        def tf(is_train, a):
+            return fix_timm_posterize(data_util.finetune_transform(is_train, a))
+    dataset_train = data_util.build_dataset("train", args, tf(True, args))
+    dataset_val = data_util.build_dataset("val", args, tf(False, args))
+    world, rank = get_world_size(), get_rank()
+    if len(dataset_train) // world < args.batch_size:
+        raise ConfigError(
+            f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
+            f"on {world} rank(s). Fix: lower --batch_size"
+        )
+    sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
+    pin = args.pin_mem and str(args.device).startswith("cuda")
+    common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True, **common)
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size, drop_last=False, **common)
+    return dataset_train, dataset_val, sampler_train, loader_train, loader_val
+
+
+# ----------------------------------------------------------------------------------------- checkpoint
+def _load_foreign_checkpoint(path: str):
+    """Load a checkpoint with weights_only=True; MAE's own training checkpoints hold `args` as an
+    argparse.Namespace, which is allow-listed here (it is plain attribute data)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. Fix: pass a torch checkpoint of plain "
+            "data (a dict with key 'model' holding a state_dict)"
+        ) from exc
+
+
+def load_pretrained(model: nn.Module, path: str, global_pool: bool, head_std: float) -> dict:
+    """Initialise `model` (models_vit) from a pre-training checkpoint, MAE's way.
+
+    Drops the decoder and mask token, drops head keys whose shapes differ, interpolates pos_embed to the
+    model's grid, loads non-strictly and insists that only the head (+ fc_norm with global pooling) is missing.
+    A missing head is re-initialised with a truncated normal of std `head_std`.
+    """
+    ckpt = _load_foreign_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        state = dict(ckpt["model"])
+    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = dict(ckpt)  # a bare state_dict
+    else:
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(f"--finetune checkpoint {path} has no 'model' state_dict (found {keys}). Fix: pass a "
+                          "pre-training checkpoint in MAE's format, a dict with key 'model'")
+    print(f"Load pre-trained checkpoint from: {path}")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    for k in [k for k in state if k.startswith("decoder") or k == "mask_token"]:
+        del state[k]
+    own = model.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            print(f"Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)} != {tuple(own[k].shape)})")
+            del state[k]
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+        interpolate_pos_embed(model, state)
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ConfigError(
+            f"--finetune checkpoint {path} does not match the model: {len(mismatched)} shape mismatch(es), e.g. "
+            + "; ".join(mismatched[:4])
+            + ". Fix: pass the --model whose encoder matches the pre-training model (mae_vit_tiny_patch4 -> "
+            "vit_tiny_patch4, mae_vit_base_patch16 -> vit_base_patch16, ...) and the pre-training --input_size"
+        )
+    msg = model.load_state_dict(state, strict=False)
+    allowed_missing = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if global_pool else set())
+    # with global pooling timm's ViT has no final `norm` (fc_norm replaces it): the encoder norm is unused
+    allowed_unexpected = {"norm.weight", "norm.bias"} if global_pool else set()
+    bad_missing = sorted(set(msg.missing_keys) - allowed_missing)
+    bad_unexpected = sorted(set(msg.unexpected_keys) - allowed_unexpected)
+    if bad_missing or bad_unexpected:
+        raise ConfigError(
+            f"--finetune checkpoint {path} does not match --model: missing {bad_missing[:6]}"
+            f"{' ...' if len(bad_missing) > 6 else ''}, unexpected {bad_unexpected[:6]}"
+            f"{' ...' if len(bad_unexpected) > 6 else ''}. Fix: use the --model matching the pre-training model"
+        )
+    print(f"Loaded {len(state) - len(msg.unexpected_keys)} tensors; missing (newly initialised): {sorted(msg.missing_keys)}")
+    if "head.weight" in msg.missing_keys:
+        trunc_normal_(model.head.weight, std=head_std)
+        nn.init.zeros_(model.head.bias)
+    return {"missing_keys": sorted(msg.missing_keys), "unexpected_keys": sorted(msg.unexpected_keys)}
+
+
+def save_checkpoint(args, epoch: int, model_without_ddp, optimizer, loss_scaler, max_accuracy: float) -> None:
+    rng_states = ckpt_util.gather_rng_states()  # collective: every rank calls it
+    if not is_main_process():
+        return
+    state = {
+        "model": model_without_ddp.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": loss_scaler.state_dict(),
+        "epoch": epoch,
+        "max_accuracy": max_accuracy,
+        "args": dict(vars(args)),
+        "rng_states": rng_states,
+    }
+    ckpt_util.atomic_torch_save(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
+    ckpt_util.prune_old_checkpoints(args.output_dir, keep={epoch})
+
+
+def resume(args, model_without_ddp, optimizer, loss_scaler) -> float:
+    """Load --resume (or the newest checkpoint with --auto_resume); returns the best accuracy so far."""
+    if not args.resume:
+        return 0.0
+    ckpt = ckpt_util.load_checkpoint(args.resume)
+    try:
+        model_without_ddp.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError(
+            f"--resume checkpoint {args.resume} does not fit this model ({exc}). Fix: use the same --model, "
+            "--nb_classes, --global_pool/--cls_token and --linprobe as the run that wrote it"
+        ) from exc
+    print(f"Resume checkpoint {args.resume}")
+    if not args.eval and "optimizer" in ckpt and "epoch" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loss_scaler.load_state_dict(ckpt.get("scaler"))
+        args.start_epoch = int(ckpt["epoch"]) + 1
+        if "rng_states" in ckpt:
+            ckpt_util.restore_rng_states(ckpt["rng_states"])
+        print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
+    return float(ckpt.get("max_accuracy", 0.0))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(args) -> dict:
+    t_start = time.time()
+    resolve_defaults(args)
+    validate_args(args)
+    init_distributed_mode(args)
+    mode = "linprobe" if args.linprobe else "finetune"
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print("{}".format(args).replace(", ", ",\n"))
+
+    device = torch.device(args.device)
+    amp_dtype = autocast_dtype(args.precision, args.device)
+    rank = get_rank()
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    dataset_train, dataset_val, sampler_train, loader_train, loader_val = build_loaders(args)
+    n_data_classes = data_util.num_classes_of(dataset_train)
+    if args.nb_classes is None:
+        args.nb_classes = n_data_classes
+    elif args.nb_classes < n_data_classes:
+        raise ConfigError(f"--nb_classes {args.nb_classes} is smaller than the dataset's {n_data_classes} classes. "
+                          "Fix: leave --nb_classes out (it defaults to the dataset's)")
+    print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {args.nb_classes} classes")
+
+    if args.output_dir and is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    log_writer = None
+    if is_main_process() and args.log_dir and not args.eval:
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(args.log_dir, exist_ok=True)
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+
+    mixup_fn = None
+    if mixup_active(args):
+        print("Mixup is activated!")
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.nb_classes,
+        )
+
+    model = models_vit.MODELS[args.model](
+        num_classes=args.nb_classes, drop_path_rate=args.drop_path,
+        global_pool="avg" if args.global_pool else "token", img_size=args.input_size,
+    )
+    patch = model.patch_embed.patch_size[0]
+    if args.input_size % patch:
+        raise ConfigError(f"--input_size {args.input_size} is not a multiple of {args.model}'s patch size {patch}")
+
+    if args.auto_resume and not args.resume and args.output_dir:
+        found = ckpt_util.find_latest_checkpoint(args.output_dir)
+        if found is not None:
+            args.resume = found[0]
+            print(f"--auto_resume: found {args.resume}")
+    if args.eval and not args.resume:
+        raise ConfigError(f"--eval: no checkpoint to evaluate in {args.output_dir}. Fix: pass --resume PATH")
+
+    if args.finetune and not args.resume:
+        load_pretrained(model, args.finetune, args.global_pool, head_std=0.01 if args.linprobe else 2e-5)
+    elif not args.finetune and not args.resume:
+        print(f"NOTE: no --finetune checkpoint: the encoder starts from random initialisation ({mode} from scratch)")
+
+    if args.linprobe:
+        # MAE: a BatchNorm without affine before the linear head (a normalising layer, not a trained one)
+        if not args.finetune:
+            trunc_normal_(model.head.weight, std=0.01)
+        model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+        for p in model.parameters():
+            p.requires_grad = False
+        for p in model.head.parameters():
+            p.requires_grad = True
+
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable")
+
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.3e}, actual lr: {args.lr:.3e}, "
+          f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
+
+    # evaluation uses model_without_ddp: a DDP forward may broadcast buffers (the linear probe's BatchNorm
+    # statistics), a collective that would hang when the ranks' val loaders have different lengths
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None
+        )
+        model_without_ddp = model.module
+
+    if args.linprobe:
+        optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        param_groups = lr_decay.param_groups_lrd(
+            model_without_ddp, args.weight_decay, no_weight_decay_list=model_without_ddp.no_weight_decay(),
+            layer_decay=args.layer_decay,
+        )
+        optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    print(f"optimizer: {type(optimizer).__name__}")
+    loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
+
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # smoothing is handled with the mixup label transform
+    elif args.smoothing > 0.0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    print(f"criterion = {criterion}")
+
+    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    if args.eval:
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return test_stats
+
+    print(f"Start training ({mode}) for {args.epochs} epochs from epoch {args.start_epoch}")
+    t_train = time.time()
+    test_stats = None
+    epoch_seconds = []
+    for epoch in range(args.start_epoch, args.epochs):
+        t_epoch = time.time()
+        sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+            max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
+        )
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"Max accuracy: {max_accuracy:.2f}%")
+        if args.output_dir and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy)
+        epoch_seconds.append(time.time() - t_epoch)
+
+        if log_writer is not None:
+            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
+            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
+            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
+        log_stats = {
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in test_stats.items()},
+            "epoch": epoch,
+            "n_parameters": n_parameters,
+            "epoch_seconds": epoch_seconds[-1],
+        }
+        if args.output_dir and is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+                f.write(json.dumps(log_stats) + "\n")
+
+    if test_stats is None:  # nothing left to train (e.g. --auto_resume of a finished run): report the model
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+    train_seconds = time.time() - t_train
+    print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")
+    print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}% "
+          f"(top-5 {test_stats['acc5']:.1f}%, best top-1 {max_accuracy:.1f}%)")
+
+    summary = {
+        "mode": mode,
+        "model": args.model,
+        "epochs": args.epochs,
+        "best_acc1": max_accuracy,
+        "final_acc1": test_stats["acc1"],
+        "final_acc5": test_stats["acc5"],
+        "final_loss": test_stats["loss"],
+        "nb_classes": args.nb_classes,
+        "num_train": len(dataset_train),
+        "num_val": len(dataset_val),
+        "wall_seconds": time.time() - t_start,
+        "train_seconds": train_seconds,
+        "epoch_seconds": epoch_seconds,
+        "finetune": args.finetune,
+        "resumed_from": args.resume or None,
+        "data_set": data_util.resolve_data_set(args),
+        "input_size": args.input_size,
+        "global_pool": args.global_pool,
+        "lr": args.lr,
+        "blr": args.blr,
+        "eff_batch_size": eff_batch_size,
+        "world_size": get_world_size(),
+        "device": str(device),
+        "precision": args.precision,
+        "n_parameters": n_parameters,
+        "n_trainable": n_trainable,
+    }
+    if args.output_dir and is_main_process():
+        with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    if log_writer is not None:
+        log_writer.close()
+    return summary
+
+
+def cli(argv=None, linprobe: bool = False) -> None:
+    args = get_args_parser().parse_args(argv)
+    if linprobe:
+        args.linprobe = True
+    try:
+        main(args)
+    except (ConfigError, data_util.DatasetError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)
+    except FloatingPointError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

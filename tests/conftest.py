@@ -1,0 +1,30 @@
+"""Shared test helpers. Importing `util` first makes torchvision/timm importable on CPU-only torch."""
+import os
+import socket
+import subprocess
+import sys
+
+import util  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a python entry script of the repo in a subprocess (CPU, one thread per process)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: int = 600, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone`-style launch on loopback with a free port (gloo on CPU)."""
+    cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]
+    return run_script(cmd, timeout=timeout)

@@ -1,0 +1,167 @@
+"""main_finetune.py end to end on the embedded digits (subprocess), plus its error paths (in process).
+
+The runs fine-tune at --input_size 16 (16 patches instead of 64: ~4x less compute on CPU) from a checkpoint of
+mae_vit_tiny_patch4 pre-trained at 32 px, so they also exercise the pos-embed interpolation 8x8 -> 4x4.
+OMP_NUM_THREADS=1 keeps them fast on a shared 2-core machine (OpenMP spin-waits badly under contention).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import util  # noqa: F401  (before timm/torchvision)
+
+import pytest
+import torch
+
+import main_finetune
+import models_mae
+import models_vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+@pytest.fixture(scope="module")
+def pretrain_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4()
+    path = tmp_path_factory.mktemp("pretrain") / "checkpoint-0.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0, "args": {"model": "mae_vit_tiny_patch4"}}, path)
+    return str(path)
+
+
+def _run(script, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, script, "--model", "vit_tiny_patch4", "--batch_size", "64", "--num_workers", "0", *args],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _check_outputs(out_dir, mode, ckpt, proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Accuracy of the network on the 297 test images:" in proc.stdout
+    assert "Position interpolate from 8x8 to 4x4" in proc.stdout
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["mode"] == mode
+    assert summary["model"] == "vit_tiny_patch4"
+    assert summary["epochs"] == 1
+    assert summary["nb_classes"] == 10
+    assert (summary["num_train"], summary["num_val"]) == (1500, 297)
+    assert summary["finetune"] == ckpt
+    assert 0.0 <= summary["final_acc1"] <= summary["final_acc5"] <= 100.0
+    assert summary["best_acc1"] == pytest.approx(summary["final_acc1"])
+    assert summary["wall_seconds"] > 0
+    lines = (out_dir / "log.txt").read_text().strip().splitlines()
+    assert len(lines) == 1
+    stats = json.loads(lines[0])
+    assert stats["epoch"] == 0
+    assert math.isfinite(stats["train_loss"]) and stats["train_lr"] > 0
+    assert stats["test_acc1"] == pytest.approx(summary["final_acc1"])
+    assert {"test_acc5", "test_loss", "n_parameters"} <= set(stats)
+    saved = torch.load(out_dir / "checkpoint-0.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "args"} <= set(saved)
+    assert saved["epoch"] == 0 and isinstance(saved["args"], dict) and saved["args"]["linprobe"] == (mode == "linprobe")
+    return saved
+
+
+def test_finetune_one_epoch(pretrain_ckpt, tmp_path):
+    out = tmp_path / "ft"
+    proc = _run("main_finetune.py", "--finetune", pretrain_ckpt, "--epochs", "1", "--input_size", "16",
+                "--output_dir", str(out))
+    saved = _check_outputs(out, "finetune", pretrain_ckpt, proc)
+    assert "fc_norm.weight" in saved["model"] and saved["model"]["head.weight"].shape == (10, 192)
+
+
+def test_linprobe_one_epoch(pretrain_ckpt, tmp_path):
+    out = tmp_path / "lp"
+    proc = _run("main_linprobe.py", "--finetune", pretrain_ckpt, "--epochs", "1", "--input_size", "16",
+                "--output_dir", str(out))
+    saved = _check_outputs(out, "linprobe", pretrain_ckpt, proc)
+    assert "LARS" in proc.stdout
+    sd = saved["model"]
+    assert "head.0.running_mean" in sd and "head.1.weight" in sd  # BatchNorm(affine=False) + linear
+    pre = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)["model"]
+    for k in ("blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "norm.weight", "cls_token"):
+        assert torch.equal(sd[k], pre[k]), f"{k} changed: the encoder must stay frozen"
+
+
+def test_missing_finetune_file_fails_clearly(tmp_path, capsys):
+    # the command-line entry point, run in process (a subprocess would only add ~5 s of imports)
+    missing = str(tmp_path / "nope" / "checkpoint-799.pth")
+    with pytest.raises(SystemExit) as exc:
+        main_finetune.cli(["--model", "vit_tiny_patch4", "--finetune", missing, "--epochs", "1",
+                           "--output_dir", str(tmp_path / "o")])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert missing in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before anything was built or written
+
+
+# ----------------------------------------------------------------------------------- in process
+def _args(*argv):
+    args = main_finetune.get_args_parser().parse_args(list(argv))
+    main_finetune.resolve_defaults(args)
+    return args
+
+
+def test_recipe_defaults():
+    ft = _args()
+    assert (ft.blr, ft.weight_decay, ft.epochs, ft.layer_decay, ft.mixup, ft.global_pool) == (1e-3, 0.05, 50, 0.75, 0.8, True)
+    assert ft.input_size == 224 and ft.aa == "rand-m9-mstd0.5-inc1"
+    lp = _args("--linprobe", "--model", "vit_tiny_patch4")
+    assert (lp.blr, lp.weight_decay, lp.epochs, lp.mixup, lp.cutmix, lp.aa, lp.global_pool) == (0.1, 0.0, 90, 0.0, 0.0, None, False)
+    assert lp.input_size == 32
+    assert _args("--local-rank", "3").local_rank == 3 and _args("--local_rank", "2").local_rank == 2
+    assert _args("--cls_token").global_pool is False
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--linprobe", "--mixup", "0.8"], "--mixup"),
+    (["--accum_iter", "0"], "--accum_iter"),
+    (["--batch_size", "63"], "even --batch_size"),
+    (["--eval"], "--resume"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16"),
+])
+def test_bad_flags_raise_config_error(argv, words):
+    with pytest.raises(main_finetune.ConfigError, match=words.replace("-", r"\-")):
+        args = _args(*argv)
+        main_finetune.validate_args(args)
+
+
+def test_mismatched_checkpoint_is_refused(pretrain_ckpt, tmp_path):
+    model = models_vit.vit_tiny_patch4(num_classes=10)
+    sd = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)["model"]
+    bad = dict(sd)
+    bad["blocks.0.attn.qkv.weight"] = torch.zeros(3 * 256, 192)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": bad}, path)
+    with pytest.raises(main_finetune.ConfigError, match="blocks.0.attn.qkv.weight"):
+        main_finetune.load_pretrained(model, str(path), global_pool=True, head_std=2e-5)
+    deeper = dict(sd, **{"blocks.6.norm1.weight": torch.ones(192)})  # a 7-block encoder's extra block
+    torch.save({"model": deeper}, path)
+    with pytest.raises(main_finetune.ConfigError, match="blocks.6.norm1.weight"):
+        main_finetune.load_pretrained(model, str(path), global_pool=True, head_std=2e-5)
+    # the right checkpoint loads; a head of another size is dropped and re-initialised
+    info = main_finetune.load_pretrained(model, pretrain_ckpt, global_pool=True, head_std=2e-5)
+    assert set(info["missing_keys"]) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert torch.equal(model.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+    assert model.head.weight.std() < 1e-4
+
+
+def test_eval_sampler_partitions_val_set():
+    n, world = 297, 4
+    shards = [list(main_finetune.EvalShardSampler(n, r, world, shard=True)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))
+    whole = [list(main_finetune.EvalShardSampler(n, r, world, shard=False)) for r in range(world)]
+    assert whole[0] == list(range(n)) and not any(whole[1:])
+
+
+def test_posterize_fix_gives_black_image_at_zero_bits():
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert main_finetune._posterize_safe(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert main_finetune._posterize_safe(img, 8) is img
+    assert main_finetune._posterize_safe(img, 1).getpixel((0, 0)) == (128, 0, 0)

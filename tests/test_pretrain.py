@@ -1,0 +1,136 @@
+"""End-to-end pre-training on the embedded digits: logging, weights, resume, pruning, 2 ranks."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import main_pretrain_d3p
+from conftest import run_torchrun
+from engine_pretrain import train_one_epoch, weighted_batch_loss
+
+BASE = ["--num_workers", "0", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
+        "--blr", "1e-3", "--print_freq", "3"]
+# spec epochs 1,2 record, decide at 2; 3 trains pruned; 4,5 record (forward-only pass) and 5 decides
+SHORT_D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "3", "--d3p_window", "2", "--d3p_bins", "16"]
+
+
+def read_log(d):
+    with open(os.path.join(d, "log.txt")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_ckpt(d, epoch):
+    return torch.load(os.path.join(d, f"checkpoint-{epoch}.pth"), map_location="cpu", weights_only=True)
+
+
+def test_weighted_batch_loss_rules():
+    torch.manual_seed(0)
+    l = torch.rand(7)
+    assert torch.equal(weighted_batch_loss(l, None, True), l.mean())
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0, 3.0, 1.0, 1.0])
+    assert torch.allclose(weighted_batch_loss(l, w, True), (w * l).sum() / w.sum())
+    assert torch.allclose(weighted_batch_loss(l, w, False), (w * l).mean())
+
+
+class _LinearLossModel(torch.nn.Module):
+    """Per-sample loss = theta * c_i: its gradient exposes exactly how samples were weighted."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, imgs, mask_ratio=0.75):
+        return self.theta * imgs.flatten(1).sum(1), None, None
+
+
+def test_engine_uses_sample_weights_in_the_gradient():
+    from types import SimpleNamespace
+
+    from util.amp import ScaledOptimizerStep
+
+    imgs = torch.arange(1.0, 5.0).view(4, 1, 1, 1)  # c_i = 1, 2, 3, 4
+    batch = [(imgs, torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 2, 3]))]
+    weights = torch.tensor([1.0, 1.0, 4.0, 2.0])
+    args = SimpleNamespace(accum_iter=1, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, print_freq=5)
+    for normalize, expected in ((True, (1 + 2 + 12 + 8) / 8.0), (False, (1 + 2 + 12 + 8) / 4.0), (None, 2.5)):
+        model = _LinearLossModel()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_one_epoch(model, batch, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args,
+                        sample_weights=None if normalize is None else weights,
+                        normalize_weights=bool(normalize))
+        assert model.theta.item() == pytest.approx(-expected, rel=1e-6)
+
+
+def test_one_epoch_pretrain_logs_and_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    assert main_pretrain_d3p.cli([*BASE, "--prune_method", "none", "--epochs", "1", "--output_dir", out]) == 0
+    (rec,) = read_log(out)
+    for key in ("epoch", "train_loss", "lr", "samples_trained", "epoch_seconds", "kept", "prune_ratio"):
+        assert key in rec
+    assert rec["samples_trained"] == 192 and rec["optimizer_steps"] == 6 and rec["prune_ratio"] == 0.0
+    assert np.isfinite(rec["train_loss"])
+    ckpt = load_ckpt(out, 0)  # weights_only=True
+    assert {"model", "optimizer", "scaler", "epoch", "rng_states", "pruning"} <= set(ckpt)
+    assert "blocks.0.attn.qkv.bias" in ckpt["model"]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["method"] == "none" and summary["samples_trained"] == 192
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+
+
+def test_resume_equals_straight_run(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = [*BASE, "--prune_method", "none", "--epochs", "2", "--save_every", "1"]
+    assert main_pretrain_d3p.cli([*common, "--output_dir", straight]) == 0
+    os.makedirs(resumed)
+    shutil.copy(os.path.join(straight, "checkpoint-0.pth"), resumed)
+    assert main_pretrain_d3p.cli([*common, "--output_dir", resumed, "--auto_resume"]) == 0
+    a, b = load_ckpt(straight, 1)["model"], load_ckpt(resumed, 1)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = [*BASE, *SHORT_D3P, "--epochs", "5", "--save_every", "1"]
+    assert main_pretrain_d3p.cli([*common, "--output_dir", straight]) == 0
+    log = read_log(straight)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3, 4]
+    assert "d3p_support" in log[1] and "d3p_support" in log[4] and "d3p_support" not in log[2]
+    assert log[0]["kept"] == 192 and log[2]["kept"] < 192, "the decision at spec epoch 2 pruned nothing"
+    pruned = log[2]["pruned"]
+    assert log[1]["d3p_decision_pruned"] == pruned == log[1]["d3p_easy"] + log[1]["d3p_hard"] + log[1]["d3p_trimmed"] - log[1]["d3p_restored"]
+    # forward-only passes exactly in the recording epochs after pruning (spec epochs 4, 5), over the pruned set
+    assert [r["samples_forward_only"] for r in log] == [0, 0, 0, pruned, pruned]
+    assert log[2]["samples_trained"] == 192 - pruned
+    assert log[4]["prune_ratio"] == pytest.approx(1 - sum(r["samples_trained"] for r in log) / (5 * 192))
+    state = load_ckpt(straight, 2)["pruning"]["strategy"]
+    assert (state["weights"] > 1).any(), "histogram matching up-weighted nothing"
+    # resume mid-cycle (after spec epoch 3) gives the same later decision and weights
+    os.makedirs(resumed)
+    shutil.copy(os.path.join(straight, "checkpoint-2.pth"), resumed)
+    shutil.copy(os.path.join(straight, "log.txt"), resumed)  # holds epochs 3, 4: resume must not duplicate them
+    assert main_pretrain_d3p.cli([*common, "--output_dir", resumed, "--auto_resume"]) == 0
+    a, b = load_ckpt(straight, 4), load_ckpt(resumed, 4)
+    for key in ("pruned", "weights", "window"):  # window is NaN between decisions: NaN == NaN here
+        torch.testing.assert_close(a["pruning"]["strategy"][key], b["pruning"]["strategy"][key], rtol=0, atol=0,
+                                   equal_nan=True, msg=key)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["epoch"] for r in read_log(resumed)] == [0, 1, 2, 3, 4]
+
+
+def test_two_process_torchrun_d3p(tmp_path):
+    out = str(tmp_path / "ddp")
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *BASE, *SHORT_D3P, "--train_subset", "190", "--epochs", "4",
+                           "--save_every", "1", "--output_dir", out], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = read_log(out)
+    assert len(log) == 4
+    for rec in log:
+        sums = rec["replica_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1], "model weights differ between the ranks"
+    # 190 samples on 2 ranks: padded sampler lengths; kept set after the decision is shared by both ranks
+    assert log[0]["samples_trained"] == 190
+    assert log[2]["kept"] < 190
+    assert log[2]["samples_trained"] == log[2]["kept"] + log[2]["kept"] % 2
