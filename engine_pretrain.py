@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -64,11 +64,19 @@ def train_one_epoch(
     normalize_weights: bool = True,
     recorder: LossRecorder | None = None,
     amp_dtype: torch.dtype | None = None,
+    start_step: int = 0,
+    carried: dict | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict:
     """Train one epoch. Batches are (images, targets, dataset_index).
 
     sample_weights: float32 [N] CPU tensor of per-sample weights (None: all ones, MAE's loss).
     recorder: receives (index, per-sample loss) of every step; no host sync per step.
+    start_step, carried: resume an epoch a preemption interrupted after `start_step` steps (the
+        loader then yields only the remaining batches); `carried` holds that part's statistics.
+    stop_requested: polled on every rank at the host-sync points that end an optimizer step; the
+        ranks agree (one scalar all-reduce) and all stop after the same step. The returned stats
+        then carry `interrupted_at_step`.
     Returns epoch statistics (averaged over ranks): train_loss, lr, grad_norm, optimizer_steps,
     data_seconds, corrupt_replaced.
     """
@@ -76,18 +84,22 @@ def train_one_epoch(
     metric_logger = MetricLogger()
     accum_iter = args.accum_iter
     print_freq = getattr(args, "print_freq", 20)
-    num_steps = len(data_loader)
+    num_steps = start_step + len(data_loader)
     optimizer.zero_grad(set_to_none=True)
-    if log_writer is not None:
-        print(f"log_dir: {log_writer.log_dir}")
 
+    carried = carried or {}
     pending: list[torch.Tensor] = []  # step losses not yet copied to the host
-    pending_first = 0
-    loss_total, loss_steps, optimizer_steps, corrupt = 0.0, 0, 0, 0
+    pending_first = start_step
+    loss_total = float(carried.get("loss_total", 0.0))
+    loss_steps = int(carried.get("loss_steps", 0))
+    optimizer_steps = int(carried.get("optimizer_steps", 0))
+    corrupt = 0
     grad_norms: list[torch.Tensor] = []
     lr = optimizer.param_groups[0]["lr"]
+    interrupted_at = None
 
-    for step, (samples, _, index) in enumerate(metric_logger.log_every(data_loader, f"Epoch [{epoch}]")):
+    batches = metric_logger.log_every(data_loader, f"Epoch [{epoch}]")
+    for step, (samples, _, index) in enumerate(batches, start=start_step):
         update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
@@ -129,9 +141,15 @@ def train_one_epoch(
                     log_writer.add_scalar("train_loss", float(v), epoch_1000x)
                 log_writer.add_scalar("lr", lr, int((step / num_steps + epoch) * 1000))
             pending, pending_first = [], step + 1
+            if stop_requested is not None and update and step + 1 < num_steps and any_rank(stop_requested()):
+                interrupted_at = step + 1
+                break
 
     grad_norm = float(torch.stack(grad_norms).float().mean().item()) if grad_norms else 0.0
     stats = {
+        "interrupted_at_step": interrupted_at,
+        "loss_total": loss_total,
+        "loss_steps": loss_steps,
         "train_loss": all_reduce_mean(loss_total / max(loss_steps, 1)),
         "lr": lr,
         "grad_norm": all_reduce_mean(grad_norm),
@@ -142,6 +160,18 @@ def train_one_epoch(
     if log_writer is not None:
         log_writer.add_scalar("grad_norm", grad_norm, (epoch + 1) * 1000)
     return stats
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a scalar all-reduce; only at sync points)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 @torch.no_grad()

@@ -63,8 +63,7 @@ NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("MAE fine-tuning / linear probing", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="MAE fine-tuning / linear probing (defaults: MAE's recipes)")
     FT_LP = " (default: {} fine-tune, {} --linprobe)"
 
     g = p.add_argument_group("recipe")
@@ -635,7 +634,7 @@ def main(args) -> dict:
         "input_size": args.input_size,
         "global_pool": args.global_pool,
         "lr": args.lr,
-        "blr": args.blr,
+        "blr": args.lr * 256 / eff_batch_size,  # the effective base lr (also when --lr was given)
         "eff_batch_size": eff_batch_size,
         "world_size": get_world_size(),
         "device": str(device),

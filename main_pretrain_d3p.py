@@ -26,7 +26,8 @@ import models_mae
 from d3p.integration import PRUNE_METHODS, PruningController, build_strategy
 from d3p.sampler import PrunedDistributedSampler
 from d3p.schedule import validate_schedule
-from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
+from d3p.distributed import RankDivergenceError, reduce_epoch_losses
+from engine_pretrain import NonFiniteLossError, any_rank, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
@@ -164,7 +165,8 @@ class _StopRequested(Exception):
 
 
 def _install_sigterm_handler() -> dict:
-    """A scheduler's SIGTERM sets a flag; the loop saves at the end of the current epoch and exits non-zero."""
+    """A scheduler's SIGTERM sets a flag; the ranks agree at the next host-sync point, save a
+    mid-epoch checkpoint (or the epoch's, if the epoch was over) and exit non-zero (143)."""
     flag = {"stop": False}
 
     def handler(signum, frame):
@@ -179,7 +181,7 @@ def make_loader(dataset, sampler, args, batch_size: int) -> DataLoader:
     return DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
-        persistent_workers=args.num_workers > 0, collate_fn=collate_indexed,
+        persistent_workers=args.num_workers > 0, collate_fn=collate_indexed, generator=torch.Generator(),
     )
 
 
@@ -268,15 +270,30 @@ def main(args: argparse.Namespace) -> int:
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch} ({args.prune_method})")
     run_start = time.time()
+    partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
         plan = controller.begin_epoch(epoch)
         recorder = controller.new_recorder()
+        # the loader's own generator: creating its iterator never draws from the global RNG
+        train_loader.generator.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
+        start_step, carried = 0, None
+        if partial is not None and partial["epoch"] == epoch:
+            start_step, carried = resume_partial_epoch(partial, train_sampler, recorder, args)
+            epoch_start -= carried["seconds"]
+        partial = None
         train_stats = train_one_epoch(
             model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
             sample_weights=controller.sample_weights(), normalize_weights=plan.normalize_weights,
-            recorder=recorder, amp_dtype=amp_dtype,
+            recorder=recorder, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
+            stop_requested=lambda: stop["stop"],
         )
+        if train_stats["interrupted_at_step"] is not None:
+            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, recorder, model_without_ddp,
+                               optimizer, loss_scaler, controller)
+            print(f"stopped by signal in epoch {epoch} after step {train_stats['interrupted_at_step']}; "
+                  "checkpoint saved, resume with --auto_resume", force=True)
+            return 143
         forward_seen = 0
         if plan.forward_only.size and recorder is not None:
             forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio, amp_dtype)
@@ -292,10 +309,8 @@ def main(args: argparse.Namespace) -> int:
         costs = controller.record_costs(epoch, train_stats["optimizer_steps"], time.time() - epoch_start,
                                         train_stats["data_seconds"], forward_seen)
 
-        last = epoch + 1 == args.epochs
-        checksums = None
-        if (epoch + 1) % args.save_every == 0 or last or stop["stop"]:
-            checksums = save_training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
+        stop_now = any_rank(stop["stop"])  # every rank must take the same branch (collectives below)
+        save = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop_now
         log_stats = {
             "epoch": epoch,
             "train_loss": train_stats["train_loss"],
@@ -306,15 +321,22 @@ def main(args: argparse.Namespace) -> int:
             "plan_fingerprint": controller.fingerprint,
             **decision,
         }
-        if checksums is not None:
-            log_stats["replica_checksums"] = checksums
+        if save:
+            log_stats["replica_checksums"] = check_replicas(model_without_ddp, epoch)
+        # log first, checkpoint second: a crash in between replays this epoch, and the resume
+        # drops this line before writing it again (rewrite_log_until)
         if is_main_process():
             with open(log_path, "a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             write_tensorboard(log_writer, epoch, log_stats, strategy)
         if hasattr(strategy, "last_decision"):
             strategy.last_decision = None  # CLD + density: ~13 bytes per sample, not needed after logging
-        if stop["stop"]:
+        if save:
+            state = training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
+            ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
+            ckpt_util.remove_superseded_partials(args.output_dir, epoch)
+            barrier()
+        if stop_now:
             print(f"stopped by signal after epoch {epoch}; resume with --auto_resume", force=True)
             return 143
 
@@ -342,18 +364,42 @@ def training_state(args, epoch, model, optimizer, loss_scaler, controller) -> di
     }
 
 
-def save_training_state(args, epoch, model, optimizer, loss_scaler, controller) -> list[str]:
-    """Check the replicas agree, then write the checkpoint atomically on rank 0. Returns the checksums."""
+def check_replicas(model, epoch: int) -> list[str]:
+    """All ranks' weight hashes; stop rather than save diverged replicas."""
     checksums = ckpt_util.replica_checksums(model)  # collective: all ranks
     if len(set(checksums)) != 1:
-        raise RuntimeError(
+        raise RankDivergenceError(
             f"epoch {epoch}: model replicas differ across ranks ({checksums}); not saving a checkpoint of "
             "diverged weights. Fix: restart from the last checkpoint with --auto_resume"
         )
-    state = training_state(args, epoch, model, optimizer, loss_scaler, controller)  # collective: all ranks
-    ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
-    barrier()
     return checksums
+
+
+def save_partial_epoch(args, epoch, train_stats, seconds, recorder, model, optimizer, loss_scaler, controller):
+    """Preemption checkpoint: the state after `interrupted_at_step` steps of `epoch`, with the
+    losses recorded so far (reduced over ranks) so the resumed epoch ends with the same totals."""
+    step = int(train_stats["interrupted_at_step"])
+    state = training_state(args, epoch - 1, model, optimizer, loss_scaler, controller)
+    partial = {"epoch": epoch, "step": step, "seconds": float(seconds),
+               "loss_total": float(train_stats["loss_total"]), "loss_steps": int(train_stats["loss_steps"]),
+               "optimizer_steps": int(train_stats["optimizer_steps"])}
+    if recorder is not None:
+        losses = reduce_epoch_losses(*recorder.totals())
+        partial["loss_sum"] = torch.from_numpy(losses.loss_sum)
+        partial["count"] = torch.from_numpy(losses.count)
+    state["partial_epoch"] = partial
+    ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch, step=step))
+    barrier()
+
+
+def resume_partial_epoch(partial, sampler, recorder, args) -> tuple[int, dict]:
+    """Skip the batches trained before the preemption; rank 0 carries the losses recorded then."""
+    step = int(partial["step"])
+    sampler.skip(step * args.batch_size)
+    if recorder is not None and "loss_sum" in partial and is_main_process():
+        recorder.carry_over(partial["loss_sum"].numpy(), partial["count"].numpy())
+    print(f"resuming epoch {partial['epoch']} after step {step}")
+    return step, partial
 
 
 def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, controller) -> None:
@@ -362,16 +408,21 @@ def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, c
         model.load_state_dict(checkpoint["model"], strict=True)
     except RuntimeError as exc:
         saved = checkpoint.get("args", {}).get("model", "?")
-        raise RuntimeError(
+        raise ckpt_util.ResumeMismatchError(
             f"checkpoint {path} holds a different model ({saved}) than --model {args.model}: {str(exc)[:300]}. "
             "Fix: resume with the same --model/--input_size, or use a new --output_dir"
         ) from exc
     optimizer.load_state_dict(checkpoint["optimizer"])
     loss_scaler.load_state_dict(checkpoint.get("scaler", {}))
     if "pruning" not in checkpoint:
-        raise RuntimeError(f"checkpoint {path} has no pruning state: it is not a checkpoint of this script")
+        raise ckpt_util.ResumeMismatchError(
+            f"checkpoint {path} has no pruning state: it is not a pre-training checkpoint of this script. "
+            "Fix: pass a checkpoint written by main_pretrain_d3p.py, or start without --resume"
+        )
     controller.load_state_dict(checkpoint["pruning"])
     args.start_epoch = int(checkpoint["epoch"]) + 1
+    if "partial_epoch" in checkpoint:
+        args.start_epoch = int(checkpoint["partial_epoch"]["epoch"])
     ckpt_util.restore_rng_states(checkpoint["rng_states"])
     print(f"resumed from {path} (epoch {checkpoint['epoch']}), continuing at epoch {args.start_epoch}")
 
@@ -424,7 +475,7 @@ def cli(argv: list[str] | None = None) -> int:
     validate_args(parser, args)
     try:
         return main(args)
-    except (DatasetError, NonFiniteLossError, ValueError, RuntimeError) as exc:
+    except (DatasetError, NonFiniteLossError, RankDivergenceError, ValueError) as exc:
         print(f"error (rank {get_rank()}): {exc}", file=sys.stderr, flush=True)
         return 1
 

@@ -67,6 +67,8 @@ class PruningController:
         self.train_sampler = train_sampler
         self.forward_sampler = forward_sampler
         self.ledger = CostLedger(strategy.num_samples)
+        # epochs each sample was trained in with gradient (d3p.export --counts): 4 bytes per sample
+        self.trained_counts = np.zeros(strategy.num_samples, dtype=np.int32)
         self.plan: EpochPlan | None = None
         self.fingerprint = 0
 
@@ -106,6 +108,7 @@ class PruningController:
     def record_costs(self, epoch: int, optimizer_steps: int, epoch_seconds: float, data_seconds: float,
                      forward_only_seen: int) -> dict[str, Any]:
         assert self.plan is not None
+        self.trained_counts[self.plan.kept] += 1
         return self.ledger.record_epoch(
             epoch,
             samples_trained=self.train_sampler.total_size,
@@ -122,6 +125,7 @@ class PruningController:
             "num_samples": self.num_samples,
             "strategy": self.strategy.state_dict(),
             "ledger": self.ledger.state_dict(),
+            "trained_counts": torch.from_numpy(self.trained_counts.copy()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -137,3 +141,4 @@ class PruningController:
             )
         self.strategy.load_state_dict(state["strategy"])
         self.ledger.load_state_dict(state["ledger"])
+        self.trained_counts = state["trained_counts"].numpy().astype(np.int32).copy()

@@ -16,6 +16,11 @@ class LossRecorder:
         self.num_samples = int(num_samples)
         self._indices: list[torch.Tensor] = []
         self._losses: list[torch.Tensor] = []
+        self._carried: tuple[np.ndarray, np.ndarray] | None = None
+
+    def carry_over(self, loss_sum: np.ndarray, count: np.ndarray) -> None:
+        """Add totals recorded before a preemption (resuming mid-epoch; one rank carries them)."""
+        self._carried = (np.asarray(loss_sum, dtype=np.float64), np.asarray(count, dtype=np.int32))
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
         """indices int64 [B] (any device), losses [B] (any device; detached here)."""
@@ -29,6 +34,9 @@ class LossRecorder:
         """-> (loss_sum float64 [N], count int32 [N]) of this process's records."""
         loss_sum = np.zeros(self.num_samples, dtype=np.float64)
         count = np.zeros(self.num_samples, dtype=np.int32)
+        if self._carried is not None:
+            loss_sum += self._carried[0]
+            count += self._carried[1]
         if not self._indices:
             return loss_sum, count
         idx = torch.cat([i.cpu() for i in self._indices]).numpy()

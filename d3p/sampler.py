@@ -27,6 +27,7 @@ class PrunedDistributedSampler(Sampler[int]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.epoch = 0
+        self._start = 0  # local samples already consumed this epoch (resume after preemption)
         self._kept = np.arange(self.num_samples, dtype=np.int64)
         self._local = self._kept[self.rank :: self.num_replicas]
         self.set_epoch(0)
@@ -50,6 +51,12 @@ class PrunedDistributedSampler(Sampler[int]):
         if total != order.size:
             order = np.resize(order, total)  # repeats from the start: padding by repetition
         self._local = order[self.rank :: self.num_replicas]
+        self._start = 0
+
+    def skip(self, num_local_samples: int) -> None:
+        """Start this epoch's iteration after the first `num_local_samples` of this rank's list
+        (resuming an epoch that a preemption interrupted); reset by the next `set_epoch`."""
+        self._start = int(min(max(num_local_samples, 0), len(self._local)))
 
     @property
     def kept(self) -> np.ndarray:
@@ -57,11 +64,11 @@ class PrunedDistributedSampler(Sampler[int]):
 
     @property
     def total_size(self) -> int:
-        """Samples yielded by all ranks together this epoch (padding included)."""
+        """Samples of all ranks together in this whole epoch (padding included, skipping not)."""
         return len(self._local) * self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._local.tolist())
+        return iter(self._local[self._start :].tolist())
 
     def __len__(self) -> int:
-        return len(self._local)
+        return len(self._local) - self._start

@@ -6,9 +6,6 @@ OMP_NUM_THREADS=1 keeps them fast on a shared 2-core machine (OpenMP spin-waits 
 """
 import json
 import math
-import os
-import subprocess
-import sys
 
 import util  # noqa: F401  (before timm/torchvision)
 
@@ -18,9 +15,7 @@ import torch
 import main_finetune
 import models_mae
 import models_vit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +28,8 @@ def pretrain_ckpt(tmp_path_factory):
 
 
 def _run(script, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, script, "--model", "vit_tiny_patch4", "--batch_size", "64", "--num_workers", "0", *args],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_script([script, "--model", "vit_tiny_patch4", "--batch_size", "64", "--num_workers", "0", *args],
+                      timeout=timeout)
 
 
 def _check_outputs(out_dir, mode, ckpt, proc):
@@ -165,3 +158,26 @@ def test_posterize_fix_gives_black_image_at_zero_bits():
     assert main_finetune._posterize_safe(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert main_finetune._posterize_safe(img, 8) is img
     assert main_finetune._posterize_safe(img, 1).getpixel((0, 0)) == (128, 0, 0)
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    import argparse
+
+    import engine_finetune
+    from util.amp import ScaledOptimizerStep
+
+    class NaNModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :10] * self.w * float("nan")
+
+    model = NaNModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 3, 4, 4), torch.randint(0, 10, (4,)))] * 2
+    args = argparse.Namespace(accum_iter=1, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=5, precision="fp32")
+    with pytest.raises(FloatingPointError, match=r"epoch 3, step 0"):
+        engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, opt, torch.device("cpu"), 3,
+                                        ScaledOptimizerStep(None, "cpu"), args=args)

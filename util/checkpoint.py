@@ -14,7 +14,18 @@ import torch.distributed as dist
 
 from util.dist import get_rank, get_world_size, is_dist, is_main_process
 
-_CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+# checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
+class ResumeMismatchError(ValueError):
+    """A checkpoint from another run (model, dataset size, method): resuming it would corrupt this one."""
+
+
+_CKPT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
+
+
+def _progress(match: re.Match) -> tuple[int, int]:
+    """Order checkpoints by training progress: (epochs fully done, steps into the next)."""
+    epoch = int(match.group(1))
+    return (epoch, int(match.group(2))) if match.group(2) else (epoch + 1, 0)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -95,8 +106,10 @@ def replica_checksums(model: torch.nn.Module) -> list[str]:
     return out
 
 
-def checkpoint_path(output_dir: str, epoch: int) -> str:
-    return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+def checkpoint_path(output_dir: str, epoch: int, step: int | None = None) -> str:
+    """checkpoint-E.pth after epoch E; checkpoint-E-stepK.pth when epoch E stopped after K steps."""
+    suffix = "" if step is None else f"-step{step}"
+    return os.path.join(output_dir, f"checkpoint-{epoch}{suffix}.pth")
 
 
 def save_on_master(obj: Any, path: str) -> None:
@@ -116,7 +129,7 @@ def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
         m = _CKPT_RE.search(os.path.basename(path))
         if m:
-            found.append((int(m.group(1)), path))
+            found.append((_progress(m), path))
     for _, path in sorted(found, reverse=True):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,11 +142,21 @@ def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
     return None
 
 
+def remove_superseded_partials(output_dir: str, completed_epoch: int) -> None:
+    """After epoch E is saved complete, mid-epoch checkpoints of epochs <= E are obsolete (main rank)."""
+    if not is_main_process():
+        return
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*-step*.pth")):
+        m = _CKPT_RE.search(os.path.basename(path))
+        if m and int(m.group(1)) <= completed_epoch:
+            os.remove(path)
+
+
 def prune_old_checkpoints(output_dir: str, keep: set[int]) -> None:
-    """Remove checkpoint-E.pth for epochs not in `keep` (main rank only)."""
+    """Remove checkpoint-E.pth for completed epochs not in `keep` (main rank only)."""
     if not is_main_process():
         return
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
         m = _CKPT_RE.search(os.path.basename(path))
-        if m and int(m.group(1)) not in keep:
+        if m and not m.group(2) and int(m.group(1)) not in keep:
             os.remove(path)

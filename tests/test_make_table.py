@@ -1,0 +1,140 @@
+"""tools/make_table.py on hand-written summary.json fixtures (no training)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import make_table  # noqa: E402
+
+N, E = 1000, 10
+
+
+def _write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def arm(root, name, method, *, seed=0, trained=N * E, fwd=0, wall=100.0, ft=None, lp=None, flags=None,
+        layout="arm"):
+    """An arm folder (layout='arm': NAME/{pretrain,finetune,linprobe}) or a bare pre-training folder
+    (layout='bare': NAME/summary.json with siblings NAME_finetune/, NAME_linprobe/)."""
+    folder = root / name
+    pre_dir = folder / "pretrain" if layout == "arm" else folder
+    _write(pre_dir / "summary.json", {
+        "mode": "pretrain", "method": method, "epochs": E, "num_samples": N, "samples_trained": trained,
+        "samples_forward_only": fwd, "optimizer_steps": trained // 64, "prune_ratio": 1 - trained / (N * E),
+        "compute_saved": 1 - (trained + fwd / 3) / (N * E), "wall_seconds": wall, "data_seconds": 1.0,
+        "flags": flags or {}, "model": "mae_vit_tiny_patch4", "data_set": "digits", "seed": seed, "world_size": 1,
+    })
+    for mode, acc in (("finetune", ft), ("linprobe", lp)):
+        if acc is None:
+            continue
+        down = folder / mode if layout == "arm" else root / f"{name}_{mode}"
+        _write(down / "summary.json", {"mode": mode, "best_acc1": acc + 1.0, "final_acc1": acc, "final_acc5": 99.0,
+                                       "wall_seconds": 5.0, "finetune": str(pre_dir / f"checkpoint-{E - 1}.pth")})
+    return str(folder)
+
+
+def rows_by_key(dirs, acc="final"):
+    runs = [make_table.load_run(d) for d in dirs]
+    return {r["key"]: r for r in make_table.build_rows([r for r in runs if r], acc)}
+
+
+def test_deltas_arrows_and_savings_against_whole(tmp_path):
+    dirs = [
+        arm(tmp_path, "none", "none", wall=200.0, ft=83.3, lp=65.4),
+        arm(tmp_path, "infobatch", "infobatch", trained=7120, wall=150.0, ft=82.8, lp=64.0,
+            flags={"prune_ratio": 0.5, "delta": 0.875}),
+        arm(tmp_path, "d3p", "d3p", trained=6970, fwd=900, wall=160.0, ft=83.3, lp=65.9, flags={"d3p_start": 3}),
+        arm(tmp_path, "random", "random", trained=6970, wall=120.0, ft=82.0,
+            flags={"prune_ratio": 0.5, "random_match": "x/d3p/pretrain"}),
+    ]
+    rows = rows_by_key(dirs)
+    whole, ib, d3p, rnd = rows["none"], rows["infobatch"], rows["d3p"], rows["random_matched"]
+    assert whole["method"] == "Whole dataset" and whole["is_whole"]
+    assert ib["method"] == "InfoBatch" and d3p["method"] == "D3P" and rnd["method"] == "Random (matched to D3P)"
+    assert make_table.format_cell(whole, "ft_top1", True) == "83.3 (–)"
+    assert make_table.format_cell(ib, "ft_top1", True) == "82.8 (↓0.5)"
+    assert make_table.format_cell(d3p, "ft_top1", True) == "83.3 (±0.0)"
+    assert make_table.format_cell(d3p, "lp_top1", True) == "65.9 (↑0.5)"
+    assert make_table.format_cell(ib, "prune_ratio") == "28.8"
+    # compute saved vs Whole's cost (10000): InfoBatch 1 - 7120/10000; D3P 1 - (6970 + 900/3)/10000
+    assert ib["compute_saved"] == pytest.approx(28.8)
+    assert d3p["compute_saved"] == pytest.approx(27.3)
+    assert make_table.format_cell(d3p, "compute_saved") == "27.3"
+    assert whole["compute_saved"] == pytest.approx(0.0)
+    # wall-clock saved vs Whole's 200 s
+    assert ib["wall_clock_saved"] == pytest.approx(25.0) and d3p["wall_clock_saved"] == pytest.approx(20.0)
+    assert make_table.format_cell(rnd, "wall_clock_saved") == "40.0"
+    # missing linear probe (still running) -> em dash, no arrow
+    assert rnd["lp_top1"] is None and make_table.format_cell(rnd, "lp_top1", True) == "—"
+
+    text = make_table.markdown(list(make_table.build_rows([make_table.load_run(d) for d in dirs])), "final", [])
+    lines = text.splitlines()
+    assert lines[0].startswith("| Method | Prune ratio (%) | FT top-1 (%) | LP top-1 (%) | Compute saved (%)")
+    assert [ln.split("|")[1].strip() for ln in lines[2:6]] == [
+        "Whole dataset", "InfoBatch", "D3P", "Random (matched to D3P)"]
+    assert "| InfoBatch | 28.8 | 82.8 (↓0.5) | 64.0 (↓1.4) | 28.8 | 25.0 |" in lines
+    assert "| Random (matched to D3P) | 30.3 | 82.0 (↓1.3) | — | 30.3 | 40.0 |" in lines
+    source_line = [ln for ln in lines if ln.startswith("Sources: ")][0]
+    assert os.path.join(dirs[0], "pretrain", "summary.json") in source_line
+    assert os.path.join(dirs[1], "linprobe", "summary.json") in source_line
+
+
+def test_missing_finetune_shows_dash(tmp_path):
+    dirs = [arm(tmp_path, "none", "none", ft=90.0, lp=80.0), arm(tmp_path, "seta", "seta", trained=5000)]
+    rows = rows_by_key(dirs)
+    assert make_table.format_cell(rows["seta"], "ft_top1", True) == "—"
+    assert make_table.format_cell(rows["seta"], "lp_top1", True) == "—"
+    assert make_table.format_cell(rows["seta"], "prune_ratio") == "50.0"
+
+
+def test_several_seeds_mean_std(tmp_path):
+    dirs = [arm(tmp_path, "none", "none", ft=90.0, lp=80.0)]
+    for seed, (ft, trained) in enumerate([(88.0, 7000), (89.0, 7000), (90.0, 7300)]):
+        dirs.append(arm(tmp_path, f"d3p_s{seed}", "d3p", seed=seed, trained=trained, ft=ft if seed < 2 else ft,
+                        lp=70.0 + seed if seed < 2 else None))
+    rows = rows_by_key(dirs)
+    d3p = rows["d3p"]
+    assert d3p["seeds"] == 3 and d3p["seed_list"] == [0, 1, 2]
+    assert make_table.format_cell(d3p, "ft_top1", True) == "89.0 ± 1.0 (↓1.0)"  # sample std of 88, 89, 90
+    assert make_table.format_cell(d3p, "prune_ratio") == "29.0 ± 1.7"
+    assert make_table.format_cell(d3p, "lp_top1", True) == "70.5 ± 0.7 (↓9.5) [2 of 3]"
+    text = make_table.markdown(make_table.build_rows([make_table.load_run(d) for d in dirs]), "final", [])
+    assert "| D3P (3 seeds) |" in text
+
+
+def test_bare_pretrain_folder_sibling_lookup_best_acc_and_cli_json(tmp_path):
+    whole = arm(tmp_path, "whole", "none", ft=80.0, lp=60.0, layout="bare")
+    rnd = arm(tmp_path, "rnd", "random", trained=5000, ft=79.0, flags={"prune_ratio": 0.5, "random_match": None},
+              layout="bare")
+    os.makedirs(tmp_path / "running" / "pretrain")  # pre-training still running: skipped, named in the footnote
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_table.py"), whole, rnd,
+                          str(tmp_path / "running"), "--json", "--acc", "best"],
+                         capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    rows = {r["key"]: r for r in data["rows"]}
+    assert rows["random"]["method"] == "Random"
+    assert rows["random"]["ft_top1"] == pytest.approx(80.0) and rows["random"]["ft_top1_delta"] == pytest.approx(-1.0)
+    assert rows["none"]["lp_top1"] == pytest.approx(61.0)
+    assert data["skipped"] == [str(tmp_path / "running")]
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_table.py"), str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such folder" in bad.stderr
+
+
+def test_no_pretraining_row(tmp_path):
+    whole = arm(tmp_path, "none", "none", ft=90.0, lp=80.0)
+    _write(tmp_path / "scratch" / "finetune" / "summary.json",
+           {"mode": "finetune", "best_acc1": 70.0, "final_acc1": 70.0, "final_acc5": 95.0, "wall_seconds": 3.0,
+            "finetune": None})
+    rows = rows_by_key([whole, str(tmp_path / "scratch")])
+    assert rows["scratch"]["method"] == "No pre-training"
+    assert make_table.format_cell(rows["scratch"], "ft_top1", True) == "70.0 (↓20.0)"
+    assert make_table.format_cell(rows["scratch"], "prune_ratio") == "—"
