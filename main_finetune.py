@@ -287,41 +287,11 @@ def linprobe_transform(is_train: bool, args):
     return transforms.Compose(ops)
 
 
-def _posterize_safe(img, bits_to_keep, **__):
-    """timm's RandAugment posterize for Pillow >= 11, which rejects bits < 1: keeping 0 bits gives the black
-    image older Pillow returned. Without this, MAE's rand-m9-mstd0.5-inc1 raises ValueError whenever a
-    'PosterizeIncreasing' op draws magnitude >= 10 (a few images per epoch)."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        from PIL import Image
-
-        return Image.new(img.mode, img.size)
-    from PIL import ImageOps
-
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def fix_timm_posterize(transform):
-    """Swap timm's posterize for `_posterize_safe` in the RandAugment ops of `transform` (in place)."""
-    from timm.data.auto_augment import AugmentOp, posterize
-
-    stack = [transform]
-    while stack:
-        t = stack.pop()
-        if isinstance(t, AugmentOp) and t.aug_fn is posterize:
-            t.aug_fn = _posterize_safe
-        stack.extend(getattr(t, "transforms", None) or [])
-        stack.extend(getattr(t, "ops", None) or [])
-    return transform
-
-
 def build_loaders(args):
     if args.linprobe:
         tf = linprobe_transform
     else:
-        def tf(is_train, a):
-            return fix_timm_posterize(data_util.finetune_transform(is_train, a))
+        tf = data_util.finetune_transform
     dataset_train = data_util.build_dataset("train", args, tf(True, args))
     dataset_val = data_util.build_dataset("val", args, tf(False, args))
     world, rank = get_world_size(), get_rank()

@@ -4,6 +4,7 @@ The runs fine-tune at --input_size 16 (16 patches instead of 64: ~4x less comput
 mae_vit_tiny_patch4 pre-trained at 32 px, so they also exercise the pos-embed interpolation 8x8 -> 4x4.
 OMP_NUM_THREADS=1 keeps them fast on a shared 2-core machine (OpenMP spin-waits badly under contention).
 """
+import argparse
 import json
 import math
 
@@ -153,11 +154,19 @@ def test_eval_sampler_partitions_val_set():
 
 def test_posterize_fix_gives_black_image_at_zero_bits():
     from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    from util.datasets import _posterize_keeping_zero_bits, finetune_transform
 
     img = Image.new("RGB", (8, 8), (200, 100, 50))
-    assert main_finetune._posterize_safe(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
-    assert main_finetune._posterize_safe(img, 8) is img
-    assert main_finetune._posterize_safe(img, 1).getpixel((0, 0)) == (128, 0, 0)
+    assert _posterize_keeping_zero_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert _posterize_keeping_zero_bits(img, 8) is img
+    assert _posterize_keeping_zero_bits(img, 1).getpixel((0, 0)) == (128, 0, 0)
+    # MAE's RandAugment recipe gets the safe op
+    args = argparse.Namespace(data_set=None, data_path=None, input_size=32, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    ops = [op for t in finetune_transform(True, args).transforms for op in getattr(t, "ops", [])]
+    posterize_ops = [op for op in ops if isinstance(op, AugmentOp) and "Posterize" in op.name]
+    assert posterize_ops and all(op.aug_fn is _posterize_keeping_zero_bits for op in posterize_ops)
 
 
 def test_non_finite_loss_names_epoch_and_step():

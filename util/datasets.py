@@ -213,7 +213,7 @@ def finetune_transform(is_train: bool, args) -> Callable:
     from timm.data import create_transform
 
     mean, std = dataset_stats(args)
-    return create_transform(
+    transform = create_transform(
         input_size=args.input_size,
         is_training=True,
         color_jitter=getattr(args, "color_jitter", None),
@@ -227,6 +227,34 @@ def finetune_transform(is_train: bool, args) -> Callable:
         hflip=0.0 if resolve_data_set(args) == "digits" else 0.5,
         scale=(0.6, 1.0) if resolve_data_set(args) == "digits" else (0.08, 1.0),
     )
+    return _safe_posterize_ops(transform)
+
+
+def _posterize_keeping_zero_bits(img, bits_to_keep, **__):
+    """timm's RandAugment posterize for Pillow >= 11, which rejects keeping < 1 bit: 0 bits gives the
+    black image older Pillow returned. Without it MAE's rand-m9-mstd0.5-inc1 raises ValueError
+    whenever 'PosterizeIncreasing' draws a magnitude >= 10 (a few images per epoch)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _safe_posterize_ops(transform):
+    """Point this transform's own posterize ops at `_posterize_keeping_zero_bits` (timm is untouched)."""
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, AugmentOp) and t.aug_fn is posterize:
+            t.aug_fn = _posterize_keeping_zero_bits
+        stack.extend(getattr(t, "transforms", None) or [])
+        stack.extend(getattr(t, "ops", None) or [])
+    return transform
 
 
 def num_classes_of(dataset: Dataset) -> int:
