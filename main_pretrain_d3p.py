@@ -306,6 +306,9 @@ def main(args: argparse.Namespace) -> int:
             embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype)
             forward_seen += num_samples
         decision = controller.end_epoch(epoch, recorder, embeddings)
+        subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
+        if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
+            np.save(os.path.join(args.output_dir, "kept_static.npy"), subset)
         costs = controller.record_costs(epoch, train_stats["optimizer_steps"], time.time() - epoch_start,
                                         train_stats["data_seconds"], forward_seen)
 

@@ -17,15 +17,15 @@ Trained counts (--counts): counts[i] = the number of epochs in which sample i wa
 trained with gradient (epochs 0..E of checkpoint-E.pth). Distributed padding duplicates are not counted twice, so
 counts.sum() == the sum of log.txt's per-epoch `kept`. The per-epoch kept sets of dynamic methods are not stored
 in a checkpoint, so exact counts come from:
-  1. checkpoint['pruning']['trained_counts'] (int32 [N]) when the engine keeps it (any method; see below);
-  2. otherwise an exact reconstruction where one exists, checked against the ledger's per-epoch kept counts:
+  1. checkpoint['pruning']['trained_counts'] (int32 [N]): PruningController adds 1 at plan.kept when it records
+     an epoch's costs and saves the array with its state (any method; a resumed run replays the epochs after its
+     checkpoint, so the counts stay exact);
+  2. for checkpoints written before the engine kept it, an exact reconstruction where one exists, checked against
+     the ledger's per-epoch kept counts (and verified equal to the engine's array on real runs):
        none: every sample in every epoch;  dynunc/d2: all samples in warm-up epochs, the subset afterwards;
        random: its per-epoch subsets replayed (they depend only on (seed, epoch));
        d3p with at most one decision: all samples before it (and in annealing epochs), ~pruned after;
-  3. otherwise (d3p with several decisions, infobatch, seta) an error naming the engine change that is needed:
-       PruningController keeps `trained_counts` (np.int32 [N], zeros), adds 1 at plan.kept in begin_epoch, saves
-       it as torch.from_numpy(trained_counts) under state_dict()['trained_counts'] and restores it in
-       load_state_dict (a resumed run replays the epochs after its checkpoint, so the counts stay exact).
+  3. otherwise (d3p with several decisions, infobatch, seta) an error: re-run with the current engine.
 
 Bad input (missing folder, no checkpoint, unusable checkpoint) -> a usage error naming the problem and the fix,
 exit code 2.
@@ -44,10 +44,9 @@ import numpy as np
 NO_KEPT_SET = ("none", "infobatch", "seta", "random")
 STATIC = ("dynunc", "d2")
 ENGINE_CHANGE = (
-    "the exact per-sample counts need the engine to record them: PruningController keeps trained_counts "
-    "(np.int32 [N]), adds 1 at plan.kept in begin_epoch, and saves it as state_dict()['trained_counts'] "
-    "(restored by load_state_dict). Fix: re-run pre-training with an engine that stores "
-    "checkpoint['pruning']['trained_counts']"
+    "exact per-sample counts need checkpoint['pruning']['trained_counts'], which this checkpoint predates "
+    "(PruningController records them at every epoch and saves them with its state). Fix: re-run pre-training "
+    "with the current engine"
 )
 
 

@@ -6,6 +6,12 @@ import sys
 
 import util  # noqa: F401
 
+import torch
+
+# One thread per process: in-process runs then match the subprocess runs (OMP_NUM_THREADS=1) bit
+# for bit, and 2-process torchrun tests do not oversubscribe a 2-core machine.
+torch.set_num_threads(1)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

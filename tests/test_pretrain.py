@@ -11,7 +11,7 @@ import main_pretrain_d3p
 from conftest import run_torchrun
 from engine_pretrain import train_one_epoch, weighted_batch_loss
 
-BASE = ["--num_workers", "0", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
+BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
         "--blr", "1e-3", "--print_freq", "3"]
 # spec epochs 1,2 record, decide at 2; 3 trains pruned; 4,5 record (forward-only pass) and 5 decides
 SHORT_D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "3", "--d3p_window", "2", "--d3p_bins", "16"]
@@ -134,3 +134,43 @@ def test_two_process_torchrun_d3p(tmp_path):
     assert log[0]["samples_trained"] == 190
     assert log[2]["kept"] < 190
     assert log[2]["samples_trained"] == log[2]["kept"] + log[2]["kept"] % 2
+
+
+@pytest.mark.parametrize("method", ["infobatch", "seta", "random"])
+def test_dynamic_baselines_run_in_the_engine_with_the_same_ledger(tmp_path, method):
+    out = str(tmp_path / method)
+    assert main_pretrain_d3p.cli([*BASE, "--prune_method", method, "--epochs", "3", "--output_dir", out]) == 0
+    log = read_log(out)
+    assert all(r["samples_trained"] == r["kept"] for r in log)  # one rank: sampler length == kept
+    assert any(r["kept"] < 192 for r in log), f"{method} never pruned"
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["method"] == method and summary["flags"]["prune_ratio"] == 0.5
+    assert summary["samples_trained"] == sum(r["samples_trained"] for r in log)
+    assert summary["prune_ratio"] == pytest.approx(1 - summary["samples_trained"] / (3 * 192))
+    assert summary["optimizer_steps"] == sum(-(-r["samples_trained"] // 32) for r in log)
+
+
+def test_random_matched_to_a_d3p_run_keeps_its_counts(tmp_path):
+    d3p_dir, rand_dir = str(tmp_path / "d3p"), str(tmp_path / "random")
+    common = [*BASE, "--epochs", "4"]
+    assert main_pretrain_d3p.cli([*common, *SHORT_D3P, "--output_dir", d3p_dir]) == 0
+    assert main_pretrain_d3p.cli([*common, "--prune_method", "random", "--random_match", d3p_dir,
+                                  "--output_dir", rand_dir]) == 0
+    kept_d3p = [r["kept"] for r in read_log(d3p_dir)]
+    assert kept_d3p[-1] < 192
+    assert [r["kept"] for r in read_log(rand_dir)] == kept_d3p
+
+
+@pytest.mark.parametrize("method", ["dynunc", "d2"])
+def test_static_methods_select_once_and_charge_the_warmup(tmp_path, method):
+    out = str(tmp_path / method)
+    args = [*BASE, "--prune_method", method, "--static_warmup_epochs", "2", "--epochs", "3", "--output_dir", out,
+            "--dynunc_window", "2"]
+    assert main_pretrain_d3p.cli(args) == 0
+    log = read_log(out)
+    assert [r["kept"] for r in log] == [192, 192, 96]
+    # D2's embedding pass over all samples at the end of the warm-up is charged as forward-only work
+    assert [r["samples_forward_only"] for r in log] == ([0, 192, 0] if method == "d2" else [0, 0, 0])
+    kept = np.load(os.path.join(out, "kept_static.npy"))
+    state = load_ckpt(out, 2)["pruning"]["strategy"]
+    assert kept.size == 96 and np.array_equal(kept, state["subset"].numpy())

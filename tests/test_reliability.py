@@ -11,7 +11,7 @@ from PIL import Image
 import main_pretrain_d3p
 from conftest import run_script, run_torchrun
 
-BASE = ["--num_workers", "0", "--batch_size", "32", "--train_subset", "128", "--warmup_epochs", "1",
+BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "128", "--warmup_epochs", "1",
         "--blr", "1e-3", "--print_freq", "1", "--save_every", "1"]
 D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
 
