@@ -101,6 +101,13 @@ class D3P:
         }
         if decision.reason:
             log["d3p_note"] = decision.reason
+        elif decision.restored:
+            log["d3p_note"] = (
+                f"the decision would have kept {self.min_kept - decision.restored} of {self.num_samples} samples; "
+                f"{decision.restored} restored to keep at least one full batch per rank ({self.min_kept})"
+            )
+        elif not self.pruned.any():
+            log["d3p_note"] = "nothing pruned: the observed CLD histogram lies within the ideal one"
         self.window[:] = np.nan  # the next window starts empty
         return log
 

@@ -89,3 +89,28 @@ def test_rank_divergence_is_detected(tmp_path):
     assert res.returncode != 0
     assert "ranks disagree on the pruning plan" in res.stdout + res.stderr
     assert not os.path.exists(tmp_path / "rank0.npz")
+
+
+def _feed_constant_window(strategy, values):
+    for epoch in range(2):
+        strategy.plan_epoch(epoch)
+        log = strategy.end_epoch(epoch, EpochLosses(values.astype(np.float64), np.ones(values.size, dtype=np.int32)))
+    return log
+
+
+def test_zero_variance_window_prunes_nothing_and_says_so():
+    s = make()
+    log = _feed_constant_window(s, np.full(N, 0.5))
+    assert not s.pruned.any() and (s.weights == 1).all()
+    assert "zero variance" in log["d3p_note"]
+    assert s.plan_epoch(2).kept.size == N
+
+
+def test_a_decision_never_leaves_less_than_min_kept():
+    # two far-apart tight clusters: the ideal (unimodal) law expects few samples in either bin, so
+    # trimming would keep only 162 of 3001; the decision restores up to min_kept and says so
+    values = np.where(np.arange(N) % 2 == 0, 0.1, 5.0) + 1e-3 * np.sin(np.arange(N))
+    s = D3P(N, D3PSchedule(start=2, period=2, window=2, epochs=8), bins=32, seed=7, min_kept=256)
+    log = _feed_constant_window(s, values)
+    assert log["d3p_restored"] > 0
+    assert int((~s.pruned).sum()) == 256 and "restored" in log["d3p_note"]

@@ -107,6 +107,14 @@ def test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle(tmp_path):
     assert log[4]["prune_ratio"] == pytest.approx(1 - sum(r["samples_trained"] for r in log) / (5 * 192))
     state = load_ckpt(straight, 2)["pruning"]["strategy"]
     assert (state["weights"] > 1).any(), "histogram matching up-weighted nothing"
+    # TensorBoard: per-step loss against epoch_1000x, per-epoch scalars, the CLD histogram and the figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(straight, size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert {"train_loss", "lr", "epoch/prune_ratio", "epoch/d3p_trimmed"} <= set(tags["scalars"])
+    assert "d3p/cld" in tags["histograms"] and "d3p/decision" in tags["images"]
+    assert [e.step for e in events.Scalars("train_loss")][:2] == [0, int(1000 / 6)]
     # resume mid-cycle (after spec epoch 3) gives the same later decision and weights
     os.makedirs(resumed)
     shutil.copy(os.path.join(straight, "checkpoint-2.pth"), resumed)
