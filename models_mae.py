@@ -132,15 +132,21 @@ class MaskedAutoencoderViT(nn.Module):
         return x_visible, mask, ids_restore
 
     # ------------------------------------------------------------ forward
+    def _with_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L', D] patch tokens -> [N, 1+L', D] with the cls token (and its position) in front."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat((cls, x), dim=1)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
         """imgs [N, C, H, W] -> (latent [N, 1+L_keep, D], mask [N, L], ids_restore [N, L])."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self._encode(self._with_cls(x)), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [N, 1+L_keep, D] -> predicted patches [N, L, p*p*C]."""
@@ -179,11 +185,7 @@ class MaskedAutoencoderViT(nn.Module):
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """Unmasked encoder features, mean-pooled over patch tokens: imgs [N, C, H, W] -> [N, D]."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 1:, :].mean(dim=1)
+        return self._encode(self._with_cls(x))[:, 1:, :].mean(dim=1)
 
 
 _ln = partial(nn.LayerNorm, eps=1e-6)
