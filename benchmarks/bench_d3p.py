@@ -14,7 +14,8 @@ Columns:
                   set_epoch(e) + len() (no list(iter(...))), best of `repeats`.
   state_B/sample  bytes per sample of the state D3P keeps between epochs, summed from the
                   nbytes of the actual arrays: loss window (n x float32), per-epoch loss sum
-                  (float64) and count (int32), pruned (bool), weights (float32).
+                  (float64) and count (int32), pruned (bool), weights (float32), and the
+                  controller's trained-epoch counts (int32, for d3p.export --counts).
   peak_B/sample   tracemalloc peak of one decide() call (its extra allocations: CLD, masks,
                   bin ids, the grouping argsort, the returned arrays) per sample; a separate
                   run, so tracing overhead does not pollute decide_s.
@@ -57,7 +58,8 @@ def state_bytes_per_sample(window: np.ndarray, decision) -> float:
     N = window.shape[1]
     loss_sum = np.zeros(N, dtype=np.float64)  # the epoch being recorded (EpochLosses.loss_sum)
     count = np.zeros(N, dtype=np.int32)  # EpochLosses.count
-    arrays = [window, loss_sum, count, decision.pruned, decision.weights]
+    trained_counts = np.zeros(N, dtype=np.int32)  # PruningController.trained_counts
+    arrays = [window, loss_sum, count, decision.pruned, decision.weights, trained_counts]
     return sum(a.nbytes for a in arrays) / N
 
 

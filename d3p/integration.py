@@ -49,8 +49,10 @@ def build_strategy(args, num_samples: int, min_kept: int = 1) -> PruningStrategy
     if method == "d2":
         from d3p.static import D2Pruning
 
+        # the exact k-NN is O(N^2 D): run it on the training device (minutes on a GPU at ImageNet scale)
         return D2Pruning(num_samples, args.static_warmup_epochs, args.prune_ratio, args.d2_neighbors,
-                         args.d2_gamma, args.d2_mode, args.d2_sampling, seed=args.seed)
+                         args.d2_gamma, args.d2_mode, args.d2_sampling, seed=args.seed,
+                         knn_device=getattr(args, "device", None) or "cpu")
     raise ValueError(f"unknown --prune_method {method}; choose one of {', '.join(PRUNE_METHODS)}")
 
 
