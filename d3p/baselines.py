@@ -176,6 +176,27 @@ class _Base:
             )
 
 
+class _LossScored(_Base):
+    """Methods scored by each sample's latest training loss (InfoBatch, SeTa): the scores are their whole state."""
+
+    scores: np.ndarray
+    _hyper: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            **{k: getattr(self, k) for k in self._hyper},
+            "scores": torch.from_numpy(self.scores.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the scores; hyper-parameters stay those given to the constructor (the current flags)."""
+        self._check_state(state)
+        self.scores = state["scores"].numpy().astype(np.float64, copy=True)
+        self._last = None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Whole dataset
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +228,7 @@ class NoPruning(_Base):
 # ----------------------------------------------------------------------------------------------------------------
 # InfoBatch
 # ----------------------------------------------------------------------------------------------------------------
-class InfoBatch(_Base):
+class InfoBatch(_LossScored):
     """InfoBatch (Qin et al., ICLR 2024), epoch-level version of spec section 10.
 
     score[i] = latest training loss of i (float64 [N]); all equal at the start, so epoch 0 keeps everything.
@@ -218,6 +239,7 @@ class InfoBatch(_Base):
     """
 
     name = "infobatch"
+    _hyper = ("num_epochs", "prune_ratio", "delta", "seed")
 
     def __init__(
         self, num_samples: int, num_epochs: int, prune_ratio: float = 0.5, delta: float = 0.875, seed: int = 0
@@ -278,28 +300,12 @@ class InfoBatch(_Base):
             "infobatch_scores_updated": updated,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "num_samples": self.num_samples,
-            "num_epochs": self.num_epochs,
-            "prune_ratio": self.prune_ratio,
-            "delta": self.delta,
-            "seed": self.seed,
-            "scores": torch.from_numpy(self.scores.copy()),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the scores; hyper-parameters stay those given to the constructor (the current flags)."""
-        self._check_state(state)
-        self.scores = state["scores"].numpy().astype(np.float64, copy=True)
-        self._last = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # SeTa
 # ----------------------------------------------------------------------------------------------------------------
-class SeTa(_Base):
+class SeTa(_LossScored):
     """SeTa (Zhou et al., CVPR 2025), spec section 10.
 
     Epoch e < ceil(delta*E) (the t-th pruned epoch, t = e): a uniform random subset of round((1-r)*N) samples is
@@ -315,6 +321,7 @@ class SeTa(_Base):
     """
 
     name = "seta"
+    _hyper = ("num_epochs", "prune_ratio", "groups", "window_scale", "delta", "seed")
 
     def __init__(
         self,
@@ -399,24 +406,6 @@ class SeTa(_Base):
             )
         return log
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "num_samples": self.num_samples,
-            "num_epochs": self.num_epochs,
-            "prune_ratio": self.prune_ratio,
-            "groups": self.groups,
-            "window_scale": self.window_scale,
-            "delta": self.delta,
-            "seed": self.seed,
-            "scores": torch.from_numpy(self.scores.copy()),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the scores; hyper-parameters stay those given to the constructor (the current flags)."""
-        self._check_state(state)
-        self.scores = state["scores"].numpy().astype(np.float64, copy=True)
-        self._last = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

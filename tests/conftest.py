@@ -1,4 +1,5 @@
 """Shared test helpers. Importing `util` first makes torchvision/timm importable on CPU-only torch."""
+import json
 import os
 import socket
 import subprocess
@@ -34,3 +35,13 @@ def run_torchrun(nproc: int, args: list[str], timeout: int = 600, extra: list[st
     cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]
     return run_script(cmd, timeout=timeout)
+
+
+def read_log(run_dir: str) -> list[dict]:
+    """The JSON lines of RUN_DIR/log.txt."""
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_ckpt(run_dir: str, epoch: int) -> dict:
+    return torch.load(os.path.join(run_dir, f"checkpoint-{epoch}.pth"), map_location="cpu", weights_only=True)

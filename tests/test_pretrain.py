@@ -8,22 +8,13 @@ import pytest
 import torch
 
 import main_pretrain_d3p
-from conftest import run_torchrun
+from conftest import load_ckpt, read_log, run_torchrun
 from engine_pretrain import train_one_epoch, weighted_batch_loss
 
 BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
         "--blr", "1e-3", "--print_freq", "3"]
 # spec epochs 1,2 record, decide at 2; 3 trains pruned; 4,5 record (forward-only pass) and 5 decides
 SHORT_D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "3", "--d3p_window", "2", "--d3p_bins", "16"]
-
-
-def read_log(d):
-    with open(os.path.join(d, "log.txt")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_ckpt(d, epoch):
-    return torch.load(os.path.join(d, f"checkpoint-{epoch}.pth"), map_location="cpu", weights_only=True)
 
 
 def test_weighted_batch_loss_rules():

@@ -1,5 +1,4 @@
 """Faults a week-long run must survive: signals, killed workers, bad input, NaN, mismatched resumes."""
-import json
 import os
 import shutil
 
@@ -9,24 +8,15 @@ import torch
 from PIL import Image
 
 import main_pretrain_d3p
-from conftest import run_script, run_torchrun
+from conftest import load_ckpt, read_log, run_script, run_torchrun
 
 BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "128", "--warmup_epochs", "1",
         "--blr", "1e-3", "--print_freq", "1", "--save_every", "1"]
 D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
 
 
-def read_log(d):
-    with open(os.path.join(d, "log.txt")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def ckpt(d, epoch):
-    return torch.load(os.path.join(d, f"checkpoint-{epoch}.pth"), map_location="cpu", weights_only=True)
-
-
 def assert_same_run(a_dir, b_dir, epoch):
-    a, b = ckpt(a_dir, epoch), ckpt(b_dir, epoch)
+    a, b = load_ckpt(a_dir, epoch), load_ckpt(b_dir, epoch)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ"
     sa, sb = a["pruning"]["strategy"], b["pruning"]["strategy"]
     for key in ("pruned", "weights"):
@@ -69,7 +59,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path):
     assert "at epoch 1, step 2" in res.stderr and "last checkpoint" in res.stderr
     assert sorted(os.listdir(out)).count("checkpoint-0.pth") == 1
     assert not os.path.exists(os.path.join(out, "checkpoint-1.pth"))
-    assert torch.isfinite(ckpt(out, 0)["model"]["blocks.0.attn.qkv.weight"]).all()
+    assert torch.isfinite(load_ckpt(out, 0)["model"]["blocks.0.attn.qkv.weight"]).all()
     assert [r["epoch"] for r in read_log(out)] == [0]
 
 
