@@ -1,6 +1,7 @@
 """Shared test helpers. Importing `util` first makes torchvision/timm importable on CPU-only torch."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,15 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(args: list[str], timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(args: list[str], timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Run a python entry script of the repo in a subprocess (CPU, one thread per process)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # own process group: on a timeout the launcher AND its workers are killed, none lingers
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(args[:3])} timed out after {timeout} s (hang?)\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_torchrun(nproc: int, args: list[str], timeout: int = 600, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, args: list[str], timeout: int = 300, extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone`-style launch on loopback with a free port (gloo on CPU)."""
     cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]

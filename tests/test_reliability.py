@@ -158,17 +158,17 @@ def test_incompatible_flags_are_rejected(flags, message, capsys, tmp_path):
 
 
 def test_killed_worker_restarts_elastically_and_matches_uninterrupted(tmp_path):
-    """SIGKILL of rank 1 mid-epoch under torchrun --max-restarts=3: the job restarts itself and
+    """SIGKILL of rank 1 mid-epoch under torchrun --max-restarts=1: the job restarts itself once and
     resumes from its last checkpoint; decisions, ledger and weights equal an uninterrupted run.
-    More than one restart is allowed: on a loaded 2-core machine gloo's reconnection right after
-    a kill sometimes times out, which costs one more restart (and, as in production, no work)."""
+    (Before util.dist scoped the store's keys per attempt, the restarted ranks could read the dead
+    attempt's addresses and hang in gloo's connectFullMesh.)"""
     common = [*BASE, *D3P, "--train_subset", "126", "--epochs", "4", "--auto_resume"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     res = run_torchrun(2, ["main_pretrain_d3p.py", *common, "--output_dir", ref])
     assert res.returncode == 0, res.stderr[-3000:]
     os.environ["FAULT"] = "sigkill:2:1:1"
     try:
-        res = run_torchrun(2, ["tests/fault_runner.py", *common, "--output_dir", out], extra=["--max-restarts=3"])
+        res = run_torchrun(2, ["tests/fault_runner.py", *common, "--output_dir", out], extra=["--max-restarts=1"])
     finally:
         del os.environ["FAULT"]
     assert res.returncode == 0, res.stderr[-3000:]

@@ -95,8 +95,10 @@ def _same_dir(a: str, b: str) -> bool:
 
 def _find_downstream(pre_dir: str, mode: str) -> tuple[str, dict[str, Any]] | None:
     """The `mode` ('finetune' | 'linprobe') summary paired with the pre-training folder pre_dir."""
-    pre_dir = pre_dir.rstrip("/") or "/"
-    parent, base = os.path.split(os.path.abspath(pre_dir))
+    pre_dir = os.path.normpath(pre_dir)
+    parent, base = os.path.split(pre_dir)
+    if base in ("", "."):  # "." (or "/"): look at the real folder name
+        parent, base = os.path.split(os.path.abspath(pre_dir))
     candidates = [os.path.join(pre_dir, mode, "summary.json")]
     if base == "pretrain":
         candidates.append(os.path.join(parent, mode, "summary.json"))

@@ -88,15 +88,33 @@ def init_distributed_mode(args) -> None:
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     args.dist_backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30))
     dist.init_process_group(
         backend=args.dist_backend,
-        init_method="env://",
+        store=_store_of_this_attempt(args, timeout),
         world_size=args.world_size,
         rank=args.rank,
-        timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30)),
+        timeout=timeout,
     )
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend})", force=True)
     dist.barrier()
+
+
+def _store_of_this_attempt(args, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous key-value store, with keys scoped to this elastic attempt.
+
+    Why: after torchrun restarts the workers (--max_restarts), the agent's store can still hold the
+    previous attempt's process-group keys; a new rank that reads a dead peer's address then fails
+    ("Connection refused") or waits forever in gloo's connectFullMesh. A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) makes every attempt start from fresh keys.
+    """
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        host, port, args.world_size, is_master=not agent_hosts_store and args.rank == 0, timeout=timeout,
+    )
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce_mean(value: float) -> float:
