@@ -143,4 +143,7 @@ class PruningController:
             )
         self.strategy.load_state_dict(state["strategy"])
         self.ledger.load_state_dict(state["ledger"])
-        self.trained_counts = state["trained_counts"].numpy().astype(np.int32).copy()
+        counts = state.get("trained_counts")  # absent in checkpoints of early versions of this fork
+        if counts is None:
+            counts = torch.zeros(self.num_samples, dtype=torch.int32)
+        self.trained_counts = counts.numpy().astype(np.int32).copy()

@@ -117,6 +117,7 @@ def _find_downstream(pre_dir: str, mode: str) -> tuple[str, dict[str, Any]] | No
 
 def load_run(folder: str) -> Run | None:
     """The Run of an arm folder or a pre-training folder; None (with a note) when nothing finished yet."""
+    folder = os.path.normpath(folder)
     arm_pre = os.path.join(folder, "pretrain", "summary.json")
     own = os.path.join(folder, "summary.json")
     own_data = _read(own) or {}
