@@ -22,8 +22,20 @@ def synthetic_loss(index: np.ndarray, epoch: int) -> np.ndarray:
     return base * (1 + noise)
 
 
+_reduced_elements: list[int] = []  # elements all-reduced, one entry per call
+
+
+def _counting_all_reduce(tensor, *args, **kwargs):
+    _reduced_elements.append(tensor.numel())
+    return _real_all_reduce(tensor, *args, **kwargs)
+
+
+_real_all_reduce = dist.all_reduce
+
+
 def main(out_dir: str, diverge: bool) -> int:
     dist.init_process_group("gloo")
+    dist.all_reduce = _counting_all_reduce  # test harness only: measure what the controller reduces
     rank, world = dist.get_rank(), dist.get_world_size()
     n = 3001
     sched = D3PSchedule(start=2, period=2, window=2, epochs=4)
@@ -32,7 +44,9 @@ def main(out_dir: str, diverge: bool) -> int:
     controller = PruningController(strategy, PrunedDistributedSampler(n, world, rank, seed=0),
                                    PrunedDistributedSampler(n, world, rank, seed=1))
     try:
+        reduced_per_epoch = []
         for epoch in range(4):
+            before = len(_reduced_elements)
             plan = controller.begin_epoch(epoch)
             recorder = controller.new_recorder()
             if recorder is not None:
@@ -42,12 +56,14 @@ def main(out_dir: str, diverge: bool) -> int:
                     idx = np.fromiter(iter(sampler), dtype=np.int64)
                     recorder.record(torch.from_numpy(idx), torch.from_numpy(synthetic_loss(idx, epoch)))
             controller.end_epoch(epoch, recorder)
+            reduced_per_epoch.append(_reduced_elements[before:])
         plan = controller.begin_epoch(4 - 1)
     except RankDivergenceError as exc:
         print(f"rank {rank}: {exc}", flush=True)
         return 3
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), pruned=strategy.pruned, weights=strategy.weights,
-             fingerprint=np.array([check_ranks_agree(plan, 99)]))
+             fingerprint=np.array([check_ranks_agree(plan, 99)]),
+             reduced=np.array([sum(r) for r in reduced_per_epoch]), calls=np.array([len(r) for r in reduced_per_epoch]))
     dist.destroy_process_group()
     return 0
 

@@ -79,6 +79,8 @@ def test_decisions_identical_on_two_gloo_ranks(tmp_path):
     r0, r1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     assert np.array_equal(r0["pruned"], r1["pruned"]) and np.array_equal(r0["weights"], r1["weights"])
     assert r0["fingerprint"][0] == r1["fingerprint"][0]
+    # the losses cross the ranks once per epoch: one sum and one count vector of N elements each
+    assert r0["calls"].tolist() == [2, 2, 2, 2] and r0["reduced"].tolist() == [2 * N] * 4
     # and equal to a single process that saw every loss itself
     single = drive(make(7), 4)
     assert np.array_equal(single.pruned, r0["pruned"]) and np.array_equal(single.weights, r0["weights"])
