@@ -63,12 +63,8 @@ class D3P:
             return {}
         if losses is None:
             raise RuntimeError(f"D3P needs the losses of recording epoch {epoch}")
-        unseen = int((~losses.seen).sum())
-        if unseen:
-            raise RuntimeError(
-                f"epoch {epoch}: {unseen} samples got no loss in a recording epoch; the forward-only pass "
-                "over pruned samples must cover them (sampler/plan mismatch)"
-            )
+        # losses.mean is NaN for a sample that got no loss: only an image replaced as unreadable
+        # (--skip_corrupt) can miss one, since the forward-only pass covers every pruned sample
         self.window[self.schedule.window_slot(epoch)] = losses.mean.astype(np.float32)
         if not self.schedule.is_decision(epoch):
             return {}
@@ -77,15 +73,25 @@ class D3P:
     def _decide(self, epoch: int) -> dict[str, Any]:
         from d3p.stats import decide
 
+        scored = np.isfinite(self.window).all(axis=0)  # samples with a loss in every window epoch
+        unscored = int(self.num_samples - scored.sum())
+        window = self.window if not unscored else self.window[:, scored]
         decision = decide(
-            self.window,  # float32; decide() works in float64 without copying the (n, N) window
+            window,  # float32; decide() works in float64 without copying the (n, N) window
             bins=self.bins,
             quantile=self.quantile,
             rng=epoch_rng(self.seed, epoch, _DECISION_RNG),
             min_kept=self.min_kept,
         )
-        self.pruned = decision.pruned.astype(bool)
-        self.weights = decision.weights.astype(np.float32)
+        if unscored:
+            # a sample without a CLD cannot be placed against the ideal law: it is pruned (and counted)
+            self.pruned = ~scored
+            self.pruned[scored] = decision.pruned
+            self.weights = np.ones(self.num_samples, dtype=np.float32)
+            self.weights[scored] = decision.weights
+        else:
+            self.pruned = decision.pruned.astype(bool)
+            self.weights = decision.weights.astype(np.float32)
         self.decisions += 1
         self.last_decision = decision
         log = {
@@ -97,6 +103,7 @@ class D3P:
             # null when no support exists (nothing pruned): log.txt stays strict JSON
             "d3p_support": [None if np.isnan(v) else float(v) for v in decision.support],
             "d3p_decision_pruned": int(self.pruned.sum()),
+            "d3p_unscored": unscored,
             "d3p_seconds": float(decision.seconds),
         }
         if decision.reason:

@@ -116,3 +116,21 @@ def test_a_decision_never_leaves_less_than_min_kept():
     log = _feed_constant_window(s, values)
     assert log["d3p_restored"] > 0
     assert int((~s.pruned).sum()) == 256 and "restored" in log["d3p_note"]
+
+
+def test_samples_without_a_loss_are_pruned_and_counted():
+    """An unreadable image replaced under --skip_corrupt never gets a loss: it cannot be scored."""
+    s, missing = make(), np.array([5, 17, 2000])
+    for epoch in range(2):
+        s.plan_epoch(epoch)
+        count = np.ones(N, dtype=np.int32)
+        count[missing] = 0
+        loss_sum = synthetic_loss(np.arange(N), epoch) * count
+        log = s.end_epoch(epoch, EpochLosses(loss_sum, count))
+    assert log["d3p_unscored"] == 3 and s.pruned[missing].all()
+    assert (s.weights[missing] == 1).all()
+    # the others are decided exactly as without the missing samples
+    ref = drive(make(), 2)
+    keep = np.setdiff1d(np.arange(N), missing)
+    assert 0 < s.pruned[keep].sum() < keep.size and s.pruned.sum() > 3
+    assert abs(int(s.pruned[keep].sum()) - int(ref.pruned.sum())) <= 0.02 * N
