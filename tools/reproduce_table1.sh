@@ -2,7 +2,7 @@
 # Reproduce Table 1 of the D3P paper: every arm pre-trains with the same epochs and seeds, then is fine-tuned and
 # linearly probed, then tools/make_table.py prints the table.
 #
-#   tools/reproduce_table1.sh                          CPU: the embedded digits, tiny model (~21 min, 2 cores)
+#   tools/reproduce_table1.sh                          CPU: the embedded digits, tiny model (21-25 min, 2 cores)
 #   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh   the paper's recipe, arm by arm through train_d3p.sh
 #
 # Variables: OUT (./output_table1), SEEDS ("0"), ARMS (all: none infobatch seta d3p random dynunc d2, plus scratch
@@ -18,7 +18,7 @@
 #
 # Digits sizing (measured on this 2-core machine while it was shared, load ~3; one thread per process, 16x16
 # inputs, 2 lanes): whole-data pre-training 30 epochs 271 s (7-10 s/epoch; ~4 s/epoch when the cores are idle),
-# fine-tuning 10 epochs ~160 s, linear probe 10 epochs ~40 s; all 8 arms of one seed: 1,261 s (21 min) wall.
+# fine-tuning 10 epochs ~160 s, linear probe 10 epochs ~40 s; all 8 arms of one seed: 1,261 s (21 min) wall; LANES=1 on an idle machine: 1,495 s (25 min).
 # The digits are 8x8 scans, so 16x16 inputs lose nothing and cost a quarter of 32x32 (16 vs 64 patches).
 # Choices: 30 pre-training epochs (D3P decides at epochs 3, 8, ..., 28: s=3, p=5, n=2; 32 bins for N=1,500),
 # static warm-up J=5, the other flags at their defaults (r=0.5, delta=0.875); fine-tune 10 epochs (blr 5e-3, no
