@@ -80,6 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, summary.json")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     g.add_argument("--save_every", default=20, type=int, help="checkpoint every N epochs, plus the last")
+    g.add_argument("--keep_last", default=0, type=int,
+                   help="keep only the newest K epoch checkpoints (0: keep all, as MAE; ViT-B: ~1.3 GB each)")
     g.add_argument("--resume", default="", help="checkpoint to resume from")
     g.add_argument("--auto_resume", action="store_true", help="resume from the newest complete checkpoint in --output_dir")
     g.add_argument("--start_epoch", default=0, type=int)
@@ -129,6 +131,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         problems.append(f"--delta must lie in (0, 1], got {args.delta}")
     if not 0.0 <= args.mask_ratio < 1.0:
         problems.append(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
+    if args.keep_last < 0:
+        problems.append(f"--keep_last must be >= 0, got {args.keep_last}")
     if args.train_subset < 0:
         problems.append(f"--train_subset must be >= 0, got {args.train_subset}")
     for name in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq"):
@@ -338,6 +342,9 @@ def main(args: argparse.Namespace) -> int:
             state = training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
             ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
             ckpt_util.remove_superseded_partials(args.output_dir, epoch)
+            if args.keep_last:
+                saved = [e for e in range(epoch + 1) if (e + 1) % args.save_every == 0 or e == epoch]
+                ckpt_util.prune_old_checkpoints(args.output_dir, keep=set(saved[-args.keep_last:]))
             barrier()
         if stop_now:
             print(f"stopped by signal after epoch {epoch}; resume with --auto_resume", force=True)

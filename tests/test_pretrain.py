@@ -75,6 +75,9 @@ def test_resume_equals_straight_run(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     common = [*BASE, "--prune_method", "none", "--epochs", "2", "--save_every", "1"]
     assert main_pretrain_d3p.cli([*common, "--output_dir", straight]) == 0
+    pruned = str(tmp_path / "keep_last")
+    assert main_pretrain_d3p.cli([*common, "--epochs", "3", "--keep_last", "2", "--output_dir", pruned]) == 0
+    assert sorted(f for f in os.listdir(pruned) if f.endswith(".pth")) == ["checkpoint-1.pth", "checkpoint-2.pth"]
     os.makedirs(resumed)
     shutil.copy(os.path.join(straight, "checkpoint-0.pth"), resumed)
     assert main_pretrain_d3p.cli([*common, "--output_dir", resumed, "--auto_resume"]) == 0
@@ -173,3 +176,15 @@ def test_static_methods_select_once_and_charge_the_warmup(tmp_path, method):
     kept = np.load(os.path.join(out, "kept_static.npy"))
     state = load_ckpt(out, 2)["pruning"]["strategy"]
     assert kept.size == 96 and np.array_equal(kept, state["subset"].numpy())
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, capsys):
+    out = str(tmp_path / "bf16")
+    args = [*BASE, "--prune_method", "none", "--epochs", "1", "--train_subset", "64", "--precision", "bf16",
+            "--output_dir", out]
+    assert main_pretrain_d3p.cli(args) == 0
+    (rec,) = read_log(out)
+    assert np.isfinite(rec["train_loss"]) and rec["optimizer_steps"] == 2
+    # fp16 needs CUDA (GradScaler): refused with the fix on a CPU machine
+    assert main_pretrain_d3p.cli([*args[:-1], str(tmp_path / "fp16"), "--precision", "fp16", "--device", "cpu"]) == 1
+    assert "--precision fp16 needs CUDA" in capsys.readouterr().err
