@@ -181,6 +181,22 @@ class _LossScored(_Base):
 
     scores: np.ndarray
     _hyper: tuple[str, ...] = ()
+    _last: tuple[int, dict[str, Any]] | None = None  # (epoch, statistics of its plan)
+
+    def _plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
+        raise NotImplementedError
+
+    def plan_epoch(self, epoch: int) -> EpochPlan:
+        plan, stats = self._plan_with_stats(epoch)
+        self._last = (epoch, stats)
+        return plan
+
+    def _stats_of(self, epoch: int) -> dict[str, Any]:
+        """The statistics of `epoch`'s plan; recomputed after a resume (the plan is a pure function of
+        the scores before this epoch's update, the seed and the epoch)."""
+        if self._last is None or self._last[0] != epoch:
+            self._last = (epoch, self._plan_with_stats(epoch)[1])
+        return self._last[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -277,18 +293,10 @@ class InfoBatch(_LossScored):
         )
         return plan, {"below_mean": int(below.sum()), "pruned": int(pruned.sum()), "annealing": False}
 
-    def plan_epoch(self, epoch: int) -> EpochPlan:
-        plan, stats = self._plan_with_stats(epoch)
-        self._last = (epoch, stats)
-        return plan
-
     def end_epoch(
         self, epoch: int, losses: EpochLosses | None, embeddings: np.ndarray | None = None
     ) -> dict[str, Any]:
-        if self._last is None or self._last[0] != epoch:
-            # e.g. after a resume: the plan is a pure function of (scores before this update, seed, epoch).
-            self._last = (epoch, self._plan_with_stats(epoch)[1])
-        stats = self._last[1]
+        stats = self._stats_of(epoch)
         updated = update_scores(self.scores, losses)
         n = self.num_samples
         return {
@@ -378,17 +386,10 @@ class SeTa(_LossScored):
         stats["kept"] = int(kept.size)
         return EpochPlan(kept=kept, record_losses=True), stats
 
-    def plan_epoch(self, epoch: int) -> EpochPlan:
-        plan, stats = self._plan_with_stats(epoch)
-        self._last = (epoch, stats)
-        return plan
-
     def end_epoch(
         self, epoch: int, losses: EpochLosses | None, embeddings: np.ndarray | None = None
     ) -> dict[str, Any]:
-        if self._last is None or self._last[0] != epoch:
-            self._last = (epoch, self._plan_with_stats(epoch)[1])
-        stats = self._last[1]
+        stats = self._stats_of(epoch)
         update_scores(self.scores, losses)
         n = self.num_samples
         log: dict[str, Any] = {
