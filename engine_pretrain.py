@@ -9,7 +9,7 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p.recorder import LossRecorder
-from util.dist import all_reduce_mean, get_world_size
+from util.dist import all_reduce_mean, all_reduce_sum, any_rank, collective_device, is_dist
 from util.metrics import MetricLogger
 
 
@@ -106,12 +106,13 @@ def train_one_epoch(
         samples = samples.to(device, non_blocking=True)
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
-        weights = None
+        weights = None  # built on the CPU, then one copy to the device
         if sample_weights is not None:
-            weights = sample_weights[index.clamp(min=0)].to(device, non_blocking=True)
-        if not bool(valid.all()):
-            w = valid.to(torch.float32) if weights is None else weights.cpu() * valid
-            weights = w.to(device, non_blocking=True)
+            weights = sample_weights[index.clamp(min=0)]
+        if not bool(valid.all()):  # a replaced image trains with weight 0
+            weights = valid.to(torch.float32) if weights is None else weights * valid
+        if weights is not None:
+            weights = weights.to(device, non_blocking=True)
 
         sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
@@ -155,23 +156,11 @@ def train_one_epoch(
         "grad_norm": all_reduce_mean(grad_norm),
         "optimizer_steps": optimizer_steps,
         "data_seconds": metric_logger.data_seconds,
-        "corrupt_replaced": int(round(all_reduce_mean(corrupt) * get_world_size())),
+        "corrupt_replaced": int(all_reduce_sum(corrupt)),
     }
     if log_writer is not None:
         log_writer.add_scalar("grad_norm", grad_norm, (epoch + 1) * 1000)
     return stats
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (a scalar all-reduce; only at sync points)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 @torch.no_grad()
@@ -212,30 +201,22 @@ def compute_embeddings(
 
     net = model.module if hasattr(model, "module") else model
     net.eval()
-    feats: np.ndarray | None = None
+    feats = np.zeros((num_samples, net.pos_embed.shape[-1]), dtype=np.float32)
     counts = np.zeros(num_samples, dtype=np.float32)
     seen = 0
     for samples, _, index in MetricLogger().log_every(data_loader, "Embeddings"):
         samples = samples.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             e = net.embed(samples).float().cpu().numpy()
-        if feats is None:
-            feats = np.zeros((num_samples, e.shape[1]), dtype=np.float32)
         idx = index.numpy()
         np.add.at(feats, idx, e)
         np.add.at(counts, idx, 1.0)
         seen += idx.size
     net.train(True)
-    if dist.is_available() and dist.is_initialized():
-        dim = torch.tensor([0 if feats is None else feats.shape[1]], dtype=torch.int64)
-        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-        if feats is None:
-            feats = np.zeros((num_samples, int(dim.item())), dtype=np.float32)
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        f, c = torch.from_numpy(feats).to(dev), torch.from_numpy(counts).to(dev)
+    if is_dist():
+        f, c = torch.from_numpy(feats).to(collective_device()), torch.from_numpy(counts).to(collective_device())
         dist.all_reduce(f)
         dist.all_reduce(c)
         feats, counts = f.cpu().numpy(), c.cpu().numpy()
-    assert feats is not None
     return feats / np.maximum(counts, 1.0)[:, None], seen
 

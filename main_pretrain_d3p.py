@@ -27,14 +27,14 @@ from d3p.integration import PRUNE_METHODS, PruningController, build_strategy
 from d3p.sampler import PrunedDistributedSampler
 from d3p.schedule import validate_schedule
 from d3p.distributed import RankDivergenceError, reduce_epoch_losses
-from engine_pretrain import NonFiniteLossError, any_rank, compute_embeddings, forward_only_pass, train_one_epoch
+from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
     DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, eval_transform, pretrain_transform,
     resolve_data_set,
 )
-from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:

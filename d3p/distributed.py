@@ -15,6 +15,8 @@ class RankDivergenceError(RuntimeError):
     pass
 
 
+# d3p is usable without this repository's util/ package, so it keeps these two three-line helpers
+# (util.dist.is_dist / collective_device are the engine's equivalents).
 def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

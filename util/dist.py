@@ -117,14 +117,27 @@ def _store_of_this_attempt(args, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def all_reduce_mean(value: float) -> float:
-    """Average a Python number over ranks (for logging)."""
+def all_reduce_sum(value: float) -> float:
+    """Sum a Python number over ranks (once per epoch, for logging and counting)."""
     if not is_dist():
         return value
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(value, dtype=torch.float64, device=backend_device)
+    t = torch.tensor(value, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return (t / get_world_size()).item()
+    return t.item()
+
+
+def all_reduce_mean(value: float) -> float:
+    """Average a Python number over ranks (for logging)."""
+    return all_reduce_sum(value) / get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a scalar all-reduce; call only at sync points)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def collective_device() -> torch.device:
