@@ -13,12 +13,11 @@ from typing import Iterable
 import util  # noqa: F401  (torchvision op schemas on CPU-only torch, before timm)
 
 import torch
-import torch.distributed as dist
 from timm.utils import accuracy
 
 from util import lr_sched
 from util.amp import autocast_dtype
-from util.dist import collective_device, is_dist
+from util.dist import all_reduce, is_dist, to_collective
 from util.metrics import MetricLogger, SmoothedValue
 
 
@@ -38,11 +37,9 @@ def _reduce_meters(metric_logger: MetricLogger) -> dict:
     t = torch.tensor(
         [[metric_logger.meters[n].total, metric_logger.meters[n].count] for n in names],
         dtype=torch.float64,
-        device=collective_device(),
     )
     if is_dist():
-        dist.all_reduce(t)
-    t = t.cpu()
+        t = all_reduce(to_collective(t)).cpu()
     return {n: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, n in enumerate(names)}
 
 
@@ -152,9 +149,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: t
             dtype=torch.float64,
         )
     if is_dist():
-        sums = sums.to(collective_device())
-        dist.all_reduce(sums)
-        sums = sums.cpu()
+        sums = all_reduce(to_collective(sums)).cpu()
     correct1, correct5, loss_sum, count = sums.tolist()
     if count == 0:
         raise RuntimeError("evaluation saw no samples on any rank: the val set is empty")

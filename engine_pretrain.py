@@ -9,7 +9,7 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p.recorder import LossRecorder
-from util.dist import all_reduce_mean, all_reduce_sum, any_rank, collective_device, is_dist
+from util.dist import all_reduce, all_reduce_mean, all_reduce_sum, any_rank, is_dist, to_collective
 from util.metrics import MetricLogger
 
 
@@ -197,8 +197,6 @@ def compute_embeddings(
     Each rank embeds its share; rows are summed across ranks (each row written by one rank, or
     averaged where padding repeated a sample).
     """
-    import torch.distributed as dist
-
     net = model.module if hasattr(model, "module") else model
     net.eval()
     feats = np.zeros((num_samples, net.pos_embed.shape[-1]), dtype=np.float32)
@@ -214,9 +212,7 @@ def compute_embeddings(
         seen += idx.size
     net.train(True)
     if is_dist():
-        f, c = torch.from_numpy(feats).to(collective_device()), torch.from_numpy(counts).to(collective_device())
-        dist.all_reduce(f)
-        dist.all_reduce(c)
-        feats, counts = f.cpu().numpy(), c.cpu().numpy()
+        feats = all_reduce(to_collective(torch.from_numpy(feats))).cpu().numpy()
+        counts = all_reduce(to_collective(torch.from_numpy(counts))).cpu().numpy()
     return feats / np.maximum(counts, 1.0)[:, None], seen
 

@@ -36,7 +36,7 @@ from util import checkpoint as ckpt_util
 from util import datasets as data_util
 from util import lr_decay
 from util.amp import ScaledOptimizerStep, autocast_dtype
-from util.dist import get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
 
@@ -632,6 +632,8 @@ def cli(argv=None, linprobe: bool = False) -> None:
     except FloatingPointError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":

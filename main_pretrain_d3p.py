@@ -34,7 +34,7 @@ from util.datasets import (
     DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, eval_transform, pretrain_transform,
     resolve_data_set,
 )
-from util.dist import any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -488,6 +488,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (DatasetError, NonFiniteLossError, RankDivergenceError, ValueError) as exc:
         print(f"error (rank {get_rank()}): {exc}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":

@@ -6,36 +6,21 @@ import hashlib
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from d3p.strategy import EpochLosses, EpochPlan
+from util.dist import all_gather, all_reduce, is_dist, to_collective
 
 
 class RankDivergenceError(RuntimeError):
     pass
 
 
-# d3p is usable without this repository's util/ package, so it keeps these two three-line helpers
-# (util.dist.is_dist / collective_device are the engine's equivalents).
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _device() -> torch.device:
-    if _is_dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def reduce_epoch_losses(loss_sum: np.ndarray, count: np.ndarray) -> EpochLosses:
     """Sum per-sample loss sums and counts over ranks: O(N) bytes, once per epoch."""
-    if not _is_dist():
+    if not is_dist():
         return EpochLosses(loss_sum=loss_sum, count=count)
-    dev = _device()
-    s = torch.from_numpy(loss_sum).to(dev)
-    c = torch.from_numpy(count).to(dev)
-    dist.all_reduce(s)
-    dist.all_reduce(c)
+    s = all_reduce(to_collective(torch.from_numpy(loss_sum)))
+    c = all_reduce(to_collective(torch.from_numpy(count)))
     return EpochLosses(loss_sum=s.cpu().numpy(), count=c.cpu().numpy())
 
 
@@ -52,12 +37,9 @@ def plan_fingerprint(plan: EpochPlan) -> int:
 def check_ranks_agree(plan: EpochPlan, epoch: int) -> int:
     """All-gather the plan's fingerprint; raise if any rank would train on other data."""
     fp = plan_fingerprint(plan)
-    if not _is_dist():
+    if not is_dist():
         return fp
-    t = torch.tensor([fp], dtype=torch.int64, device=_device())
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    prints = [int(x.item()) for x in out]
+    prints = [int(x.item()) for x in all_gather(to_collective(torch.tensor([fp], dtype=torch.int64)))]
     if len(set(prints)) != 1:
         raise RankDivergenceError(
             f"epoch {epoch}: ranks disagree on the pruning plan (fingerprints {prints}). Training stops rather "

@@ -10,6 +10,8 @@ import util  # noqa: F401
 
 import torch
 
+from util.dist import STRICT_COLLECTIVES_ENV
+
 # One thread per process: in-process runs then match the subprocess runs (OMP_NUM_THREADS=1) bit
 # for bit, and 2-process torchrun tests do not oversubscribe a 2-core machine.
 torch.set_num_threads(1)
@@ -41,10 +43,14 @@ def run_script(args: list[str], timeout: int = 300, env_extra: dict | None = Non
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: int = 300, extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone`-style launch on loopback with a free port (gloo on CPU)."""
+    """`torchrun --standalone`-style launch on loopback with a free port (gloo on CPU).
+
+    Strict collectives (util/dist.py): every collective refuses a tensor that NCCL would refuse, so these
+    CPU runs catch "a CPU tensor passed to an NCCL collective" too.
+    """
     cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]
-    return run_script(cmd, timeout=timeout)
+    return run_script(cmd, timeout=timeout, env_extra={STRICT_COLLECTIVES_ENV: "1"})
 
 
 def read_log(run_dir: str) -> list[dict]:

@@ -2,17 +2,31 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 
-def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
-    """`--precision`: auto -> bf16 on CUDA when supported (else fp16), fp32 on CPU; None = no autocast."""
+def native_bf16() -> bool:
+    """True when the current CUDA device computes bf16 in hardware (compute capability >= 8.0, or ROCm).
+
+    torch's `is_bf16_supported()` also answers True where bf16 is only emulated (V100, T4: several times
+    slower, and no bf16 convolution kernels below sm80), so emulation is excluded explicitly.
+    """
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def autocast_dtype(
+    precision: str, device: str, bf16_supported: Callable[[], bool] = native_bf16
+) -> torch.dtype | None:
+    """`--precision`: auto -> bf16 on CUDA with native bf16 (A100, H100, ...), fp16 + GradScaler on older
+    GPUs (V100, T4), fp32 on CPU; None = no autocast. `bf16_supported` is the hardware query (a parameter so
+    the choice can be tested without a GPU)."""
     on_cuda = device.startswith("cuda")
     if precision == "auto":
         if not on_cuda:
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if bf16_supported() else torch.float16
     if precision == "fp32":
         return None
     if precision == "bf16":

@@ -10,9 +10,8 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from util.dist import get_rank, get_world_size, is_dist, is_main_process
+from util.dist import all_gather_object, get_rank, get_world_size, is_main_process
 
 # checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
 class ResumeMismatchError(ValueError):
@@ -71,12 +70,7 @@ def set_rng_state(state: dict) -> None:
 
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG state, gathered on all ranks (once per checkpoint, not per step)."""
-    mine = rng_state()
-    if not is_dist():
-        return [mine]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
+    return all_gather_object(rng_state())
 
 
 def restore_rng_states(states: list[dict]) -> None:
@@ -98,12 +92,7 @@ def replica_checksums(model: torch.nn.Module) -> list[str]:
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    mine = h.hexdigest()
-    if not is_dist():
-        return [mine]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, mine)
-    return out
+    return all_gather_object(h.hexdigest())
 
 
 def checkpoint_path(output_dir: str, epoch: int, step: int | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import builtins
 import datetime
 import os
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,43 @@ def resolve_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def task_gpu(local_id: int, visible_gpus: int) -> int:
+    """The CUDA device index of a SLURM task with node-local id `local_id` (SLURM_LOCALID, 0..tasks per node - 1).
+
+    With all of a node's GPUs visible to every task the index is the local id; with one GPU bound per task
+    (`--gpus-per-task=1`, `--gpu-bind=single:1`) each task sees one device, index 0, and `local_id` does not
+    exist. The local id modulo the visible count is right in both layouts (no GPU visible: the local id).
+    """
+    return local_id % visible_gpus if visible_gpus > 0 else local_id
+
+
+def launch_ranks(env: Mapping[str, str], visible_gpus: int) -> tuple[int, int, int] | None:
+    """(rank, world size, local CUDA device index) from the launcher's variables; None = not launched.
+
+    torchrun: RANK, WORLD_SIZE, LOCAL_RANK. SLURM without torchrun (srun): SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, mapped to a visible device by `task_gpu`.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        return rank, world, task_gpu(int(env.get("SLURM_LOCALID", rank)), visible_gpus)
+    return None
+
+
+def device_kwargs(use_cuda: bool, gpu: int) -> dict:
+    """Extra `init_process_group` arguments: on CUDA, bind the group to this rank's GPU (`device_id`), so NCCL
+    connects eagerly on the right device and `barrier()` does not guess the device; gloo takes none."""
+    return {"device_id": torch.device("cuda", gpu)} if use_cuda else {}
+
+
+def cleanup() -> None:
+    """Leave the process group at exit (every entry script calls it in a `finally`): NCCL frees its
+    communicators in order instead of at interpreter teardown, where it can hang or warn."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
 def init_distributed_mode(args) -> None:
     """Read rank/world size from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM, and join the group.
 
@@ -59,20 +97,16 @@ def init_distributed_mode(args) -> None:
     One process on its own (no env vars) runs undistributed.
     """
     args.device = resolve_device(getattr(args, "device", None))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = int(os.environ.get("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1)))
-        os.environ.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError(
-                "SLURM run without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
-                "$SLURM_JOB_NODELIST | head -n 1) in the batch script"
-            )
+    launch = launch_ranks(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if launch is not None:
+        args.rank, args.world_size, args.gpu = launch
+        if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # SLURM without torchrun
+            os.environ.setdefault("MASTER_PORT", "29500")
+            if "MASTER_ADDR" not in os.environ:
+                raise RuntimeError(
+                    "SLURM run without MASTER_ADDR: export MASTER_ADDR=$(scontrol show hostnames "
+                    "$SLURM_JOB_NODELIST | head -n 1) in the batch script"
+                )
     else:
         print("Not using distributed mode")
         args.distributed = False
@@ -95,6 +129,7 @@ def init_distributed_mode(args) -> None:
         world_size=args.world_size,
         rank=args.rank,
         timeout=timeout,
+        **device_kwargs(use_cuda, args.gpu),
     )
     print(f"| distributed init (rank {args.rank}/{args.world_size}, backend {args.dist_backend})", force=True)
     dist.barrier()
@@ -117,13 +152,109 @@ def _store_of_this_attempt(args, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+# ------------------------------------------------------------------------------------------ collectives
+# Every collective of this project goes through the wrappers below (a test greps for direct calls), and
+# every tensor they get must be placed with `to_collective`. NCCL accepts only tensors on this rank's GPU;
+# gloo on CPU accepts anything, so a CPU-only test could never see the bug "a CPU tensor passed to an NCCL
+# collective". Strict mode (D3P_STRICT_COLLECTIVES=1, set by the tests' torchrun runs) makes it visible:
+# `to_collective` tags the tensor as "on the collective device", the tag follows the tensor through
+# device-preserving ops (zeros_like, arithmetic, dtype casts) and is lost where NCCL's tensor would leave
+# the GPU (`.cpu()`, `.to(device)`), and the wrappers refuse untagged tensors.
+
+STRICT_COLLECTIVES_ENV = "D3P_STRICT_COLLECTIVES"
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor handed to a collective is not on the device the backend requires."""
+
+
+def strict_collectives() -> bool:
+    return os.environ.get(STRICT_COLLECTIVES_ENV, "0") == "1"
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The same storage as an ordinary tensor (drops the strict-mode tag)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.as_subclass(torch.Tensor)
+
+
+def _names_a_device(args: tuple, kwargs: dict) -> bool:
+    return "device" in kwargs or any(
+        isinstance(a, (torch.device, str, torch.Tensor)) or (isinstance(a, int) and not isinstance(a, bool)) for a in args
+    )
+
+
+class _OnCollectiveDevice(torch.Tensor):
+    """Strict mode's tag "placed on the collective device" (see above); ops on it keep the tag unless they
+    move the data (`.cpu()`, `.to(<device or tensor>)`), as NCCL's GPU tensor would leave the GPU there."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = super().__torch_function__(func, types, args, kwargs)
+        if func is torch.Tensor.cpu or (func is torch.Tensor.to and _names_a_device(args[1:], kwargs)):
+            return _plain(out)
+        return out
+
+
+def to_collective(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the device the active backend's collectives need (this rank's GPU under NCCL, else the CPU)."""
+    t = t.to(collective_device())
+    return t.as_subclass(_OnCollectiveDevice) if strict_collectives() else t
+
+
+def _check_placed(op: str, tensors: list[torch.Tensor]) -> None:
+    want = collective_device()
+    for t in tensors:
+        if t.device != want:
+            raise CollectiveDeviceError(
+                f"{op}: a tensor on {t.device}, but the {dist.get_backend()} backend needs {want}. "
+                "Fix: place it with util.dist.to_collective(tensor)"
+            )
+        if strict_collectives() and not isinstance(t, _OnCollectiveDevice):
+            raise CollectiveDeviceError(
+                f"{op}: a tensor ({tuple(t.shape)}, {t.dtype}) not placed with util.dist.to_collective "
+                f"({STRICT_COLLECTIVES_ENV}=1). Under NCCL it would be a CPU tensor and the collective would "
+                "fail on a GPU cluster. Fix: pass to_collective(tensor), and keep it there until the collective"
+            )
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of `t` (placed with `to_collective`) over ranks; returns `t`. op: sum, max, min."""
+    if not is_dist():
+        return t
+    _check_placed("all_reduce", [t])
+    dist.all_reduce(_plain(t), op=_REDUCE_OPS[op])
+    return t
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape on all ranks, placed with `to_collective`), in rank order."""
+    if not is_dist():
+        return [t]
+    _check_placed("all_gather", [t])
+    out = [torch.zeros_like(t) for _ in range(get_world_size())]
+    dist.all_gather([_plain(o) for o in out], _plain(t))
+    return out
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (torch places the bytes on the right device itself)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(value: float) -> float:
     """Sum a Python number over ranks (once per epoch, for logging and counting)."""
     if not is_dist():
         return value
-    t = torch.tensor(value, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(t)
-    return t.item()
+    return all_reduce(to_collective(torch.tensor(value, dtype=torch.float64))).item()
 
 
 def all_reduce_mean(value: float) -> float:
@@ -135,9 +266,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any rank (a scalar all-reduce; call only at sync points)."""
     if not is_dist():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce(to_collective(torch.tensor([1 if flag else 0], dtype=torch.int32)), op="max").item())
 
 
 def collective_device() -> torch.device:
