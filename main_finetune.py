@@ -311,11 +311,12 @@ def build_loaders(args):
 
 # ----------------------------------------------------------------------------------------- checkpoint
 def _load_foreign_checkpoint(path: str):
-    """Load a checkpoint with weights_only=True; MAE's own training checkpoints hold `args` as an
-    argparse.Namespace, which is allow-listed here (it is plain attribute data)."""
+    """Load a checkpoint as plain data (weights_only=True); MAE's own checkpoints, whose `args` is an
+    argparse.Namespace, load too (util.checkpoint.load_plain)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return ckpt_util.load_plain(path)
+    except ckpt_util.CheckpointFormatError as exc:
+        raise ConfigError(str(exc)) from exc
     except Exception as exc:
         raise ConfigError(
             f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. Fix: pass a torch checkpoint of plain "
@@ -399,7 +400,7 @@ def resume(args, model_without_ddp, optimizer, loss_scaler) -> float:
     """Load --resume (or the newest checkpoint with --auto_resume); returns the best accuracy so far."""
     if not args.resume:
         return 0.0
-    ckpt = ckpt_util.load_checkpoint(args.resume)
+    ckpt = _load_foreign_checkpoint(args.resume)
     try:
         model_without_ddp.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as exc:

@@ -190,3 +190,51 @@ def test_non_finite_loss_names_epoch_and_step():
     with pytest.raises(FloatingPointError, match=r"epoch 3, step 0"):
         engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, opt, torch.device("cpu"), 3,
                                         ScaledOptimizerStep(None, "cpu"), args=args)
+
+
+# ------------------------------------------------------------------------ MAE's own checkpoints (issue 9, 12)
+class _NotPlainData:
+    pass
+
+
+def _mae_style_checkpoint(path, args):
+    """What MAE's main_finetune.py saves: model, optimizer, epoch, scaler, and `args` as an argparse.Namespace."""
+    from util import lr_decay
+
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch4(num_classes=10, img_size=16)
+    groups = lr_decay.param_groups_lrd(model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75)
+    torch.save({"model": model.state_dict(), "optimizer": torch.optim.AdamW(groups, lr=1e-3).state_dict(),
+                "epoch": 0, "scaler": {}, "args": args}, path)
+
+
+def test_mae_checkpoints_with_namespace_args_load_for_eval_resume_and_finetune(pretrain_ckpt, tmp_path, capsys):
+    path = str(tmp_path / "mae-checkpoint-0.pth")
+    mae_args = argparse.Namespace(model="vit_tiny_patch4", batch_size=64, input_size=16, nb_classes=10)
+    _mae_style_checkpoint(path, mae_args)
+    common = ["--model", "vit_tiny_patch4", "--input_size", "16", "--num_workers", "0", "--batch_size", "64",
+              "--resume", path]
+    stats = main_finetune.main(_args(*common, "--eval", "--output_dir", str(tmp_path / "eval")))
+    assert stats["num_samples"] == 297 and 0.0 <= stats["acc1"] <= 100.0
+    # --resume restores model, optimizer and scaler and continues after epoch 0 (nothing left of 1 epoch)
+    summary = main_finetune.main(_args(*common, "--epochs", "1", "--output_dir", str(tmp_path / "resume")))
+    assert "With optimizer and scaler; continuing at epoch 1" in capsys.readouterr().out
+    assert summary["resumed_from"] == path and summary["final_acc1"] == pytest.approx(stats["acc1"])
+    # --finetune from a pre-training checkpoint in MAE's format (args as a Namespace)
+    pre = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)
+    mae_pre = str(tmp_path / "mae-pretrain.pth")
+    torch.save({**pre, "args": argparse.Namespace(model="mae_vit_tiny_patch4")}, mae_pre)
+    info = main_finetune.load_pretrained(models_vit.vit_tiny_patch4(num_classes=10), mae_pre, True, 2e-5)
+    assert set(info["missing_keys"]) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+def test_checkpoint_with_another_class_is_refused_by_name(tmp_path, capsys):
+    path = str(tmp_path / "other.pth")
+    torch.save({"model": models_vit.vit_tiny_patch4(num_classes=10, img_size=16).state_dict(), "epoch": 0,
+                "args": _NotPlainData()}, path)
+    with pytest.raises(SystemExit) as e:
+        main_finetune.cli(["--model", "vit_tiny_patch4", "--input_size", "16", "--num_workers", "0", "--eval",
+                           "--resume", path, "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "test_finetune._NotPlainData" in err and "not plain data" in err and "Fix:" in err

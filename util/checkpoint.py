@@ -1,8 +1,10 @@
 """Checkpoints: plain data (loads with weights_only=True), written atomically, found newest-complete-first."""
 from __future__ import annotations
 
+import argparse
 import glob
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -106,10 +108,36 @@ def save_on_master(obj: Any, path: str) -> None:
         atomic_torch_save(obj, path)
 
 
+class CheckpointFormatError(ValueError):
+    """A checkpoint holding objects other than plain data: refused (unpickling them could run code)."""
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_plain(path: str) -> Any:
+    """torch.load(weights_only=True) of `path`, allowing one class besides plain data: argparse.Namespace.
+
+    MAE's own scripts save `args` as an argparse.Namespace (attribute data, no code); every other class is
+    refused with a CheckpointFormatError that names it.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL_RE.search(str(exc))
+        raise CheckpointFormatError(
+            f"checkpoint {path} holds {found.group(1) if found else 'an object'}, which is not plain data: only "
+            "tensors, numbers, strings, containers and argparse.Namespace (MAE's `args`) load, because unpickling "
+            "anything else can run code. Fix: in a session you trust, load it with weights_only=False and re-save "
+            "the plain parts, e.g. torch.save({'model': ckpt['model']}, path)"
+        ) from exc
+
+
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist. Fix: check --resume, or use --auto_resume")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_plain(path)
 
 
 def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
@@ -121,7 +149,7 @@ def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
             found.append((_progress(m), path))
     for _, path in sorted(found, reverse=True):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_plain(path)
         except Exception as exc:  # a torn file can fail in many ways (EOF, zip, unpickling)
             warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
             continue
