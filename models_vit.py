@@ -3,7 +3,7 @@
 Using timm's class directly (not a copy) means a fine-tuned checkpoint's `model` state_dict loads
 into `timm.models.vision_transformer.VisionTransformer(global_pool='avg', ...)` with strict=True.
 `global_pool='avg'` averages patch tokens and applies `fc_norm` (MAE's default); 'token' uses the
-cls token after `norm`.
+cls token after `norm`. MAE's own call, `global_pool=True/False`, means 'avg'/'token'.
 """
 from __future__ import annotations
 
@@ -17,10 +17,20 @@ from timm.models.vision_transformer import VisionTransformer
 _ln = partial(nn.LayerNorm, eps=1e-6)
 
 
-def _vit(global_pool: str = "avg", **kwargs) -> VisionTransformer:
+def _pool_name(global_pool: str | bool) -> str:
+    """MAE's scripts and notebooks pass `global_pool=True/False`; timm takes a name. True -> 'avg' (mean of the
+    patch tokens, then fc_norm: MAE's global pooling), False -> 'token' (the cls token after norm)."""
+    if isinstance(global_pool, bool):
+        return "avg" if global_pool else "token"
+    if isinstance(global_pool, str):
+        return global_pool
+    raise TypeError(f"global_pool={global_pool!r}: pass True/False (MAE's way) or one of timm's names ('avg', 'token')")
+
+
+def _vit(global_pool: str | bool = "avg", **kwargs) -> VisionTransformer:
     kwargs.setdefault("qkv_bias", True)
     kwargs.setdefault("mlp_ratio", 4)
-    return VisionTransformer(global_pool=global_pool, norm_layer=_ln, **kwargs)
+    return VisionTransformer(global_pool=_pool_name(global_pool), norm_layer=_ln, **kwargs)
 
 
 def vit_tiny_patch4(**kwargs) -> VisionTransformer:

@@ -177,3 +177,28 @@ def test_interpolate_pos_embed_14_to_16():
     const = {"pos_embed": torch.cat([torch.zeros(1, 1, dim), torch.full((1, 196, dim), 0.5)], dim=1)}
     interpolate_pos_embed(Target(), const)
     assert torch.allclose(const["pos_embed"][:, 1:], torch.tensor(0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["vit_tiny_patch4", "vit_base_patch16"])
+def test_vit_factories_take_maes_bool_global_pool(factory):
+    """MAE's main_finetune.py and notebooks call `vit_*(global_pool=True/False)` (issue 9, item 13)."""
+    with torch.device("meta"):
+        pooled = models_vit.MODELS[factory](num_classes=10, global_pool=True)
+        token = models_vit.MODELS[factory](num_classes=10, global_pool=False)
+        by_name = models_vit.MODELS[factory](num_classes=10, global_pool="avg")
+    assert pooled.global_pool == "avg" and token.global_pool == "token" and by_name.global_pool == "avg"
+    assert pooled.state_dict().keys() == by_name.state_dict().keys()
+    assert "fc_norm.weight" in pooled.state_dict() and "norm.weight" not in pooled.state_dict()  # MAE's layout
+    assert "norm.weight" in token.state_dict() and "fc_norm.weight" not in token.state_dict()
+    with pytest.raises(TypeError, match="True/False"):
+        models_vit.MODELS[factory](num_classes=10, global_pool=1.0)
+
+
+def test_bool_global_pool_forward_is_maes_mean_of_patch_tokens_then_fc_norm():
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch4(num_classes=10, global_pool=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # [2, 1 + 64, 192]: cls token + patch tokens
+        expected = model.head(model.fc_norm(tokens[:, 1:, :].mean(dim=1)))
+        assert torch.allclose(model(x), expected, atol=1e-6)
