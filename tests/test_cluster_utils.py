@@ -140,3 +140,78 @@ def test_every_collective_goes_through_util_dist():
                     offenders += [f"{os.path.relpath(path, REPO)}:{i}" for i, line in enumerate(f, 1)
                                   if pattern.search(line)]
     assert not offenders, f"collectives outside util/dist.py bypass the device check: {offenders}"
+
+
+# ------------------------------------------------------------------------------- item 15: submitit
+class _FakeJobEnvironment:
+    """submitit.JobEnvironment's fields that the launcher reads."""
+
+    def __init__(self, job_id="4242", global_rank=0, local_rank=0, num_tasks=1, hostnames=("127.0.0.1",)):
+        self.job_id, self.global_rank, self.local_rank, self.num_tasks = job_id, global_rank, local_rank, num_tasks
+        self.hostnames = list(hostnames)
+
+
+def test_submitit_scripts_parse_without_submitit_and_name_the_fix(monkeypatch, capsys):
+    import submitit_finetune
+    import submitit_pretrain
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # not installed (import raises ImportError)
+    with pytest.raises(SystemExit) as e:
+        submitit_pretrain.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all(f in out for f in ("--ngpus", "--nodes", "--timeout", "--partition", "--job_dir", "--use_volta32",
+                                  "--comment", "--prune_method", "--auto_resume"))
+    with pytest.raises(SystemExit) as e:  # a typo in the entry script's flags fails at submission
+        submitit_finetune.main(["--nodes", "1", "--blrr", "1e-3"])
+    assert e.value.code == 2 and "--blrr" in capsys.readouterr().err
+    assert submitit_finetune.main(["--nodes", "1", "--data_path", "/data/imagenet"]) == 2
+    assert "pip install submitit" in capsys.readouterr().err
+
+
+def test_submitit_task_environment_and_requeue_args():
+    from util.submitit_job import distributed_env, master_port, requeue_argv
+
+    job = _FakeJobEnvironment(job_id="913_4", global_rank=13, local_rank=5, num_tasks=16, hostnames=("gpu07", "gpu08"))
+    env = distributed_env(job, visible_gpus=8, environ={})
+    assert env == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port("913_4")), "RANK": "13",
+                   "WORLD_SIZE": "16", "LOCAL_RANK": "5"}
+    assert distributed_env(job, visible_gpus=1, environ={})["LOCAL_RANK"] == "0"  # one GPU bound per task
+    assert distributed_env(job, visible_gpus=8, environ={"MASTER_PORT": "31000"})["MASTER_PORT"] == "31000"
+    assert 20000 <= master_port("913_4") < 40000 and master_port("913_4") != master_port("914_4")
+
+    argv = ["--epochs", "800", "--resume", "/old/checkpoint-9.pth", "--output_dir", "/o/%j"]
+    assert requeue_argv(argv, output_has_checkpoint=True) == ["--epochs", "800", "--output_dir", "/o/%j",
+                                                              "--auto_resume"]
+    assert requeue_argv(argv, output_has_checkpoint=False) == argv  # nothing of its own yet: restart as submitted
+    assert requeue_argv(["--epochs", "800"], False) == ["--epochs", "800", "--auto_resume"]
+    assert requeue_argv(["--auto_resume"], True) == ["--auto_resume"]
+
+
+def test_submitit_trainer_runs_the_entry_script_and_requeues_with_auto_resume(tmp_path, monkeypatch, capsys):
+    import types
+
+    from util.submitit_job import Trainer
+
+    job = _FakeJobEnvironment(job_id="777")
+    fake = types.ModuleType("submitit")
+    fake.JobEnvironment = lambda: job
+    fake.helpers = types.SimpleNamespace(DelayedSubmission=lambda fn: ("requeue", fn))
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    # the variables the task sets, first set here so that monkeypatch restores them afterwards
+    for k, v in {"MASTER_ADDR": "x", "MASTER_PORT": str(free_port()), "RANK": "x", "WORLD_SIZE": "x",
+                 "LOCAL_RANK": "x", dist_util.STRICT_COLLECTIVES_ENV: "1"}.items():
+        monkeypatch.setenv(k, v)
+    trainer = Trainer("main_pretrain_d3p", [*BASE, "--prune_method", "none", "--epochs", "1",
+                                            "--output_dir", str(tmp_path / "job_%j")])
+    trainer()
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["LOCAL_RANK"] == "0"
+    assert os.path.isfile(tmp_path / "job_777" / "checkpoint-0.pth")  # %j is the job id
+    assert not dist.is_initialized()
+    kind, requeued = trainer.checkpoint()  # preemption: submitit requeues what checkpoint() returns
+    assert kind == "requeue" and requeued.entry_module == "main_pretrain_d3p"
+    assert requeued.argv == [*trainer.argv, "--auto_resume"]
+    capsys.readouterr()
+    requeued()
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "checkpoint-0.pth" in out, out[-3000:]
