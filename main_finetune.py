@@ -79,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="accumulate gradients over this many iterations (raises the effective batch size)")
     g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype: auto = bf16 on CUDA if supported (else fp16), fp32 on CPU")
+                   help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS), metavar="MODEL",

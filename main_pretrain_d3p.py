@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", default=400, type=int)
     g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype: auto = bf16 on CUDA when supported (else fp16), fp32 on CPU")
+                   help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
     g.add_argument("--print_freq", default=20, type=int, help="steps between host syncs for logging and NaN checks")
 
     g = parser.add_argument_group("model")
