@@ -1,5 +1,5 @@
 """The two collectives pruning needs: one reduction of per-sample losses per epoch, and the
-rank-consistency guard at every plan."""
+rank-consistency guard at every plan. Both go through util.dist's wrappers (device checks, strict mode)."""
 from __future__ import annotations
 
 import hashlib

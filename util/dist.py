@@ -173,7 +173,8 @@ def strict_collectives() -> bool:
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
-    """The same storage as an ordinary tensor (drops the strict-mode tag)."""
+    """The same storage as an ordinary tensor (drops the strict-mode tag; the context is torch's documented
+    way to call a Tensor method without re-entering a subclass's __torch_function__)."""
     with torch._C.DisableTorchFunctionSubclass():
         return t.as_subclass(torch.Tensor)
 
