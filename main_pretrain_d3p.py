@@ -506,7 +506,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         return main(args)
     except (DatasetError, NonFiniteLossError, RankDivergenceError, ValueError) as exc:
-        print(f"error (rank {get_rank()}): {exc}", file=sys.stderr, flush=True)
+        # not print(): ranks other than 0 are silenced there, and every rank's reason must show
+        sys.stderr.write(f"error (rank {get_rank()}): {exc}\n")
+        sys.stderr.flush()
         return 1
 
 
