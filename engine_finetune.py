@@ -15,9 +15,10 @@ import util  # noqa: F401  (torchvision op schemas on CPU-only torch, before tim
 import torch
 from timm.utils import accuracy
 
+from engine_pretrain import accumulation_divisor
 from util import lr_sched
 from util.amp import autocast_dtype
-from util.dist import all_reduce, is_dist, to_collective
+from util.dist import agree_at_sync_point, all_reduce, is_dist, to_collective
 from util.metrics import MetricLogger, SmoothedValue
 
 
@@ -56,7 +57,13 @@ def train_one_epoch(
     log_writer=None,
     args=None,
 ) -> dict:
-    """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm."""
+    """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm.
+
+    Every step the ranks agree on the loss being finite (one scalar all-reduce, after the host sync
+    `loss.item()` already makes) before any backward, so a NaN on one rank stops all of them at the
+    same step. The epoch's last, partial accumulation group is stepped with its loss divided by its
+    own size (engine_pretrain.accumulation_divisor), as in pre-training.
+    """
     model.train(True)
     accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
     amp_dtype = autocast_dtype(getattr(args, "precision", "auto"), str(device))
@@ -83,7 +90,8 @@ def train_one_epoch(
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        # the last step of the epoch also updates, so no accumulated gradient leaks into the next epoch
+        # the last step of the epoch also updates (a correctly scaled partial group): no accumulated
+        # gradient leaks into the next epoch
         update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
         sync_ctx = model.no_sync() if (is_ddp and not update) else contextlib.nullcontext()
         with sync_ctx:
@@ -91,13 +99,18 @@ def train_one_epoch(
                 outputs = model(samples)
                 loss = criterion(outputs, targets)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            finite = math.isfinite(loss_value)
+            _, bad_step, bad_rank = agree_at_sync_point(False, None if finite else step, num_steps)
+            if bad_step is not None:
+                seen = f"loss {loss_value}" if not finite else "loss"
                 raise FloatingPointError(
-                    f"non-finite training loss {loss_value} at epoch {epoch}, step {step}/{num_steps}. "
-                    "Fix: lower --blr/--lr, set --clip_grad, or use --precision fp32/bf16 instead of fp16"
+                    f"non-finite training {seen} at epoch {epoch}, step {step}/{num_steps} (seen on rank "
+                    f"{bad_rank}; all ranks stopped). Fix: lower --blr/--lr, set --clip_grad, or use "
+                    "--precision fp32/bf16 instead of fp16"
                 )
             grad_norm = loss_scaler(
-                loss / accum_iter, optimizer, clip_grad=max_norm, parameters=params, update_grad=update
+                loss / accumulation_divisor(step, num_steps, accum_iter), optimizer, clip_grad=max_norm,
+                parameters=params, update_grad=update,
             )
         if update:
             optimizer.zero_grad(set_to_none=True)

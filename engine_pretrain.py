@@ -9,7 +9,7 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p.recorder import LossRecorder
-from util.dist import all_reduce, all_reduce_mean, all_reduce_sum, any_rank, is_dist, to_collective
+from util.dist import agree_at_sync_point, all_reduce, all_reduce_mean, all_reduce_sum, get_rank, is_dist, to_collective
 from util.metrics import MetricLogger
 
 
@@ -36,19 +36,31 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _check_finite(step_losses: list[torch.Tensor], first_step: int, epoch: int) -> np.ndarray:
-    """Copy a chunk of step losses to the host (one sync per chunk) and stop on a non-finite one."""
+def _first_nonfinite(step_losses: list[torch.Tensor]) -> tuple[np.ndarray, int | None]:
+    """Copy a chunk of step losses to the host (one sync per chunk) -> (values, offset of the first
+    non-finite one or None)."""
     values = torch.stack(step_losses).float().cpu().numpy()
     bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        step = first_step + int(bad[0])
-        raise NonFiniteLossError(
-            f"loss is {values[bad[0]]} at epoch {epoch}, step {step}. Training stopped; the last checkpoint "
-            "in --output_dir is intact (nothing was saved after the failure). Fix: lower --blr, use "
-            "--precision bf16/fp32 instead of fp16, add --clip_grad, or check the data for broken images; "
-            "then restart with --auto_resume"
-        )
-    return values
+    return values, (int(bad[0]) if bad.size else None)
+
+
+def nonfinite_loss_error(epoch: int, step: int, rank: int, value: float | None = None) -> NonFiniteLossError:
+    """The error every rank raises once the ranks agreed that `rank` saw a NaN/inf loss at `step`."""
+    seen = f"loss is {value}" if value is not None else "a non-finite loss"
+    return NonFiniteLossError(
+        f"{seen} at epoch {epoch}, step {step} (seen on rank {rank}; all ranks stopped). Training stopped; the "
+        "last checkpoint in --output_dir is intact (nothing was saved after the failure). Fix: lower --blr, use "
+        "--precision bf16/fp32 instead of fp16, add --clip_grad, or check the data for broken images; "
+        "then restart with --auto_resume"
+    )
+
+
+def accumulation_divisor(step: int, num_steps: int, accum_iter: int) -> int:
+    """Micro-batches in the accumulation group of `step`: accum_iter, or fewer in the last, partial
+    group of an epoch, which is then stepped with its loss correctly scaled (a mean over its own
+    micro-batches) instead of being divided by accum_iter."""
+    group_start = step - step % accum_iter
+    return min(accum_iter, num_steps - group_start)
 
 
 def train_one_epoch(
@@ -70,13 +82,17 @@ def train_one_epoch(
 ) -> dict:
     """Train one epoch. Batches are (images, targets, dataset_index).
 
-    sample_weights: float32 [N] CPU tensor of per-sample weights (None: all ones, MAE's loss).
+    sample_weights: float32 [N] tensor of per-sample weights (None: all ones, MAE's loss); copied to
+        the device once here, then indexed there each step.
     recorder: receives (index, per-sample loss) of every step; no host sync per step.
     start_step, carried: resume an epoch a preemption interrupted after `start_step` steps (the
         loader then yields only the remaining batches); `carried` holds that part's statistics.
-    stop_requested: polled on every rank at the host-sync points that end an optimizer step; the
-        ranks agree (one scalar all-reduce) and all stop after the same step. The returned stats
-        then carry `interrupted_at_step`.
+    stop_requested: polled on every rank at the host-sync points (every `print_freq` steps); the ranks
+        agree in one all-reduce that also carries the NaN check (util.dist.agree_at_sync_point), and
+        all stop after the same optimizer step (the returned stats then carry `interrupted_at_step`)
+        or all raise NonFiniteLossError naming the epoch and step.
+    Gradient accumulation: an optimizer step every `accum_iter` micro-batches; the epoch's last,
+    partial group is stepped too, with its loss divided by its own size (accumulation_divisor).
     Returns epoch statistics (averaged over ranks): train_loss, lr, grad_norm, optimizer_steps,
     data_seconds, corrupt_replaced.
     """
@@ -97,6 +113,8 @@ def train_one_epoch(
     grad_norms: list[torch.Tensor] = []
     lr = optimizer.param_groups[0]["lr"]
     interrupted_at = None
+    if sample_weights is not None:
+        sample_weights = sample_weights.to(device, non_blocking=True)  # once per epoch
 
     batches = metric_logger.log_every(data_loader, f"Epoch [{epoch}]")
     for step, (samples, _, index) in enumerate(batches, start=start_step):
@@ -106,20 +124,19 @@ def train_one_epoch(
         samples = samples.to(device, non_blocking=True)
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
-        weights = None  # built on the CPU, then one copy to the device
+        weights = None  # gathered on the device from the epoch's weights
         if sample_weights is not None:
-            weights = sample_weights[index.clamp(min=0)]
+            weights = sample_weights[index.clamp(min=0).to(device, non_blocking=True)]
         if not bool(valid.all()):  # a replaced image trains with weight 0
-            weights = valid.to(torch.float32) if weights is None else weights * valid
-        if weights is not None:
-            weights = weights.to(device, non_blocking=True)
+            valid_w = valid.to(torch.float32).to(device, non_blocking=True)
+            weights = valid_w if weights is None else weights * valid_w
 
         sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
             with _autocast(device, amp_dtype):
                 per_sample, _, _ = model(samples, mask_ratio=args.mask_ratio)
             loss = weighted_batch_loss(per_sample.float(), weights, normalize_weights)
-            norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=getattr(args, "clip_grad", None),
+            norm = loss_scaler(loss / accumulation_divisor(step, num_steps, accum_iter), optimizer, clip_grad=getattr(args, "clip_grad", None),
                                parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
@@ -131,7 +148,13 @@ def train_one_epoch(
         pending.append(loss.detach())
 
         if len(pending) == print_freq or step + 1 == num_steps:
-            values = _check_finite(pending, pending_first, epoch)
+            values, bad = _first_nonfinite(pending)
+            wants_stop = stop_requested is not None and stop_requested()
+            stop_all, bad_step, bad_rank = agree_at_sync_point(
+                wants_stop, None if bad is None else pending_first + bad, num_steps)
+            if bad_step is not None:
+                mine = bad is not None and bad_rank == get_rank()
+                raise nonfinite_loss_error(epoch, bad_step, bad_rank, float(values[bad]) if mine else None)
             loss_total += float(values.sum())
             loss_steps += values.size
             metric_logger.update(loss=float(values[-1]), lr=lr)
@@ -142,7 +165,7 @@ def train_one_epoch(
                     log_writer.add_scalar("train_loss", float(v), epoch_1000x)
                 log_writer.add_scalar("lr", lr, int((step / num_steps + epoch) * 1000))
             pending, pending_first = [], step + 1
-            if stop_requested is not None and update and step + 1 < num_steps and any_rank(stop_requested()):
+            if stop_all and update and step + 1 < num_steps:
                 interrupted_at = step + 1
                 break
 
@@ -163,6 +186,14 @@ def train_one_epoch(
     return stats
 
 
+def _poll_stop(stop_requested: Callable[[], bool] | None, step: int, num_steps: int, print_freq: int) -> bool:
+    """In the passes without gradient: every `print_freq` batches, all ranks agree on the stop flag
+    (the same collective the training loop uses, so a rank never waits alone)."""
+    if stop_requested is None or (step + 1) % print_freq or step + 1 == num_steps:
+        return False
+    return agree_at_sync_point(stop_requested(), None, num_steps)[0]
+
+
 @torch.no_grad()
 def forward_only_pass(
     model: torch.nn.Module,
@@ -172,17 +203,28 @@ def forward_only_pass(
     recorder: LossRecorder,
     mask_ratio: float,
     amp_dtype: torch.dtype | None = None,
-) -> int:
+    stop_requested: Callable[[], bool] | None = None,
+    print_freq: int = 20,
+) -> int | None:
     """Loss of samples that were not trained this epoch (D3P's pruned set in recording epochs):
-    same augmentation and random masking, no gradient. Returns the samples this rank processed."""
+    same augmentation and random masking, no gradient. Returns the samples this rank processed, or
+    None when the ranks agreed to stop (SIGTERM) before the pass ended: the caller then saves the
+    state from before the pass, which a resume replays."""
     model.eval()
     seen = 0
-    for samples, _, index in MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]"):
+    num_steps = len(data_loader)
+    records = []  # handed to the recorder only when the pass completes: a stopped pass leaves no trace
+    for step, (samples, _, index) in enumerate(MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]")):
         samples = samples.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             per_sample, _, _ = model(samples, mask_ratio=mask_ratio)
-        recorder.record(index, per_sample)
+        records.append((index, per_sample))
         seen += int(index.numel())
+        if _poll_stop(stop_requested, step, num_steps, print_freq):
+            model.train(True)
+            return None
+    for index, per_sample in records:
+        recorder.record(index, per_sample)
     model.train(True)
     return seen
 
@@ -190,29 +232,35 @@ def forward_only_pass(
 @torch.no_grad()
 def compute_embeddings(
     model: torch.nn.Module, data_loader: Iterable, device: torch.device, num_samples: int,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, int]:
+    amp_dtype: torch.dtype | None = None, stop_requested: Callable[[], bool] | None = None, print_freq: int = 20,
+) -> tuple[np.ndarray | None, int]:
     """Mean-pooled unmasked encoder features of every sample -> (float32 [N, D], samples processed here).
 
     Each rank embeds its share; rows are summed across ranks (each row written by one rank, or
-    averaged where padding repeated a sample).
+    averaged where padding repeated a sample). A negative index (an unreadable image replaced by
+    --skip_corrupt) is dropped, as the loss recorder drops it: its row stays empty. The features are
+    None when the ranks agreed to stop (SIGTERM) before the pass ended.
     """
     net = model.module if hasattr(model, "module") else model
     net.eval()
     feats = np.zeros((num_samples, net.pos_embed.shape[-1]), dtype=np.float32)
     counts = np.zeros(num_samples, dtype=np.float32)
     seen = 0
-    for samples, _, index in MetricLogger().log_every(data_loader, "Embeddings"):
+    num_steps = len(data_loader)
+    for step, (samples, _, index) in enumerate(MetricLogger().log_every(data_loader, "Embeddings")):
         samples = samples.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             e = net.embed(samples).float().cpu().numpy()
         idx = index.numpy()
-        np.add.at(feats, idx, e)
-        np.add.at(counts, idx, 1.0)
+        valid = idx >= 0
+        np.add.at(feats, idx[valid], e[valid])
+        np.add.at(counts, idx[valid], 1.0)
         seen += idx.size
+        if _poll_stop(stop_requested, step, num_steps, print_freq):
+            net.train(True)
+            return None, seen
     net.train(True)
     if is_dist():
         feats = all_reduce(to_collective(torch.from_numpy(feats))).cpu().numpy()
         counts = all_reduce(to_collective(torch.from_numpy(counts))).cpu().numpy()
     return feats / np.maximum(counts, 1.0)[:, None], seen
-

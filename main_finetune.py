@@ -35,6 +35,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
 from util import lr_decay
+from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
@@ -80,6 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (in place, before DDP; checkpoint keys unchanged). Off by default")
+    g.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS), metavar="MODEL",
@@ -304,7 +308,12 @@ def build_loaders(args):
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     pin = args.pin_mem and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size, drop_last=True, **common)
+    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.datasets.SeededItems)
+    loader_train = DataLoader(
+        data_util.SeededItems(dataset_train),
+        sampler=data_util.ItemSeedSampler(sampler_train, args.seed, rank, data_util.STREAM_TRAIN),
+        batch_size=args.batch_size, drop_last=True, generator=torch.Generator(), **common,
+    )
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size, drop_last=False, **common)
     return dataset_train, dataset_val, sampler_train, loader_train, loader_val
 
@@ -436,6 +445,7 @@ def main(args) -> dict:
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    configure_cuda_math(device)
 
     dataset_train, dataset_val, sampler_train, loader_train, loader_val = build_loaders(args)
     n_data_classes = data_util.num_classes_of(dataset_train)
@@ -473,7 +483,7 @@ def main(args) -> dict:
         raise ConfigError(f"--input_size {args.input_size} is not a multiple of {args.model}'s patch size {patch}")
 
     if args.auto_resume and not args.resume and args.output_dir:
-        found = ckpt_util.find_latest_checkpoint(args.output_dir)
+        found = ckpt_util.find_resume_checkpoint(args.output_dir)  # rank 0 chooses for all ranks
         if found is not None:
             args.resume = found[0]
             print(f"--auto_resume: found {args.resume}")
@@ -496,6 +506,7 @@ def main(args) -> dict:
             p.requires_grad = True
 
     model.to(device)
+    maybe_compile(model, args.compile, args.compile_backend)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -510,9 +521,7 @@ def main(args) -> dict:
     # evaluation uses model_without_ddp: a DDP forward may broadcast buffers (the linear probe's BatchNorm
     # statistics), a collective that would hang when the ranks' val loaders have different lengths
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None
-        )
+        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(device))
         model_without_ddp = model.module
 
     if args.linprobe:
@@ -522,7 +531,7 @@ def main(args) -> dict:
             model_without_ddp, args.weight_decay, no_weight_decay_list=model_without_ddp.no_weight_decay(),
             layer_decay=args.layer_decay,
         )
-        optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_kwargs(device))
     print(f"optimizer: {type(optimizer).__name__}")
     loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
 

@@ -29,10 +29,11 @@ from d3p.schedule import validate_schedule
 from d3p.distributed import RankDivergenceError, reduce_epoch_losses
 from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
+from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
-    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, eval_transform, pretrain_transform,
-    resolve_data_set,
+    DATA_SETS, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset, ItemSeedSampler,
+    SeededItems, build_dataset, collate_indexed, eval_transform, pretrain_transform, resolve_data_set,
 )
 from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
 
@@ -47,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
     g.add_argument("--print_freq", default=20, type=int, help="steps between host syncs for logging and NaN checks")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (in place, before DDP; checkpoint keys unchanged). Off by default")
+    g.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, choices=sorted(models_mae.MODELS),
@@ -181,11 +185,15 @@ def _install_sigterm_handler() -> dict:
     return flag
 
 
-def make_loader(dataset, sampler, args, batch_size: int) -> DataLoader:
+def make_loader(dataset, sampler, args, batch_size: int, stream: int) -> DataLoader:
+    """A loader whose augmentation is a function of (seed, stream, epoch, rank, position) in worker
+    processes (util.datasets.SeededItems), so a resume with workers replays it exactly."""
     return DataLoader(
-        dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+        SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
+        batch_size=batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
-        persistent_workers=args.num_workers > 0, collate_fn=collate_indexed, generator=torch.Generator(),
+        persistent_workers=args.num_workers > 0, collate_fn=collate_indexed,
+        generator=torch.Generator(),  # creating an iterator never draws from the global RNG
     )
 
 
@@ -229,24 +237,24 @@ def main(args: argparse.Namespace) -> int:
     print(f"dataset: {args.data_set}, {num_samples} training samples")
     train_sampler = PrunedDistributedSampler(num_samples, world, rank, seed=args.seed)
     forward_sampler = PrunedDistributedSampler(num_samples, world, rank, seed=args.seed + 1)
-    train_loader = make_loader(dataset, train_sampler, args, args.batch_size)
-    forward_loader = make_loader(dataset, forward_sampler, args, args.batch_size)
+    train_loader = make_loader(dataset, train_sampler, args, args.batch_size, STREAM_TRAIN)
+    forward_loader = make_loader(dataset, forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
     # --------------------------------------------------------------- model
     model = models_mae.MODELS[args.model](norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
     model.to(device)
+    configure_cuda_math(device)
+    maybe_compile(model, args.compile, args.compile_backend)
     model_without_ddp = model
     eff_batch_size = args.batch_size * args.accum_iter * world
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     print(f"model: {args.model}, effective batch {eff_batch_size}, lr {args.lr:.3e}")
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(device))
         model_without_ddp = model.module
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_kwargs(device))
     amp_dtype = autocast_dtype(args.precision, args.device)
     loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
 
@@ -259,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
     log_path = os.path.join(args.output_dir, "log.txt")
     resume_path, checkpoint = args.resume, None
     if args.auto_resume:
-        found = ckpt_util.find_latest_checkpoint(args.output_dir)
+        found = ckpt_util.find_resume_checkpoint(args.output_dir)  # rank 0 chooses for all ranks
         if found:
             resume_path, checkpoint = found
     elif args.resume:
@@ -279,8 +287,6 @@ def main(args: argparse.Namespace) -> int:
         epoch_start = time.time()
         plan = controller.begin_epoch(epoch)
         recorder = controller.new_recorder()
-        # the loader's own generator: creating its iterator never draws from the global RNG
-        train_loader.generator.manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
         start_step, carried = 0, None
         if partial is not None and partial["epoch"] == epoch:
             start_step, carried = resume_partial_epoch(partial, train_sampler, recorder, args)
@@ -298,17 +304,31 @@ def main(args: argparse.Namespace) -> int:
             print(f"stopped by signal in epoch {epoch} after step {train_stats['interrupted_at_step']}; "
                   "checkpoint saved, resume with --auto_resume", force=True)
             return 143
-        forward_seen = 0
-        if plan.forward_only.size and recorder is not None:
-            forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio, amp_dtype)
-            forward_seen = forward_sampler.total_size
+        # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
+        # included, and no partial records), so the resume replays them whole
+        forward_seen, stopped_in_pass, rng_before_passes = 0, False, ckpt_util.rng_state()
+        polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq)
         embeddings = None
-        if plan.compute_embeddings:
+        if plan.compute_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
             embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
                                        PrunedDistributedSampler(num_samples, world, rank, shuffle=False), args,
-                                       args.batch_size)
-            embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype)
+                                       args.batch_size, STREAM_EMBED)
+            embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype, **polled)
+            stopped_in_pass = embeddings is None
             forward_seen += num_samples
+        if plan.forward_only.size and recorder is not None and not stopped_in_pass:
+            seen = forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio,
+                                     amp_dtype, **polled)
+            stopped_in_pass = seen is None
+            forward_seen += forward_sampler.total_size
+        if stopped_in_pass:
+            ckpt_util.set_rng_state(rng_before_passes)
+            train_stats["interrupted_at_step"] = start_step + len(train_loader)  # every training step done
+            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, recorder, model_without_ddp,
+                               optimizer, loss_scaler, controller)
+            print(f"stopped by signal in epoch {epoch} after training, during its forward-only/embedding pass; "
+                  "checkpoint saved, resume with --auto_resume", force=True)
+            return 143
         decision = controller.end_epoch(epoch, recorder, embeddings)
         subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
         if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
@@ -486,7 +506,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         return main(args)
     except (DatasetError, NonFiniteLossError, RankDivergenceError, ValueError) as exc:
-        print(f"error (rank {get_rank()}): {exc}", file=sys.stderr, flush=True)
+        # not print(): ranks other than 0 are silenced there, and every rank's reason must show
+        sys.stderr.write(f"error (rank {get_rank()}): {exc}\n")
+        sys.stderr.flush()
         return 1
     finally:
         cleanup()

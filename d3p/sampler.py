@@ -59,6 +59,11 @@ class PrunedDistributedSampler(Sampler[int]):
         self._start = int(min(max(num_local_samples, 0), len(self._local)))
 
     @property
+    def skipped(self) -> int:
+        """Positions of this rank's epoch list skipped by `skip` (their item seeds stay reserved)."""
+        return self._start
+
+    @property
     def kept(self) -> np.ndarray:
         return self._kept
 

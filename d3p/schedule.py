@@ -34,14 +34,29 @@ class D3PSchedule:
         return e >= self.start and (e - self.start) % self.period == 0 and not self.is_annealing(epoch)
 
     def is_recording(self, epoch: int) -> bool:
-        """One of the `window` epochs ending with a decision epoch: every sample needs a loss."""
+        """One of the `window` epochs ending with a decision epoch that will be made: every sample
+        needs a loss. A window whose decision falls after the last epoch or inside the anneal tail
+        records nothing (no forward-only pass for losses no decision would read)."""
         if self.is_annealing(epoch):
             return False
         e = self._spec(epoch)
         if e <= self.start:
-            return e > self.start - self.window
-        offset = (e - self.start) % self.period
-        return offset == 0 or offset > self.period - self.window
+            in_window = e > self.start - self.window
+        else:
+            offset = (e - self.start) % self.period
+            in_window = offset == 0 or offset > self.period - self.window
+        return in_window and self.will_decide(self._decision_of_window(epoch))
+
+    def _decision_of_window(self, epoch: int) -> int:
+        """0-based decision epoch that ends the window of recording epoch `epoch`."""
+        e = self._spec(epoch)
+        if e <= self.start:
+            return self.start - 1
+        return epoch + (self.start - e) % self.period
+
+    def will_decide(self, epoch: int) -> bool:
+        """`epoch` (0-based) lies in the run and makes a decision."""
+        return epoch < self.epochs and self.is_decision(epoch)
 
     def window_slot(self, epoch: int) -> int:
         """Position 0..window-1 of a recording epoch inside its window."""

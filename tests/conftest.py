@@ -42,7 +42,8 @@ def run_script(args: list[str], timeout: int = 300, env_extra: dict | None = Non
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_torchrun(nproc: int, args: list[str], timeout: int = 300, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, args: list[str], timeout: int = 300, extra: list[str] | None = None,
+                 env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone`-style launch on loopback with a free port (gloo on CPU).
 
     Strict collectives (util/dist.py): every collective refuses a tensor that NCCL would refuse, so these
@@ -50,7 +51,7 @@ def run_torchrun(nproc: int, args: list[str], timeout: int = 300, extra: list[st
     """
     cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []), *args]
-    return run_script(cmd, timeout=timeout, env_extra={STRICT_COLLECTIVES_ENV: "1"})
+    return run_script(cmd, timeout=timeout, env_extra={STRICT_COLLECTIVES_ENV: "1", **(env_extra or {})})
 
 
 def read_log(run_dir: str) -> list[dict]:

@@ -5,6 +5,9 @@
 kind: sigterm (the process sends itself SIGTERM, as a scheduler would), sigkill (SIGKILL, only in
 the first torchrun attempt: the elastic restart must then finish the run), nan (the batch's images
 become NaN, so the loss does). The fault fires when `epoch` reaches batch `step` on rank `rank` (0).
+sigterm_forward: SIGTERM at batch `step` of `epoch`'s forward-only pass instead of its training.
+stale_listing: rank `rank` sees no checkpoint of epoch >= `epoch` when it lists --output_dir (node-
+local or lagging storage); `step` is unused.
 """
 import os
 import signal
@@ -13,6 +16,7 @@ import sys
 import torch
 
 import main_pretrain_d3p
+from util import checkpoint as ckpt_util
 
 
 def _faulty_loader(loader, kind: str, at_step: int):
@@ -50,7 +54,32 @@ def main() -> int:
             loader = _Sized(loader, kind, int(step))
         return real(model, loader, optimizer, device, ep, *args, **kwargs)
 
-    main_pretrain_d3p.train_one_epoch = train_one_epoch
+    real_forward = main_pretrain_d3p.forward_only_pass
+
+    def forward_only_pass(model, loader, device, ep, *args, **kwargs):
+        if ep == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
+            loader = _Sized(loader, "sigterm", int(step))
+        return real_forward(model, loader, device, ep, *args, **kwargs)
+
+    real_find = ckpt_util.find_latest_checkpoint
+
+    def find_latest_checkpoint(output_dir):
+        """This rank's view of the folder lags: checkpoints of `epoch` and later are not there yet."""
+        hidden = os.path.join(output_dir, ".stale_view")
+        os.makedirs(hidden, exist_ok=True)
+        for name in os.listdir(output_dir):
+            m = ckpt_util._CKPT_RE.search(name)
+            if m and int(m.group(1)) < int(epoch) and not os.path.exists(os.path.join(hidden, name)):
+                os.symlink(os.path.join(os.path.abspath(output_dir), name), os.path.join(hidden, name))
+        return real_find(hidden)
+
+    if kind == "sigterm_forward":
+        main_pretrain_d3p.forward_only_pass = forward_only_pass
+    elif kind == "stale_listing":
+        if int(os.environ.get("RANK", "0")) == rank:
+            ckpt_util.find_latest_checkpoint = find_latest_checkpoint
+    else:
+        main_pretrain_d3p.train_one_epoch = train_one_epoch
     return main_pretrain_d3p.cli(sys.argv[1:])
 
 

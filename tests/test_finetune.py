@@ -238,3 +238,36 @@ def test_checkpoint_with_another_class_is_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert "test_finetune._NotPlainData" in err and "not plain data" in err and "Fix:" in err
+
+
+def test_non_finite_loss_on_one_rank_stops_both():
+    from conftest import run_torchrun
+
+    res = run_torchrun(2, ["tests/dist_finetune_nan_worker.py"], timeout=120)
+    assert res.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: non-finite training" in res.stderr, res.stderr[-3000:]
+    assert res.stderr.count("at epoch 0, step 1/3 (seen on rank 1; all ranks stopped)") == 2
+
+
+def test_last_partial_accumulation_group_is_scaled_in_finetuning():
+    """accum_iter 2 over 3 steps: the last group (one micro-batch) is stepped with its full loss."""
+    import argparse
+
+    import engine_finetune
+    from util.amp import ScaledOptimizerStep
+
+    class Scalar(torch.nn.Module):  # output = theta * x: d loss / d theta = mean(x) with the mean criterion
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.theta * x
+
+    model = Scalar()
+    batches = [(torch.tensor([[float(c)]]), torch.zeros(1)) for c in (1, 3, 8)]
+    args = argparse.Namespace(accum_iter=2, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, precision="fp32")
+    engine_finetune.train_one_epoch(model, lambda out, _: out.mean(), batches, torch.optim.SGD(model.parameters(), lr=1.0),
+                                    torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
+    assert model.theta.item() == -((1 + 3) / 2 + 8)

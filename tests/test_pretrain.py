@@ -188,3 +188,90 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, capsys):
     # fp16 needs CUDA (GradScaler): refused with the fix on a CPU machine
     assert main_pretrain_d3p.cli([*args[:-1], str(tmp_path / "fp16"), "--precision", "fp16", "--device", "cpu"]) == 1
     assert "--precision fp16 needs CUDA" in capsys.readouterr().err
+
+
+def test_resume_with_workers_equals_straight_run(tmp_path):
+    """--num_workers 2 (persistent workers): 4 epochs straight == 2 epochs + --auto_resume + 2 epochs,
+    bit for bit, through a D3P decision and two forward-only passes (epochs 2, 3) after the resume.
+    Before the item seeds, persistent workers kept the RNG of the epoch they were started in, so the
+    resumed run's augmentation differed from the uninterrupted run's."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = [*BASE, "--num_workers", "2", "--train_subset", "128", "--prune_method", "d3p", "--d3p_start", "2",
+              "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16", "--epochs", "4", "--save_every", "1"]
+    assert main_pretrain_d3p.cli([*common, "--output_dir", straight]) == 0
+    os.makedirs(resumed)
+    for name in ("checkpoint-1.pth", "log.txt"):
+        shutil.copy(os.path.join(straight, name), resumed)
+    assert main_pretrain_d3p.cli([*common, "--output_dir", resumed, "--auto_resume"]) == 0
+    assert [r["samples_forward_only"] for r in read_log(straight)][2:] == [r["samples_forward_only"] for r in
+                                                                          read_log(resumed)][2:]
+    assert read_log(straight)[3]["samples_forward_only"] > 0, "no forward-only pass after the resume"
+    a, b = load_ckpt(straight, 3), load_ckpt(resumed, 3)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for key in ("pruned", "weights"):
+        assert torch.equal(a["pruning"]["strategy"][key], b["pruning"]["strategy"][key]), key
+
+
+def test_item_seeds_depend_on_position_epoch_rank_and_stream_only():
+    from d3p.sampler import PrunedDistributedSampler
+    from util.datasets import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler
+
+    base = PrunedDistributedSampler(10, 2, 1, seed=3)
+    seeds = ItemSeedSampler(base, seed=3, rank=1, stream=STREAM_TRAIN)
+    whole = list(seeds)
+    assert [i for i, _ in whole] == list(base) and len(set(s for _, s in whole)) == 5
+    base.skip(2)  # a resumed epoch keeps the seeds of its remaining positions
+    assert list(seeds) == whole[2:]
+    other = [s for _, s in ItemSeedSampler(base, seed=3, rank=1, stream=STREAM_FORWARD_ONLY)]
+    assert not set(other) & {s for _, s in whole}
+    base.set_epoch(1)
+    assert not {s for _, s in seeds} & {s for _, s in whole}
+    assert ItemSeedSampler(base, 3, 0, STREAM_TRAIN).epoch_key(1) != seeds.epoch_key(1)
+
+
+def test_last_partial_accumulation_group_is_stepped_with_its_own_mean():
+    """accum_iter 4 over 10 one-sample steps: groups of 4, 4 and a last one of 2, each stepped with the
+    mean gradient of its own micro-batches (c = 1..10: 2.5, 6.5, 9.5). The old rule divided the last
+    group by 4 too (an extra, down-scaled step: 4.75)."""
+    from types import SimpleNamespace
+
+    from util.amp import ScaledOptimizerStep
+
+    batches = [(torch.full((1, 1, 1, 1), float(c)), torch.zeros(1, dtype=torch.long), torch.tensor([c - 1]))
+               for c in range(1, 11)]
+    args = SimpleNamespace(accum_iter=4, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, print_freq=3)
+    model = _LinearLossModel()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = train_one_epoch(model, batches, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
+    assert stats["optimizer_steps"] == 3
+    assert model.theta.item() == -(2.5 + 6.5 + 9.5)
+
+
+def test_embeddings_drop_replaced_images():
+    """A replaced unreadable image (index -1 - i) adds no row; before, it landed in row N - 1 - i."""
+    from engine_pretrain import compute_embeddings
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1, 2))
+
+        def embed(self, imgs):
+            return imgs.flatten(1)[:, :2]
+
+    imgs = torch.tensor([[1.0, 2.0], [5.0, 7.0]]).view(2, 2, 1, 1)
+    batch = [(imgs, torch.zeros(2, dtype=torch.long), torch.tensor([0, -1 - 2]))]  # sample 2 was unreadable
+    feats, seen = compute_embeddings(Net(), batch, torch.device("cpu"), num_samples=4)
+    assert seen == 2
+    assert feats.tolist() == [[1.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_compile_flag_trains_and_keeps_checkpoint_keys(tmp_path):
+    out = str(tmp_path / "compiled")
+    args = [*BASE, "--prune_method", "none", "--epochs", "1", "--train_subset", "64", "--compile",
+            "--compile_backend", "eager", "--output_dir", out]
+    assert main_pretrain_d3p.cli(args) == 0
+    (rec,) = read_log(out)
+    assert np.isfinite(rec["train_loss"]) and rec["optimizer_steps"] == 2
+    keys = load_ckpt(out, 0)["model"].keys()
+    assert "blocks.0.attn.qkv.weight" in keys and not any("_orig_mod" in k for k in keys)

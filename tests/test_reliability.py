@@ -157,15 +157,27 @@ def test_incompatible_flags_are_rejected(flags, message, capsys, tmp_path):
     assert message in capsys.readouterr().err
 
 
-def test_killed_worker_restarts_elastically_and_matches_uninterrupted(tmp_path):
-    """SIGKILL of rank 1 mid-epoch under torchrun --max-restarts=1: the job restarts itself once and
-    resumes from its last checkpoint; decisions, ledger and weights equal an uninterrupted run.
+# two ranks with DataLoader workers: the cluster default --num_workers 10 in miniature
+TWO_RANKS = [*BASE, *D3P, "--train_subset", "126", "--epochs", "4", "--auto_resume", "--num_workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("ref2"))
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *TWO_RANKS, "--output_dir", ref])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ref
+
+
+def test_killed_worker_restarts_elastically_and_matches_uninterrupted(tmp_path, two_rank_run):
+    """SIGKILL of rank 1 mid-epoch under torchrun --max-restarts=1, with 2 loader workers per rank:
+    the job restarts itself once and resumes from its last checkpoint; decisions, ledger and weights
+    equal an uninterrupted run (the workers' augmentation is seeded per item, so persistent workers
+    started after the restart draw what the uninterrupted run's drew).
     (Before util.dist scoped the store's keys per attempt, the restarted ranks could read the dead
     attempt's addresses and hang in gloo's connectFullMesh.)"""
-    common = [*BASE, *D3P, "--train_subset", "126", "--epochs", "4", "--auto_resume"]
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    res = run_torchrun(2, ["main_pretrain_d3p.py", *common, "--output_dir", ref])
-    assert res.returncode == 0, res.stderr[-3000:]
+    ref, out = two_rank_run, str(tmp_path / "killed")
+    common = TWO_RANKS
     os.environ["FAULT"] = "sigkill:2:1:1"
     try:
         res = run_torchrun(2, ["tests/fault_runner.py", *common, "--output_dir", out], extra=["--max-restarts=1"])
@@ -175,3 +187,49 @@ def test_killed_worker_restarts_elastically_and_matches_uninterrupted(tmp_path):
     # the first attempt started in an empty folder: only a restart after the kill can have resumed
     assert "resumed from" in res.stdout and "checkpoint-1.pth" in res.stdout, res.stdout[-3000:]
     assert_same_run(ref, out, 3)
+
+
+def test_nan_on_one_rank_stops_every_rank_together(tmp_path):
+    """Only rank 1 sees a NaN loss (epoch 1, step 1): both ranks agree in the sync-point all-reduce
+    and stop with the same message, instead of rank 0 waiting in its next collective."""
+    out = str(tmp_path / "run")
+    res = run_torchrun(2, ["tests/fault_runner.py", *BASE, "--prune_method", "none", "--epochs", "3",
+                           "--output_dir", out, "--dist_timeout_min", "2"], timeout=150,
+                       env_extra={"FAULT": "nan:1:1:1"})
+    assert res.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): a non-finite loss at epoch 1, step 1 (seen on rank 1" in res.stderr \
+            or f"error (rank {rank}): loss is nan at epoch 1, step 1 (seen on rank 1" in res.stderr, res.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "checkpoint-0.pth"))
+    assert not os.path.exists(os.path.join(out, "checkpoint-1.pth"))
+    assert torch.isfinite(load_ckpt(out, 0)["model"]["blocks.0.attn.qkv.weight"]).all()
+
+
+def test_auto_resume_follows_rank0_when_another_rank_sees_an_older_listing(tmp_path, two_rank_run):
+    """Rank 1's storage lags (it lists no checkpoint-2.pth yet): rank 0 chooses for everyone, both
+    ranks resume from checkpoint-2.pth and finish exactly as the uninterrupted run."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth", "log.txt"):
+        shutil.copy(os.path.join(two_rank_run, name), out)
+    res = run_torchrun(2, ["tests/fault_runner.py", *TWO_RANKS, "--output_dir", out, "--dist_timeout_min", "2"],
+                       timeout=150, env_extra={"FAULT": "stale_listing:2:0:1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoint-2.pth (epoch 2), continuing at epoch 3" in res.stdout, res.stdout[-3000:]
+    assert_same_run(two_rank_run, out, 3)
+
+
+def test_sigterm_in_forward_only_pass_saves_and_resume_is_exact(tmp_path, straight_run):
+    """SIGTERM during epoch 2's forward-only pass (D3P's pruned samples, a recording epoch): the
+    ranks stop at the pass's next sync point, save the state from before the pass and exit 143;
+    the resume replays the pass and ends bit-identical to the uninterrupted run."""
+    out = str(tmp_path / "run")
+    res = run_script(["tests/fault_runner.py", *BASE, *D3P, "--epochs", "4", "--output_dir", out],
+                     env_extra={"FAULT": "sigterm_forward:2:0"})
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert "stopped by signal in epoch 2 after training, during its forward-only" in res.stdout + res.stderr
+    partial = [f for f in os.listdir(out) if f.startswith("checkpoint-2-step")]
+    assert len(partial) == 1, os.listdir(out)
+    res = run_script(["main_pretrain_d3p.py", *BASE, *D3P, "--epochs", "4", "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_run(straight_run, out, 3)

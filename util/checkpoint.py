@@ -177,3 +177,31 @@ def prune_old_checkpoints(output_dir: str, keep: set[int]) -> None:
         m = _CKPT_RE.search(os.path.basename(path))
         if m and not m.group(2) and int(m.group(1)) not in keep:
             os.remove(path)
+
+
+def find_resume_checkpoint(output_dir: str) -> tuple[str, dict] | None:
+    """--auto_resume on every rank: rank 0 chooses the newest complete checkpoint, broadcasts its
+    path, and all ranks load that file (or all stop with the same error).
+
+    Why not every rank globbing for itself: with node-local or lagging storage the nodes can see
+    different newest files and would resume from different epochs.
+    """
+    from util.dist import any_rank, broadcast_object
+
+    found = find_latest_checkpoint(output_dir) if is_main_process() else None
+    path = broadcast_object(found[0] if found else None)
+    if path is None:
+        return None
+    ckpt, problem = (found[1], None) if found else (None, None)
+    if ckpt is None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # missing on this node, torn, not yet visible: named below
+            problem = f"{type(exc).__name__}: {exc}"
+    if any_rank(problem is not None):  # collective: no rank goes on alone
+        raise ResumeMismatchError(
+            f"--auto_resume: rank 0 chose {path}, but rank {get_rank()} cannot load it"
+            f"{' (' + problem + ')' if problem else ' (see the other ranks)'}. Fix: put --output_dir on storage "
+            "that every node sees (a shared file system), or wait for it to sync, then restart"
+        )
+    return path, ckpt

@@ -275,3 +275,33 @@ def collective_device() -> torch.device:
     if is_dist() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (any picklable value) on every rank; the others' argument is ignored."""
+    if not is_dist():
+        return obj
+    box = [obj if get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=collective_device())
+    return box[0]
+
+
+def agree_at_sync_point(stop: bool, bad_step: int | None, num_steps: int) -> tuple[bool, int | None, int | None]:
+    """One int64 all-reduce (MAX) at a host-sync point: (any rank asked to stop, the earliest step
+    at which any rank saw a non-finite loss or None, the lowest rank that saw it or None).
+
+    Why one collective for both: a rank that raised on its own NaN would leave the others waiting in
+    their next collective; with this, every rank learns of the NaN at the same point and stops.
+    `bad_step` lies in [0, num_steps); it is encoded so that MAX picks the earliest step, then the
+    lowest rank: (num_steps - step) * world + (world - 1 - rank), 0 meaning none.
+    """
+    world, rank = get_world_size(), get_rank()
+    key = 0 if bad_step is None else (num_steps - int(bad_step)) * world + (world - 1 - rank)
+    if is_dist():
+        t = all_reduce(to_collective(torch.tensor([1 if stop else 0, key], dtype=torch.int64)), op="max")
+        stop_any, key = t.tolist()
+        stop = bool(stop_any)
+    if key == 0:
+        return stop, None, None
+    q, r = divmod(key, world)
+    return stop, num_steps - q, world - 1 - r
