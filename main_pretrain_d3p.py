@@ -103,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--d3p_quantile", default=0.999, type=float, help="grid end of the ideal density")
     g.add_argument("--d3p_anneal_epochs", default=0, type=int, help="full data in the last K epochs")
     g.add_argument("--prune_ratio", default=0.5, type=float, help="r of InfoBatch/SeTa/random/static methods")
-    g.add_argument("--delta", default=0.875, type=float, help="InfoBatch/SeTa: full data from epoch ceil(delta*epochs)")
+    g.add_argument("--delta", default=0.875, type=float, help="InfoBatch/SeTa: full data from 0-based epoch floor(delta*epochs)")
     g.add_argument("--seta_groups", default=10, type=int)
     g.add_argument("--seta_window_scale", default=0.5, type=float)
     g.add_argument("--random_match", default=None, help="RUN_DIR of a D3P run: keep as many samples per epoch as it did")
