@@ -117,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="k-NN backend: faiss when installed (faiss-gpu on CUDA), else exact chunked torch")
     g.add_argument("--d2_knn_index", default="auto", choices=["auto", "flat", "ivf"],
                    help="faiss index: flat (exact) or ivf (approximate); auto: flat on GPU or N <= 100k, else ivf")
-    g.add_argument("--d2_nprobe", default=16, type=int, help="ivf: cells searched per query")
+    g.add_argument("--d2_nprobe", default=8, type=int, help="ivf: cells searched per query")
     return parser
 
 
