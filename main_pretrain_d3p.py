@@ -107,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--d3p_quantile", default=0.999, type=float, help="grid end of the ideal density")
     g.add_argument("--d3p_anneal_epochs", default=0, type=int, help="full data in the last K epochs")
     g.add_argument("--prune_ratio", default=0.5, type=float, help="r of InfoBatch/SeTa/random/static methods")
-    g.add_argument("--delta", default=0.875, type=float, help="InfoBatch/SeTa: full data from epoch ceil(delta*epochs)")
+    g.add_argument("--delta", default=0.875, type=float, help="InfoBatch/SeTa: full data from 0-based epoch floor(delta*epochs)")
     g.add_argument("--seta_groups", default=10, type=int)
     g.add_argument("--seta_window_scale", default=0.5, type=float)
     g.add_argument("--random_match", default=None, help="RUN_DIR of a D3P run: keep as many samples per epoch as it did")
@@ -117,6 +117,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--d2_gamma", default=None, type=float, help="default: 1 / median k-NN distance")
     g.add_argument("--d2_mode", default="sum", choices=["sum", "product"])
     g.add_argument("--d2_sampling", default="absolute", choices=["weighted", "absolute"])
+    g.add_argument("--d2_knn", default="auto", choices=["auto", "faiss", "torch"],
+                   help="k-NN backend: faiss when installed (faiss-gpu on CUDA), else exact chunked torch")
+    g.add_argument("--d2_knn_index", default="auto", choices=["auto", "flat", "ivf"],
+                   help="faiss index: flat (exact) or ivf (approximate); auto: flat on GPU or N <= 100k, else ivf")
+    g.add_argument("--d2_nprobe", default=8, type=int, help="ivf: cells searched per query")
     return parser
 
 
@@ -144,6 +149,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.random_match and args.prune_method != "random":
         problems.append("--random_match needs --prune_method random")
+    if args.d2_nprobe < 1:
+        problems.append(f"--d2_nprobe must be >= 1, got {args.d2_nprobe}")
+    if args.d2_knn == "torch" and args.d2_knn_index == "ivf":
+        problems.append("--d2_knn_index ivf needs --d2_knn faiss or auto (the torch k-NN is exact only)")
     if args.prune_method in ("dynunc", "d2") and not 1 <= args.static_warmup_epochs < args.epochs:
         problems.append(f"--static_warmup_epochs must lie in [1, --epochs), got {args.static_warmup_epochs}")
     if args.resume and args.auto_resume:
@@ -480,7 +489,8 @@ def write_summary(args, controller) -> None:
         "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
         "random": ["prune_ratio", "random_match"],
         "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],
-        "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling"],
+        "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling",
+               "d2_knn", "d2_knn_index", "d2_nprobe"],
         "none": [],
     }[args.prune_method]
     summary = {

@@ -49,10 +49,11 @@ def build_strategy(args, num_samples: int, min_kept: int = 1) -> PruningStrategy
     if method == "d2":
         from d3p.static import D2Pruning
 
-        # the exact k-NN is O(N^2 D): run it on the training device (minutes on a GPU at ImageNet scale)
+        # the k-NN runs on the training device (faiss-gpu or torch on CUDA; faiss IVF at scale on CPU)
         return D2Pruning(num_samples, args.static_warmup_epochs, args.prune_ratio, args.d2_neighbors,
                          args.d2_gamma, args.d2_mode, args.d2_sampling, seed=args.seed,
-                         knn_device=getattr(args, "device", None) or "cpu")
+                         knn_device=getattr(args, "device", None) or "cpu", knn_backend=args.d2_knn,
+                         knn_index=args.d2_knn_index, nprobe=args.d2_nprobe)
     raise ValueError(f"unknown --prune_method {method}; choose one of {', '.join(PRUNE_METHODS)}")
 
 
