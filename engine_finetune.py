@@ -88,6 +88,7 @@ def train_one_epoch(
         samples = batch[0].to(device, non_blocking=True)
         targets = batch[1].to(device, non_blocking=True)
         if mixup_fn is not None:
+            mixup_fn.reseed(epoch, step)  # util.augment.SeededMixup: its draws depend on (epoch, step) only
             samples, targets = mixup_fn(samples, targets)
 
         # the last step of the epoch also updates (a correctly scaled partial group): no accumulated

@@ -25,7 +25,6 @@ import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch; 
 
 import torch
 import torch.nn as nn
-from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -37,6 +36,7 @@ from util import datasets as data_util
 from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
+from util.augment import SeededMixup
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
@@ -468,10 +468,10 @@ def main(args) -> dict:
     mixup_fn = None
     if mixup_active(args):
         print("Mixup is activated!")
-        mixup_fn = Mixup(
+        mixup_fn = SeededMixup(  # timm's Mixup drawing from (seed, epoch, rank, step): exact after a resume
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing, num_classes=args.nb_classes,
+            label_smoothing=args.smoothing, num_classes=args.nb_classes, seed=args.seed, rank=rank,
         )
 
     model = models_vit.MODELS[args.model](

@@ -271,3 +271,149 @@ def test_last_partial_accumulation_group_is_scaled_in_finetuning():
     engine_finetune.train_one_epoch(model, lambda out, _: out.mean(), batches, torch.optim.SGD(model.parameters(), lr=1.0),
                                     torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
     assert model.theta.item() == -((1 + 3) / 2 + 8)
+
+
+# ------------------------------------------------------- seeded RandAugment and Mixup (issue 9, item 1)
+def test_finetune_resume_with_workers_equals_straight_run(pretrain_ckpt, tmp_path):
+    """--num_workers 2 (persistent workers), RandAugment, mixup + cutmix (per element, so every step draws
+    both modes): 2 epochs straight == 1 epoch + --auto_resume + 1 epoch, bit for bit. The warm-up covers both
+    epochs, so the lr schedule does not depend on --epochs and the 1-epoch run is the 2-epoch run's first half.
+    Before, RandAugment chose its ops from the workers' numpy RNG (seeded once per worker start: the resumed
+    run's workers replayed epoch 0) and Mixup drew from the unseeded numpy RNG of the training process."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "100", "--num_workers", "2",
+              "--finetune", pretrain_ckpt, "--warmup_epochs", "4", "--aa", "rand-m9-mstd0.5-inc1",
+              "--mixup", "0.8", "--cutmix", "1.0", "--mixup_mode", "elem", "--reprob", "0.25"]
+    main_finetune.main(_args(*common, "--epochs", "2", "--output_dir", str(straight)))
+    main_finetune.main(_args(*common, "--epochs", "1", "--output_dir", str(resumed)))
+    main_finetune.main(_args(*common, "--epochs", "2", "--output_dir", str(resumed), "--auto_resume"))
+    a = torch.load(straight / "checkpoint-1.pth", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(resumed / "checkpoint-1.pth", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _op_pair_counts(augment, n_ops: int, draws: int) -> torch.Tensor:
+    """How often each ordered pair (first op, second op) is chosen in `draws` calls of a 2-layer RandAugment."""
+    import random
+
+    random.seed(0)  # SeededItems seeds Python's RNG per item; here once, for a fixed sample
+    counts = torch.zeros(n_ops, n_ops, dtype=torch.float64)
+    for _ in range(draws):
+        first, second = augment.choose_ops()
+        counts[first, second] += 1
+    return counts
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a pair timm never draws was drawn"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def test_seeded_rand_augment_draws_timm_op_distribution():
+    """timm: np.random.choice(ops, 2, replace=weights is None, p=weights). Unweighted: 225 equally likely
+    ordered pairs, repeats included; weighted: no repeats, P(i, j) = p_i p_j / (1 - p_i). Pearson's
+    chi-square over 40,000 draws (fixed seed) against these exact probabilities; a wrong rule (e.g. no
+    repeats without weights, or weights ignored) gives values far above the ~5-sigma bound used here."""
+    import numpy as np
+
+    from util.augment import SeededRandAugment
+
+    n = 15
+    uniform = SeededRandAugment(list(range(n)), 2)
+    chi = _chi_square(_op_pair_counts(uniform, n, 40_000), torch.full((n, n), 1.0 / n ** 2, dtype=torch.float64))
+    assert chi < 224 + 5 * (2 * 224) ** 0.5, chi  # 224 degrees of freedom
+
+    p = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05], dtype=torch.float64)
+    weighted = SeededRandAugment(list(range(len(p))), 2, choice_weights=p.numpy())
+    pairs = p[:, None] * p[None, :] / (1 - p[:, None])
+    pairs.fill_diagonal_(0.0)
+    assert abs(pairs.sum().item() - 1.0) < 1e-12
+    # these are numpy's probabilities: its legacy choice (timm's, here from a RandomState instance) fits them
+    legacy, counts = np.random.RandomState(0), torch.zeros_like(pairs)
+    for _ in range(20_000):
+        first, second = legacy.choice(len(p), 2, replace=False, p=p.numpy())
+        counts[first, second] += 1
+    assert _chi_square(counts, pairs) < 41 + 5 * (2 * 41) ** 0.5
+    chi = _chi_square(_op_pair_counts(weighted, len(p), 40_000), pairs)
+    assert chi < 41 + 5 * (2 * 41) ** 0.5, chi  # 42 possible pairs
+    with pytest.raises(ValueError, match="non-zero weight"):
+        SeededRandAugment([0, 1], 2, choice_weights=[1.0, 0.0]).choose_ops()
+
+
+def test_finetune_transform_uses_python_random_only():
+    """MAE's recipe gets SeededRandAugment (same ops), and a training transform touches no numpy global RNG:
+    with Python's and torch's RNG seeded, it is a pure function of the image. timm's RandAugment advanced
+    numpy's global RNG on every call."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from util.augment import SeededRandAugment
+    from util.datasets import finetune_transform
+
+    args = argparse.Namespace(data_set=None, data_path=None, input_size=16, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    tf = finetune_transform(True, args)
+    augments = [t for t in tf.transforms if isinstance(t, RandAugment)]
+    assert len(augments) == 1 and type(augments[0]) is SeededRandAugment
+    assert augments[0].num_layers == 2 and len(augments[0].ops) == 15
+    img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    before = np.random.get_state()[1].copy()
+    outs = []
+    for _ in range(2):
+        random.seed(7)
+        torch.manual_seed(7)
+        outs.append(torch.stack([tf(img) for _ in range(20)]))
+    assert np.array_equal(np.random.get_state()[1], before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_seeded_mixup_is_a_function_of_seed_epoch_rank_step():
+    """Same (seed, epoch, rank, step) -> same lambdas, modes and mixed images, whatever was drawn before and
+    without numpy's global RNG; another step, epoch or rank -> other draws. The distribution is timm's: per
+    element, cutmix is chosen with switch_prob and mixup's lambda ~ Beta(0.8, 0.8) (mean 1/2, variance
+    1/(4 (2 alpha + 1)) = 0.0962)."""
+    import numpy as np
+
+    from util.augment import SeededMixup
+
+    def mixup(seed=0, rank=0, mode="elem", **kw):
+        return SeededMixup(mixup_alpha=0.8, cutmix_alpha=1.0, mode=mode, label_smoothing=0.1, num_classes=10,
+                           seed=seed, rank=rank, **kw)
+
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    before = np.random.get_state()[1].copy()
+    for mode in ("elem", "pair", "batch"):
+        outs = []
+        m = mixup(mode=mode)
+        for warmup_steps in (0, 3):  # draws in between do not matter
+            for s in range(warmup_steps):
+                m.reseed(5, s)
+                m(x.clone(), y)
+            m.reseed(2, 7)
+            outs.append(m(x.clone(), y))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), mode
+    assert np.array_equal(np.random.get_state()[1], before)
+
+    def params(m, epoch, step):
+        m.reseed(epoch, step)
+        return m._params_per_elem(64)
+
+    m = mixup()
+    lam, cut = params(m, 2, 7)
+    for other in (params(m, 2, 8), params(m, 3, 7), params(mixup(rank=1), 2, 7), params(mixup(seed=1), 2, 7)):
+        assert not np.array_equal(other[0], lam)
+    lams, cuts = zip(*(params(m, 0, s) for s in range(500)))
+    lams, cuts = np.concatenate(lams), np.concatenate(cuts)
+    assert abs(cuts.mean() - 0.5) < 0.01  # 32,000 coin flips: sd 0.0028
+    mix = lams[~cuts]
+    assert abs(mix.mean() - 0.5) < 0.01 and abs(mix.var() - 1 / (4 * 2.6)) < 0.005
+    # CutMix boxes: the corrected lambda is 1 - box area / image area, in [0, 1]
+    m = SeededMixup(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=10, seed=0, rank=0)
+    m.reseed(0, 0)
+    (yl, yh, xl, xh), lam = m.cutmix_bbox_and_lam((3, 16, 16), 0.75)
+    assert 0 <= yl <= yh <= 16 and 0 <= xl <= xh <= 16 and lam == 1 - (yh - yl) * (xh - xl) / 256

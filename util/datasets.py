@@ -71,6 +71,7 @@ class IndexedDataset(Dataset):
 
 # `stream` of ItemSeedSampler: loaders of one run draw independent augmentation
 STREAM_TRAIN, STREAM_FORWARD_ONLY, STREAM_EMBED = 0, 1, 2
+STREAM_MIXUP = 3  # fine-tuning's Mixup/CutMix draws in the training process (util.augment.SeededMixup)
 
 
 class ItemSeedSampler(Sampler):
@@ -263,7 +264,10 @@ def eval_transform(args) -> Callable:
 
 
 def finetune_transform(is_train: bool, args) -> Callable:
-    """Fine-tuning transforms: timm's RandAugment + random erasing for training, centre crop for eval."""
+    """Fine-tuning transforms: timm's RandAugment + random erasing for training, centre crop for eval.
+
+    RandAugment picks its ops with Python's `random` (util.augment.SeededRandAugment), which SeededItems
+    seeds per item, instead of numpy's global RNG: exact after a restart with persistent workers."""
     if not is_train:
         return eval_transform(args)
     from timm.data import create_transform
@@ -283,7 +287,9 @@ def finetune_transform(is_train: bool, args) -> Callable:
         hflip=0.0 if resolve_data_set(args) == "digits" else 0.5,
         scale=(0.6, 1.0) if resolve_data_set(args) == "digits" else (0.08, 1.0),
     )
-    return _safe_posterize_ops(transform)
+    from util.augment import seed_rand_augment
+
+    return seed_rand_augment(_safe_posterize_ops(transform))
 
 
 def _posterize_keeping_zero_bits(img, bits_to_keep, **__):
