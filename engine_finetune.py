@@ -18,6 +18,7 @@ from timm.utils import accuracy
 
 from util import lr_sched
 from util.amp import autocast_dtype
+from util.device_input import DeviceNormalize, Stats
 from util.dist import collective_device, is_dist
 from util.metrics import MetricLogger, SmoothedValue
 
@@ -58,9 +59,12 @@ def train_one_epoch(
     mixup_fn=None,
     log_writer=None,
     args=None,
+    input_stats: Stats | None = None,
 ) -> dict:
-    """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm."""
+    """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm.
+    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize)."""
     model.train(True)
+    to_input = DeviceNormalize(input_stats, device)
     accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
     amp_dtype = autocast_dtype(getattr(args, "precision", "auto"), str(device))
     metric_logger = MetricLogger()
@@ -81,7 +85,7 @@ def train_one_epoch(
     for step, batch in enumerate(metric_logger.log_every(data_loader, header=f"Epoch: [{epoch}]", total=num_steps)):
         if step % accum_iter == 0:  # per-iteration (not per-epoch) schedule, at the fractional epoch
             lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
-        samples = batch[0].to(device, non_blocking=True)
+        samples = to_input(batch[0])
         targets = batch[1].to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -124,7 +128,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: torch.dtype | None = None,
+             input_stats: Stats | None = None) -> dict:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the union of all ranks' loaders.
 
     Correct counts, loss sums and sample counts are summed across ranks, so the result is exact when the
@@ -132,10 +137,11 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: t
     when there are fewer than 5 classes.
     """
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    to_input = DeviceNormalize(input_stats, device)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     for batch in MetricLogger().log_every(data_loader, header="Test:"):
-        images = batch[0].to(device, non_blocking=True)
+        images = to_input(batch[0])
         target = batch[1].to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             output = model(images)

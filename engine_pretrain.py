@@ -9,6 +9,7 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p.recorder import LossRecorder
+from util.device_input import DeviceNormalize, Stats
 from util.dist import all_reduce_mean, all_reduce_sum, any_rank, collective_device, is_dist
 from util.metrics import MetricLogger
 
@@ -67,9 +68,11 @@ def train_one_epoch(
     start_step: int = 0,
     carried: dict | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    input_stats: Stats | None = None,
 ) -> dict:
     """Train one epoch. Batches are (images, targets, dataset_index).
 
+    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
     sample_weights: float32 [N] CPU tensor of per-sample weights (None: all ones, MAE's loss).
     recorder: receives (index, per-sample loss) of every step; no host sync per step.
     start_step, carried: resume an epoch a preemption interrupted after `start_step` steps (the
@@ -81,6 +84,7 @@ def train_one_epoch(
     data_seconds, corrupt_replaced.
     """
     model.train(True)
+    to_input = DeviceNormalize(input_stats, device)
     metric_logger = MetricLogger()
     accum_iter = args.accum_iter
     print_freq = getattr(args, "print_freq", 20)
@@ -103,7 +107,7 @@ def train_one_epoch(
         update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
-        samples = samples.to(device, non_blocking=True)
+        samples = to_input(samples)
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
         weights = None  # built on the CPU, then one copy to the device
@@ -172,13 +176,15 @@ def forward_only_pass(
     recorder: LossRecorder,
     mask_ratio: float,
     amp_dtype: torch.dtype | None = None,
+    input_stats: Stats | None = None,
 ) -> int:
     """Loss of samples that were not trained this epoch (D3P's pruned set in recording epochs):
     same augmentation and random masking, no gradient. Returns the samples this rank processed."""
     model.eval()
+    to_input = DeviceNormalize(input_stats, device)
     seen = 0
     for samples, _, index in MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]"):
-        samples = samples.to(device, non_blocking=True)
+        samples = to_input(samples)
         with _autocast(device, amp_dtype):
             per_sample, _, _ = model(samples, mask_ratio=mask_ratio)
         recorder.record(index, per_sample)
@@ -190,7 +196,7 @@ def forward_only_pass(
 @torch.no_grad()
 def compute_embeddings(
     model: torch.nn.Module, data_loader: Iterable, device: torch.device, num_samples: int,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None, input_stats: Stats | None = None,
 ) -> tuple[np.ndarray, int]:
     """Mean-pooled unmasked encoder features of every sample -> (float32 [N, D], samples processed here).
 
@@ -204,8 +210,9 @@ def compute_embeddings(
     feats = np.zeros((num_samples, net.pos_embed.shape[-1]), dtype=np.float32)
     counts = np.zeros(num_samples, dtype=np.float32)
     seen = 0
+    to_input = DeviceNormalize(input_stats, device)
     for samples, _, index in MetricLogger().log_every(data_loader, "Embeddings"):
-        samples = samples.to(device, non_blocking=True)
+        samples = to_input(samples)
         with _autocast(device, amp_dtype):
             e = net.embed(samples).float().cpu().numpy()
         idx = index.numpy()

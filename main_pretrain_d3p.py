@@ -31,7 +31,8 @@ from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only
 from util import checkpoint as ckpt_util
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
-    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, eval_transform, pretrain_transform,
+    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, dataset_stats, default_num_workers,
+    eval_transform, pretrain_transform,
     resolve_data_set,
 )
 from util.dist import any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -73,7 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replace unreadable images by a neighbour (counted in log.txt) instead of stopping")
     g.add_argument("--train_subset", default=0, type=int,
                    help="train on the first N training samples only (smoke tests, CPU demos); 0 = all")
-    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
 
     g = parser.add_argument_group("output and resume")
@@ -162,6 +164,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.model = "mae_vit_tiny_patch4" if small else "mae_vit_base_patch16"
     if args.log_dir is None:
         args.log_dir = args.output_dir
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
 
 
 class _StopRequested(Exception):
@@ -290,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
             model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
             sample_weights=controller.sample_weights(), normalize_weights=plan.normalize_weights,
             recorder=recorder, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
-            stop_requested=lambda: stop["stop"],
+            stop_requested=lambda: stop["stop"], input_stats=dataset_stats(args),
         )
         if train_stats["interrupted_at_step"] is not None:
             save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, recorder, model_without_ddp,
@@ -300,14 +304,16 @@ def main(args: argparse.Namespace) -> int:
             return 143
         forward_seen = 0
         if plan.forward_only.size and recorder is not None:
-            forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio, amp_dtype)
+            forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio, amp_dtype,
+                              input_stats=dataset_stats(args))
             forward_seen = forward_sampler.total_size
         embeddings = None
         if plan.compute_embeddings:
             embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
                                        PrunedDistributedSampler(num_samples, world, rank, shuffle=False), args,
                                        args.batch_size)
-            embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype)
+            embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype,
+                                               input_stats=dataset_stats(args))
             forward_seen += num_samples
         decision = controller.end_epoch(epoch, recorder, embeddings)
         subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
