@@ -429,6 +429,7 @@ def main(args) -> dict:
         torch.backends.cudnn.benchmark = True
 
     dataset_train, dataset_val, sampler_train, loader_train, loader_val = build_loaders(args)
+    input_stats = data_util.dataset_stats(args)  # uint8 batches are normalised on the device with these
     n_data_classes = data_util.num_classes_of(dataset_train)
     if args.nb_classes is None:
         args.nb_classes = n_data_classes
@@ -528,7 +529,7 @@ def main(args) -> dict:
     max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
 
     if args.eval:
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats=data_util.dataset_stats(args))
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return test_stats
 
@@ -542,9 +543,9 @@ def main(args) -> dict:
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
             max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
-            input_stats=data_util.dataset_stats(args),
+            input_stats=input_stats,
         )
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats=data_util.dataset_stats(args))
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
@@ -570,7 +571,7 @@ def main(args) -> dict:
                 f.write(json.dumps(log_stats) + "\n")
 
     if test_stats is None:  # nothing left to train (e.g. --auto_resume of a finished run): report the model
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats=data_util.dataset_stats(args))
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
     train_seconds = time.time() - t_train
     print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")

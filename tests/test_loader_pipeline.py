@@ -145,7 +145,8 @@ def test_crop_scale_and_aspect_histograms_match(tmp_path):
 
 def test_dct_scaled_decode_only_where_the_crop_keeps_full_resolution(photos):
     path = os.path.join(photos, "train", "photo", "0_3.jpg")  # 1200x900
-    for max_reduction, k, size in ((1.9, 1, (1200, 900)), (2.0, 2, (600, 450)), (7.9, 4, (300, 225)), (8, 8, (150, 113))):
+    cases = ((1.9, 1, (1200, 900)), (2.0, 2, (600, 450)), (7.9, 4, (300, 225)), (8, 8, (150, 113)))
+    for max_reduction, k, size in cases:
         img, factor = _decode_reduced(Image.open(path), max_reduction)
         assert (factor, img.size, img.mode) == (k, size, "RGB")
     loaded = Image.open(path).convert("RGB")  # already decoded: nothing to reduce
