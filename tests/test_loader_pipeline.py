@@ -151,6 +151,10 @@ def test_dct_scaled_decode_only_where_the_crop_keeps_full_resolution(photos):
         assert (factor, img.size, img.mode) == (k, size, "RGB")
     loaded = Image.open(path).convert("RGB")  # already decoded: nothing to reduce
     assert _decode_reduced(loaded, 8)[1] == 1
+    grey = os.path.join(photos, "grey.jpg")  # outside train/: not part of the fixed set
+    loaded.convert("L").save(grey, quality=90)
+    img, factor = _decode_reduced(Image.open(grey), 2.0)
+    assert (factor, img.size, img.mode) == (2, (600, 450), "RGB")
 
 
 def test_eval_transform_is_uint8_and_matches_resize_center_crop(photos):
