@@ -32,8 +32,7 @@ from util import checkpoint as ckpt_util
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
     DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, dataset_stats, default_num_workers,
-    eval_transform, pretrain_transform,
-    resolve_data_set,
+    eval_transform, pretrain_transform, resolve_data_set,
 )
 from util.dist import any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
 
