@@ -229,8 +229,8 @@ def _resample_box(img: Image.Image, box: tuple[float, float, float, float], size
     """The region `box` (left, top, right, bottom, in pixels) of an RGB image, resampled to size (h, w)
     with antialiased bicubic -> uint8 [3, h, w].
 
-    A box on whole pixels is cropped and resized by torch's uint8 kernel (PIL's filter, 4-5x faster
-    than PIL's resize, within one level of it). A box in between pixels (after DCT scaling) is resized
+    A box on whole pixels is cropped and resized by torch's uint8 kernel (PIL's filter, 3-4x faster
+    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after DCT scaling) is resized
     by PIL, whose box may be fractional: rounding it would shift the crop by up to half a pixel.
     """
     if all(float(v).is_integer() for v in box):
