@@ -18,6 +18,7 @@ from timm.utils import accuracy
 from engine_pretrain import accumulation_divisor
 from util import lr_sched
 from util.amp import autocast_dtype
+from util.device_input import DeviceNormalize, Stats
 from util.dist import agree_at_sync_point, all_reduce, is_dist, to_collective
 from util.metrics import MetricLogger, SmoothedValue
 
@@ -56,6 +57,7 @@ def train_one_epoch(
     mixup_fn=None,
     log_writer=None,
     args=None,
+    input_stats: Stats | None = None,
 ) -> dict:
     """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm.
 
@@ -63,8 +65,10 @@ def train_one_epoch(
     `loss.item()` already makes) before any backward, so a NaN on one rank stops all of them at the
     same step. The epoch's last, partial accumulation group is stepped with its loss divided by its
     own size (engine_pretrain.accumulation_divisor), as in pre-training.
+    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
     """
     model.train(True)
+    to_input = DeviceNormalize(input_stats, device)
     accum_iter = max(int(getattr(args, "accum_iter", 1)), 1)
     amp_dtype = autocast_dtype(getattr(args, "precision", "auto"), str(device))
     metric_logger = MetricLogger()
@@ -85,7 +89,7 @@ def train_one_epoch(
     for step, batch in enumerate(metric_logger.log_every(data_loader, header=f"Epoch: [{epoch}]", total=num_steps)):
         if step % accum_iter == 0:  # per-iteration (not per-epoch) schedule, at the fractional epoch
             lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
-        samples = batch[0].to(device, non_blocking=True)
+        samples = to_input(batch[0])
         targets = batch[1].to(device, non_blocking=True)
         if mixup_fn is not None:
             mixup_fn.reseed(epoch, step)  # util.augment.SeededMixup: its draws depend on (epoch, step) only
@@ -135,7 +139,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: torch.dtype | None = None,
+             input_stats: Stats | None = None) -> dict:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the union of all ranks' loaders.
 
     Correct counts, loss sums and sample counts are summed across ranks, so the result is exact when the
@@ -143,10 +148,11 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device, amp_dtype: t
     when there are fewer than 5 classes.
     """
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    to_input = DeviceNormalize(input_stats, device)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     for batch in MetricLogger().log_every(data_loader, header="Test:"):
-        images = batch[0].to(device, non_blocking=True)
+        images = to_input(batch[0])
         target = batch[1].to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             output = model(images)

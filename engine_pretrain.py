@@ -9,6 +9,7 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p.recorder import LossRecorder
+from util.device_input import DeviceNormalize, Stats
 from util.dist import agree_at_sync_point, all_reduce, all_reduce_mean, all_reduce_sum, get_rank, is_dist, to_collective
 from util.metrics import MetricLogger
 
@@ -79,9 +80,11 @@ def train_one_epoch(
     start_step: int = 0,
     carried: dict | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    input_stats: Stats | None = None,
 ) -> dict:
     """Train one epoch. Batches are (images, targets, dataset_index).
 
+    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
     sample_weights: float32 [N] tensor of per-sample weights (None: all ones, MAE's loss); copied to
         the device once here, then indexed there each step.
     recorder: receives (index, per-sample loss) of every step; no host sync per step.
@@ -97,6 +100,7 @@ def train_one_epoch(
     data_seconds, corrupt_replaced.
     """
     model.train(True)
+    to_input = DeviceNormalize(input_stats, device)
     metric_logger = MetricLogger()
     accum_iter = args.accum_iter
     print_freq = getattr(args, "print_freq", 20)
@@ -121,7 +125,7 @@ def train_one_epoch(
         update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
-        samples = samples.to(device, non_blocking=True)
+        samples = to_input(samples)
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
         weights = None  # gathered on the device from the epoch's weights
@@ -203,6 +207,7 @@ def forward_only_pass(
     recorder: LossRecorder,
     mask_ratio: float,
     amp_dtype: torch.dtype | None = None,
+    input_stats: Stats | None = None,
     stop_requested: Callable[[], bool] | None = None,
     print_freq: int = 20,
 ) -> int | None:
@@ -211,11 +216,12 @@ def forward_only_pass(
     None when the ranks agreed to stop (SIGTERM) before the pass ended: the caller then saves the
     state from before the pass, which a resume replays."""
     model.eval()
+    to_input = DeviceNormalize(input_stats, device)
     seen = 0
     num_steps = len(data_loader)
     records = []  # handed to the recorder only when the pass completes: a stopped pass leaves no trace
     for step, (samples, _, index) in enumerate(MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]")):
-        samples = samples.to(device, non_blocking=True)
+        samples = to_input(samples)
         with _autocast(device, amp_dtype):
             per_sample, _, _ = model(samples, mask_ratio=mask_ratio)
         records.append((index, per_sample))
@@ -232,7 +238,8 @@ def forward_only_pass(
 @torch.no_grad()
 def compute_embeddings(
     model: torch.nn.Module, data_loader: Iterable, device: torch.device, num_samples: int,
-    amp_dtype: torch.dtype | None = None, stop_requested: Callable[[], bool] | None = None, print_freq: int = 20,
+    amp_dtype: torch.dtype | None = None, input_stats: Stats | None = None,
+    stop_requested: Callable[[], bool] | None = None, print_freq: int = 20,
 ) -> tuple[np.ndarray | None, int]:
     """Mean-pooled unmasked encoder features of every sample -> (float32 [N, D], samples processed here).
 
@@ -247,8 +254,9 @@ def compute_embeddings(
     counts = np.zeros(num_samples, dtype=np.float32)
     seen = 0
     num_steps = len(data_loader)
+    to_input = DeviceNormalize(input_stats, device)
     for step, (samples, _, index) in enumerate(MetricLogger().log_every(data_loader, "Embeddings")):
-        samples = samples.to(device, non_blocking=True)
+        samples = to_input(samples)
         with _autocast(device, amp_dtype):
             e = net.embed(samples).float().cpu().numpy()
         idx = index.numpy()

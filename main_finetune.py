@@ -157,7 +157,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", default=False,
                    help="shard evaluation across ranks (exact: counts are summed, no sample is duplicated)")
-    g.add_argument("--num_workers", default=None, type=int, help="data loader workers (default: min(10, #CPUs))")
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
     g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin CPU memory in the DataLoader (CUDA only) for faster host-to-device copies")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -198,7 +199,7 @@ def resolve_defaults(args) -> None:
     if args.input_size is None:
         args.input_size = NATIVE_INPUT_SIZE.get(args.model, 224)
     if args.num_workers is None:
-        args.num_workers = min(10, os.cpu_count() or 1)
+        args.num_workers = data_util.default_num_workers()
     if args.log_dir is None:
         args.log_dir = args.output_dir
 
@@ -276,19 +277,10 @@ class EvalShardSampler(Sampler):
 
 
 def linprobe_transform(is_train: bool, args):
-    """MAE's linear-probe augmentation: RandomResizedCrop + horizontal flip (no flip on digits), normalise."""
+    """MAE's linear-probe augmentation: RandomResizedCrop (0.08-1) + horizontal flip (no flip on digits), uint8."""
     if not is_train:
         return data_util.eval_transform(args)
-    from torchvision import transforms
-
-    mean, std = data_util.dataset_stats(args)
-    digits = data_util.resolve_data_set(args) == "digits"
-    ops = [transforms.RandomResizedCrop(args.input_size, scale=(0.6, 1.0) if digits else (0.08, 1.0),
-                                        interpolation=transforms.InterpolationMode.BICUBIC)]
-    if not digits:
-        ops.append(transforms.RandomHorizontalFlip())
-    ops += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(ops)
+    return data_util.train_crop_transform(args, scale=(0.08, 1.0))
 
 
 def build_loaders(args):
@@ -448,6 +440,7 @@ def main(args) -> dict:
     configure_cuda_math(device)
 
     dataset_train, dataset_val, sampler_train, loader_train, loader_val = build_loaders(args)
+    input_stats = data_util.dataset_stats(args)  # uint8 batches are normalised on the device with these
     n_data_classes = data_util.num_classes_of(dataset_train)
     if args.nb_classes is None:
         args.nb_classes = n_data_classes
@@ -546,7 +539,7 @@ def main(args) -> dict:
     max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
 
     if args.eval:
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype)
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return test_stats
 
@@ -560,8 +553,9 @@ def main(args) -> dict:
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
             max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
+            input_stats=input_stats,
         )
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype)
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
@@ -587,7 +581,7 @@ def main(args) -> dict:
                 f.write(json.dumps(log_stats) + "\n")
 
     if test_stats is None:  # nothing left to train (e.g. --auto_resume of a finished run): report the model
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype)
+        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         max_accuracy = max(max_accuracy, test_stats["acc1"])
     train_seconds = time.time() - t_train
     print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")

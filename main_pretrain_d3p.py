@@ -33,7 +33,8 @@ from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_comp
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
     DATA_SETS, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset, ItemSeedSampler,
-    SeededItems, build_dataset, collate_indexed, eval_transform, pretrain_transform, resolve_data_set,
+    SeededItems, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
+    pretrain_transform, resolve_data_set,
 )
 from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
 
@@ -77,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replace unreadable images by a neighbour (counted in log.txt) instead of stopping")
     g.add_argument("--train_subset", default=0, type=int,
                    help="train on the first N training samples only (smoke tests, CPU demos); 0 = all")
-    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
 
     g = parser.add_argument_group("output and resume")
@@ -175,6 +177,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.model = "mae_vit_tiny_patch4" if small else "mae_vit_base_patch16"
     if args.log_dir is None:
         args.log_dir = args.output_dir
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
 
 
 class _StopRequested(Exception):
@@ -305,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
             model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
             sample_weights=controller.sample_weights(), normalize_weights=plan.normalize_weights,
             recorder=recorder, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
-            stop_requested=lambda: stop["stop"],
+            stop_requested=lambda: stop["stop"], input_stats=dataset_stats(args),
         )
         if train_stats["interrupted_at_step"] is not None:
             save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, recorder, model_without_ddp,
@@ -316,7 +320,7 @@ def main(args: argparse.Namespace) -> int:
         # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
         # included, and no partial records), so the resume replays them whole
         forward_seen, stopped_in_pass, rng_before_passes = 0, False, ckpt_util.rng_state()
-        polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq)
+        polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq, input_stats=dataset_stats(args))
         embeddings = None
         if plan.compute_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
             embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),

@@ -27,7 +27,7 @@ def _faulty_loader(loader, kind: str, at_step: int):
             elif kind == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif kind == "nan":
-                images = torch.full_like(images, float("nan"))
+                images = torch.full_like(images, float("nan"), dtype=torch.float32)  # uint8 cannot hold NaN
         yield images, targets, index
 
 

@@ -16,6 +16,7 @@ import util  # noqa: F401  (torchvision op schemas, before torchvision)
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision import datasets as tv_datasets
@@ -123,6 +124,14 @@ class SeededItems(Dataset):
             torch.manual_seed(item_seed)
             random.seed(item_seed)
         return self.base[index]
+_DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _corrupt_image_error(path: str, exc: Exception) -> CorruptImageError:
+    return CorruptImageError(
+        f"cannot read image {path}: {exc}. Fix: remove or replace the file, or pass --skip_corrupt "
+        "to replace unreadable images by their neighbour and count them in log.txt"
+    )
 
 
 def _checked_loader(path: str) -> Image.Image:
@@ -132,11 +141,17 @@ def _checked_loader(path: str) -> Image.Image:
             img = Image.open(f)
             img.load()  # decode now: a truncated file fails here, not later inside a transform
             return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptImageError(
-            f"cannot read image {path}: {exc}. Fix: remove or replace the file, or pass --skip_corrupt "
-            "to replace unreadable images by their neighbour and count them in log.txt"
-        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise _corrupt_image_error(path, exc) from exc
+
+
+def _lazy_loader(path: str) -> Image.Image:
+    """Open an image, reading only its header: the uint8 transforms below decode it, at reduced size
+    where their crop allows, and name the file if decoding fails."""
+    try:
+        return Image.open(path)
+    except _DECODE_ERRORS as exc:
+        raise _corrupt_image_error(path, exc) from exc
 
 
 def _image_folder(root: str, transform: Callable | None) -> tv_datasets.ImageFolder:
@@ -160,7 +175,8 @@ def _image_folder(root: str, transform: Callable | None) -> tv_datasets.ImageFol
                 f"class folder {os.path.join(root, c)} has no images ({', '.join(exts)}). "
                 "Fix: add images or remove the empty folder"
             )
-    return tv_datasets.ImageFolder(root, transform=transform, loader=_checked_loader)
+    loader = _lazy_loader if getattr(transform, "decodes_lazily", False) else _checked_loader
+    return tv_datasets.ImageFolder(root, transform=transform, loader=loader)
 
 
 class DigitsDataset(Dataset):
@@ -230,44 +246,150 @@ def dataset_stats(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def pretrain_transform(args) -> Callable:
-    """MAE's pre-training augmentation: random resized crop (scale 0.2-1), flip, normalise.
+# ------------------------------------------------------------------------------------------ transforms
+# Every transform below returns uint8 [3, S, S] tensors: a quarter of the bytes of float32 through the
+# worker queues, pinned memory and the host-to-device copy. The engines normalise on the training
+# device (util.device_input.DeviceNormalize), with the float32 operations of ToTensor + Normalize.
+# In-memory data sets (digits, CIFAR) use torchvision's PIL ops, so their pixels are those of the float
+# pipeline exactly; image folders use the uint8 ops below, which decode and resize far less.
 
-    Digits are not flipped (a mirrored digit is another shape) and crop less aggressively.
+IN_MEMORY_DATA_SETS = ("digits", "cifar10", "cifar100")
+JPEG_DCT_SCALES = (8, 4, 2)  # libjpeg decodes at 1/8, 1/4, 1/2 size natively (PIL's draft mode)
+
+
+def _decode_reduced(img: Image.Image, max_reduction: float) -> tuple[Image.Image, float]:
+    """Decode a lazily opened image at the smallest JPEG DCT scale 1/k with k <= max_reduction.
+
+    Returns (RGB image, k): a pixel (x, y) of the original is at (x / k, y / k) in the result. k is 1
+    when the image is not a JPEG, is already decoded, or the crop needs full resolution.
     """
-    mean, std = dataset_stats(args)
-    if resolve_data_set(args) == "digits":
-        return transforms.Compose([
-            transforms.RandomResizedCrop(args.input_size, scale=(0.6, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
-    return transforms.Compose([
-        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    path = getattr(img, "filename", "") or "<in-memory image>"
+    width, height = img.size
+    reduction = next((k for k in JPEG_DCT_SCALES if k <= max_reduction), 1)
+    factor = 1.0
+    try:
+        if reduction > 1:
+            drafted = img.draft("RGB", (width // reduction, height // reduction))
+            if drafted is not None:  # None: not a JPEG, or already decoded
+                factor = width / drafted[1][2]
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except _DECODE_ERRORS as exc:
+        raise _corrupt_image_error(path, exc) from exc
+    return img, factor
+
+
+def _resample_box(img: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
+    """The region `box` (left, top, right, bottom, in pixels) of an RGB image, resampled to size (h, w)
+    with antialiased bicubic -> uint8 [3, h, w].
+
+    A box on whole pixels is cropped and resized by torch's uint8 kernel (PIL's filter, 3-4x faster
+    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after DCT scaling) is resized
+    by PIL, whose box may be fractional: rounding it would shift the crop by up to half a pixel.
+    """
+    if all(float(v).is_integer() for v in box):
+        pixels = torch.from_numpy(np.array(img.crop(tuple(int(v) for v in box))))  # [H, W, 3], writable
+        batch = pixels.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels-last strides: the fast kernel
+        if tuple(batch.shape[-2:]) != size:
+            batch = F.interpolate(batch, size=size, mode="bicubic", antialias=True)
+        return batch[0]
+    out = img.resize((size[1], size[0]), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+class RandomResizedCropUint8:
+    """MAE's RandomResizedCrop(size, scale, bicubic) [+ RandomHorizontalFlip] -> uint8 [3, size, size].
+
+    The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params, then
+    torch.rand(1) < 0.5) from the same torch RNG, in the same order, as the float pipeline: the same
+    seed gives the same boxes and flips, and loader seeding and resume are unchanged. The work is less:
+    the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
+    that scale, only the box is cropped before resizing, and the result stays uint8.
+    """
+
+    decodes_lazily = True  # _image_folder passes an opened, not yet decoded image
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        flip = self.flip and bool(torch.rand(1) < 0.5)
+        img, k = _decode_reduced(img, min(width, height) / self.size)
+        box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
+        out = _resample_box(img, box, (self.size, self.size))
+        return (out.flip(-1) if flip else out).contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
+
+
+class ResizeCenterCropUint8:
+    """Resize(resize, bicubic) + CenterCrop(size) -> uint8 [3, size, size], decoding the JPEG at reduced
+    size when the resized image is at most that large. Output sizes and crop offsets follow torchvision's."""
+
+    decodes_lazily = True
+
+    def __init__(self, resize: int, size: int):
+        self.resize, self.size = resize, size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        width, height = img.size
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.resize * long / short)  # torchvision's rule for Resize(int)
+        new_w, new_h = (self.resize, new_long) if width <= height else (new_long, self.resize)
+        img, k = _decode_reduced(img, min(width / new_w, height / new_h))
+        out = _resample_box(img, (0, 0, width / k, height / k), (new_h, new_w))
+        top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+        return out[:, top:top + self.size, left:left + self.size].contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resize={self.resize}, size={self.size})"
+
+
+def train_crop_transform(args, scale: tuple[float, float]) -> Callable:
+    """RandomResizedCrop(scale, bicubic) + horizontal flip -> uint8 (MAE's pre-training and linear-probe
+    augmentation). Digits are not flipped (a mirrored digit is another shape) and crop less: scale
+    (0.6, 1)."""
+    name = resolve_data_set(args)
+    if name == "digits":
+        scale = (0.6, 1.0)
+    if name in IN_MEMORY_DATA_SETS:
+        ops = [transforms.RandomResizedCrop(args.input_size, scale=scale,
+                                            interpolation=transforms.InterpolationMode.BICUBIC)]
+        if name != "digits":
+            ops.append(transforms.RandomHorizontalFlip())
+        return transforms.Compose(ops + [transforms.PILToTensor()])
+    return RandomResizedCropUint8(args.input_size, scale=scale, flip=True)
+
+
+def pretrain_transform(args) -> Callable:
+    """MAE's pre-training augmentation: random resized crop (scale 0.2-1), flip -> uint8 [3, S, S]."""
+    return train_crop_transform(args, scale=(0.2, 1.0))
 
 
 def eval_transform(args) -> Callable:
-    """Resize (to input/0.875, or as-is for small inputs), centre crop, normalise."""
-    mean, std = dataset_stats(args)
+    """Resize (to input/0.875, or as-is for small inputs), centre crop -> uint8 [3, S, S]."""
     size = args.input_size
     resize = size if size <= 32 else int(size / 0.875)
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    if resolve_data_set(args) in IN_MEMORY_DATA_SETS:
+        return transforms.Compose([
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.PILToTensor(),
+        ])
+    return ResizeCenterCropUint8(resize, size)
 
 
 def finetune_transform(is_train: bool, args) -> Callable:
     """Fine-tuning transforms: timm's RandAugment + random erasing for training, centre crop for eval.
 
-    RandAugment picks its ops with Python's `random` (util.augment.SeededRandAugment), which SeededItems
-    seeds per item, instead of numpy's global RNG: exact after a restart with persistent workers."""
+    The training transform ends in float32 normalised on the CPU (erasing draws normal noise in
+    normalised units); eval is uint8 (centre crop), normalised on the device. RandAugment picks its ops
+    with Python's `random` (util.augment.SeededRandAugment), which SeededItems seeds per item, instead of
+    numpy's global RNG: exact after a restart with persistent workers."""
     if not is_train:
         return eval_transform(args)
     from timm.data import create_transform
@@ -327,8 +449,42 @@ def num_classes_of(dataset: Dataset) -> int:
 
 
 def collate_indexed(batch):
-    """Default collation, kept explicit so the index column stays an int64 tensor."""
+    """Default collation, kept explicit so the index column stays an int64 tensor (images keep their
+    dtype: uint8 from the transforms above, float32 from timm's fine-tuning transform)."""
     imgs = torch.stack([b[0] for b in batch])
     targets = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
     index = torch.as_tensor([b[2] for b in batch], dtype=torch.long)
     return imgs, targets, index
+
+
+MAX_DEFAULT_WORKERS = 16  # each worker holds a copy of the file list; more rarely pays off per GPU
+
+
+def _leading_int(value: str) -> int:
+    """SLURM writes per-node task counts like '4' or '4(x2)'."""
+    digits = ""
+    for ch in value.strip():
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else 1
+
+
+def default_num_workers(environ: dict | None = None) -> int:
+    """`--num_workers` default: the CPUs this process may run on, shared by the processes of this node.
+
+    torchrun starts every local rank with the launcher's CPU set: divide it by LOCAL_WORLD_SIZE. A
+    SLURM task without torchrun has its own budget SLURM_CPUS_PER_TASK, or else shares the node's CPU
+    set with SLURM_NTASKS_PER_NODE tasks. At least 1, at most MAX_DEFAULT_WORKERS.
+    """
+    env = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if env.get("LOCAL_WORLD_SIZE"):
+        per_process = cpus // max(_leading_int(env["LOCAL_WORLD_SIZE"]), 1)
+    elif env.get("SLURM_CPUS_PER_TASK"):
+        per_process = min(cpus, _leading_int(env["SLURM_CPUS_PER_TASK"]))
+    elif env.get("SLURM_NTASKS_PER_NODE"):
+        per_process = cpus // max(_leading_int(env["SLURM_NTASKS_PER_NODE"]), 1)
+    else:
+        per_process = cpus
+    return max(1, min(MAX_DEFAULT_WORKERS, per_process))

@@ -1,0 +1,177 @@
+"""Loader throughput per CPU core on real JPEGs: the former float32 pipeline, the uint8 one, decode alone.
+
+    python benchmarks/bench_loader.py [--input_size 224] [--rounds 7] [--passes 4]
+
+Builds an ImageFolder of 500x375 JPEGs (quality 90) from the colour photographs that ship inside
+scikit-image (astronaut, chelsea, coffee, rocket, ...: 4 crops each), then times, in this one process
+with one torch thread (what one DataLoader worker does), `dataset[i]` over all images, in CPU time
+of this process (images/s per core; robust to other processes on the machine, wall time also shown):
+
+  old     the former pre-training pipeline: full decode + convert('RGB'), torchvision
+          RandomResizedCrop(bicubic) + flip on the PIL image, ToTensor, Normalize (float32 out)
+  new     util.datasets.pretrain_transform: lazy open, box drawn by the same rule, decode (at 1/2..1/8
+          size where the box allows), crop, torch's uint8 bicubic resize, flip (uint8 out)
+  decode  the floor: open + decode + convert('RGB') (the former loader alone); also printed without
+          the convert copy, and at 1/2 size (JPEG DCT scaling) for reference
+  eval    the centre-crop transforms (D3P's embeddings pass, linear-probe / fine-tune eval), old and new
+
+Pipelines are interleaved within each round; the median round is printed. Needs scikit-image
+(requirements.txt). Numbers are per core: a loader with W workers feeds about W times as many.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import util  # noqa: F401,E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+from util.datasets import (  # noqa: E402
+    IMAGENET_MEAN, IMAGENET_STD, _checked_loader, build_dataset, eval_transform, pretrain_transform,
+)
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "stereo_motorcycle")
+JPEG_SIZE = (500, 375)  # ImageNet's most common size
+
+
+def photos() -> list[np.ndarray]:
+    """The colour photographs bundled with scikit-image (no download), uint8 [H, W, 3]."""
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise SystemExit("bench_loader needs scikit-image for its sample photos: pip install scikit-image") from exc
+    out = []
+    for name in PHOTOS:
+        img = getattr(data, name)()
+        if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
+            out += [img[0], img[1]]
+        else:
+            out.append(img)
+    return out
+
+
+def build_folder(root: str, crops_per_photo: int = 4) -> int:
+    """root/train/<photo>/<k>.jpg: 4:3 crops of each photo at several positions and zooms, resized to
+    500x375, JPEG quality 90. Returns the number of files."""
+    count = 0
+    for p, pixels in enumerate(photos()):
+        img = Image.fromarray(pixels).convert("RGB")
+        w, h = img.size
+        full = min(w / 4, h / 3)  # the largest 4:3 box
+        folder = os.path.join(root, "train", f"photo{p}")
+        os.makedirs(folder)
+        for k in range(crops_per_photo):
+            zoom = 1.0 - 0.15 * k  # 100%, 85%, 70%, 55% of the largest box
+            bw, bh = 4 * full * zoom, 3 * full * zoom
+            left, top = (w - bw) * (k % 2), (h - bh) * (k // 2 % 2)  # corners in turn
+            box = tuple(round(v) for v in (left, top, left + bw, top + bh))
+            img.resize(JPEG_SIZE, Image.BICUBIC, box=box).save(os.path.join(folder, f"{k}.jpg"), quality=90)
+            count += 1
+    return count
+
+
+def old_pretrain_transform(size: int):
+    """The float32 pipeline this project used before the uint8 one (MAE's main_pretrain.py)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def old_eval_transform(size: int):
+    return transforms.Compose([
+        transforms.Resize(int(size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def decode_no_convert(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+def decode_half(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        img.draft("RGB", (img.size[0] // 2, img.size[1] // 2))
+        img.load()
+        return img
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds; the median is printed")
+    p.add_argument("--passes", type=int, default=4, help="passes over the images per pipeline and round")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # one DataLoader worker = one core
+
+    with tempfile.TemporaryDirectory() as root:
+        n = build_folder(root)
+        data_args = SimpleNamespace(data_set="folder", data_path=root, input_size=args.input_size)
+        old = build_dataset("train", data_args, old_pretrain_transform(args.input_size))
+        new = build_dataset("train", data_args, pretrain_transform(data_args))
+        old_eval = build_dataset("train", data_args, old_eval_transform(args.input_size))
+        new_eval = build_dataset("train", data_args, eval_transform(data_args))
+        paths = [path for path, _ in old.samples]
+        pipelines = {
+            "old (float32)": lambda i: old[i][0],
+            "new (uint8)": lambda i: new[i][0],
+            "decode + convert (floor)": lambda i: _checked_loader(paths[i]),
+            "decode, no convert": lambda i: decode_no_convert(paths[i]),
+            "decode at 1/2 (draft)": lambda i: decode_half(paths[i]),
+            "eval old (float32)": lambda i: old_eval[i][0],
+            "eval new (uint8)": lambda i: new_eval[i][0],
+        }
+        torch.manual_seed(0)
+        for fn in pipelines.values():  # warm-up: file cache, allocator, kernels
+            for i in range(n):
+                fn(i)
+        seconds = {name: [] for name in pipelines}  # CPU seconds of this process per image
+        wall = {name: [] for name in pipelines}
+        for _ in range(args.rounds):
+            for name, fn in pipelines.items():
+                start, start_wall = time.process_time(), time.perf_counter()
+                for _ in range(args.passes):
+                    for i in range(n):
+                        fn(i)
+                seconds[name].append((time.process_time() - start) / (args.passes * n))
+                wall[name].append((time.perf_counter() - start_wall) / (args.passes * n))
+        bytes_old, bytes_new = old[0][0], new[0][0]
+        bytes_old = bytes_old.numel() * bytes_old.element_size()
+        bytes_new = bytes_new.numel() * bytes_new.element_size()
+
+    per_image = {name: statistics.median(v) for name, v in seconds.items()}
+    per_image_wall = {name: statistics.median(v) for name, v in wall.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{n} JPEGs {JPEG_SIZE[0]}x{JPEG_SIZE[1]} q90 (scikit-image photos), output {args.input_size}px, "
+          f"1 torch thread, median of {args.rounds} rounds x {args.passes} passes, load average {load:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"{'pipeline':>26} {'CPU ms/image':>13} {'images/s/core':>14} {'wall ms/image':>14}")
+    for name, sec in per_image.items():
+        print(f"{name:>26} {sec * 1e3:>13.3f} {1 / sec:>14.0f} {per_image_wall[name] * 1e3:>14.3f}")
+    old_s, new_s, floor_s = per_image["old (float32)"], per_image["new (uint8)"], per_image["decode + convert (floor)"]
+    print(f"speed-up new vs old: {old_s / new_s:.2f}x (target >= 2.5x)")
+    print(f"new vs decode alone: {new_s / floor_s:.2f}x the floor's time (target <= 1.5x); "
+          f"{new_s / per_image['decode, no convert']:.2f}x decode without the convert copy")
+    print(f"eval speed-up new vs old: {per_image['eval old (float32)'] / per_image['eval new (uint8)']:.2f}x")
+    print(f"bytes per sample to the device: old {bytes_old:,} (float32), new {bytes_new:,} (uint8), "
+          f"{bytes_old / bytes_new:.0f}x less")
+
+
+if __name__ == "__main__":
+    main()

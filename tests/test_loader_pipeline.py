@@ -1,0 +1,257 @@
+"""The uint8 loader pipeline: same draws and pixels as the float pipeline it replaced, normalisation on
+the device, DataLoader workers, pre-training on JPEGs with exact resume, the --num_workers default.
+
+The fixed image set: scikit-learn's two bundled photographs (china.jpg, flower.jpg; no download), cut
+into 500x375 JPEGs (ImageNet's common size: full-resolution decode, whole-pixel boxes) and 1200x900
+ones (large crops there are decoded at 1/2 or 1/4 size by JPEG DCT scaling).
+"""
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+import main_finetune
+import main_pretrain_d3p
+from conftest import load_ckpt
+from util.datasets import (
+    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DigitsDataset, IndexedDataset, ResizeCenterCropUint8,
+    _decode_reduced, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
+    pretrain_transform,
+)
+from util.device_input import DeviceNormalize
+
+SIZE = 224
+BICUBIC = transforms.InterpolationMode.BICUBIC
+CUTS = [((0, 0, 569, 427), (500, 375)), ((71, 0, 640, 427), (500, 375)), ((100, 50, 500, 350), (500, 375)),
+        ((0, 0, 569, 427), (1200, 900))]
+
+
+def _photo_folder(root: str) -> str:
+    from sklearn.datasets import load_sample_images
+
+    folder = os.path.join(root, "train", "photo")
+    os.makedirs(folder)
+    for p, pixels in enumerate(load_sample_images().images):
+        img = Image.fromarray(pixels)
+        for k, (box, size) in enumerate(CUTS):
+            img.resize(size, Image.BICUBIC, box=box).save(os.path.join(folder, f"{p}_{k}.jpg"), quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return _photo_folder(str(tmp_path_factory.mktemp("photos")))
+
+
+def _folder_args(root: str, size: int = SIZE) -> SimpleNamespace:
+    return SimpleNamespace(data_set="folder", data_path=root, input_size=size)
+
+
+def _old_pretrain(size: int = SIZE):
+    """The float pipeline the uint8 one replaced, minus ToTensor/Normalize (compared in uint8 here)."""
+    return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=BICUBIC),
+                               transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+
+
+@pytest.fixture(scope="module")
+def pretrain_pairs(photos):
+    """For every image and seeds 0-9: (new uint8, old uint8, RNG states after each, is 1200x900)."""
+    args = _folder_args(photos)
+    new, old = build_dataset("train", args, pretrain_transform(args)), build_dataset("train", args, _old_pretrain())
+    rows = []
+    for i, (path, _) in enumerate(new.samples):
+        for seed in range(10):
+            torch.manual_seed(seed)
+            a = new[i][0]
+            state_a = torch.get_rng_state()
+            torch.manual_seed(seed)
+            b = old[i][0]
+            rows.append((a, b, state_a, torch.get_rng_state(), path.endswith("_3.jpg")))
+    return rows
+
+
+def test_same_seed_gives_the_same_box_and_flip_and_nearly_the_same_pixels(pretrain_pairs):
+    for a, b, state_a, state_b, large in pretrain_pairs:
+        assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE) and a.is_contiguous()
+        # the same draws from the same RNG: seeding, workers and resume behave as before
+        assert torch.equal(state_a, state_b)
+        diff = (a.float() - b.float()).abs().mean().item()
+        # Whole-pixel boxes: PIL's bicubic filter computed by torch's uint8 kernel, so only rounding
+        # differs (measured <= 0.24 levels on average). A box shifted or flipped the other way would
+        # differ by tens of levels. DCT-scaled decode (1200x900): libjpeg's 1/2 or 1/4 scaling does part
+        # of the low-pass that bicubic antialiasing did (measured <= 1.8 levels on average).
+        assert diff < (3.0 if large else 0.5), diff
+
+
+def test_channel_means_and_stds_match_the_float_pipeline(pretrain_pairs):
+    new = torch.stack([r[0] for r in pretrain_pairs]).float().transpose(0, 1).reshape(3, -1)
+    old = torch.stack([r[1] for r in pretrain_pairs]).float().transpose(0, 1).reshape(3, -1)
+    # 80 crops of 224x224: per-channel statistics agree to 0.01 (mean) and 0.03 (std) levels as measured;
+    # 0.25 levels (0.1% of a std of ~80 levels) leaves room for other libjpeg/CPU builds, while a
+    # blurrier resize, a colour-space slip or a wrong crop scale moves them by whole levels
+    assert torch.allclose(new.mean(1), old.mean(1), atol=0.25)
+    assert torch.allclose(new.std(1), old.std(1), atol=0.25)
+
+
+def _recover_box(out: torch.Tensor) -> tuple[float, float, bool]:
+    """A crop of the coordinate image (R = x, G = y) -> (area, aspect w/h, flipped), read from two interior
+    rows/columns, where bicubic reproduces a linear ramp exactly up to rounding."""
+    size = out.shape[-1]
+    c1, c2 = size // 4, 3 * size // 4
+    r = out[0].double()
+    g = out[1].double()
+    dx = (r[size // 2, c2] - r[size // 2, c1]).item() * size / (c2 - c1)  # negative when flipped
+    dy = (g[c2, size // 2] - g[c1, size // 2]).item() * size / (c2 - c1)
+    return abs(dx) * dy, abs(dx) / dy, dx < 0
+
+
+def test_crop_scale_and_aspect_histograms_match(tmp_path):
+    w, h = 240, 180
+    ramp = np.zeros((h, w, 3), np.uint8)
+    ramp[..., 0] = np.arange(w)[None, :]
+    ramp[..., 1] = np.arange(h)[:, None]
+    os.makedirs(tmp_path / "train" / "c")
+    Image.fromarray(ramp).save(tmp_path / "train" / "c" / "ramp.png")  # lossless: exact coordinates
+    args = _folder_args(str(tmp_path), size=32)
+    new, old = build_dataset("train", args, pretrain_transform(args)), build_dataset("train", args, _old_pretrain(32))
+    got = {"new": [], "old": []}
+    for seed in range(300):
+        for name, ds in (("new", new), ("old", old)):
+            torch.manual_seed(seed)
+            got[name].append(_recover_box(ds[0][0]))
+    for name in got:
+        got[name] = np.array(got[name], dtype=float)
+    area_new, area_old = got["new"][:, 0] / (w * h), got["old"][:, 0] / (w * h)
+    aspect_new, aspect_old = got["new"][:, 1], got["old"][:, 1]
+    assert np.array_equal(got["new"][:, 2], got["old"][:, 2])  # the same flips
+    assert 0.4 < got["new"][:, 2].mean() < 0.6
+    # RandomResizedCrop's law: area fraction in [0.2, 1], aspect in [3/4, 4/3] (up to the read-out's rounding)
+    assert area_new.min() > 0.17 and area_new.max() < 1.05
+    assert aspect_new.min() > 0.7 and aspect_new.max() < 1.4
+    area_bins, aspect_bins = np.linspace(0.15, 1.05, 7), np.exp(np.linspace(np.log(0.7), np.log(1.4), 7))
+    for new_v, old_v, bins in ((area_new, area_old, area_bins), (aspect_new, aspect_old, aspect_bins)):
+        h_new, h_old = np.histogram(new_v, bins)[0], np.histogram(old_v, bins)[0]
+        assert h_new.sum() == h_old.sum() == 300
+        # the same boxes: counts can only move across a bin edge by the read-out's rounding
+        assert np.abs(h_new - h_old).max() <= 6, (h_new, h_old)
+    assert np.abs(area_new - area_old).max() < 0.05 and np.abs(aspect_new - aspect_old).max() < 0.06
+
+
+def test_dct_scaled_decode_only_where_the_crop_keeps_full_resolution(photos):
+    path = os.path.join(photos, "train", "photo", "0_3.jpg")  # 1200x900
+    cases = ((1.9, 1, (1200, 900)), (2.0, 2, (600, 450)), (7.9, 4, (300, 225)), (8, 8, (150, 113)))
+    for max_reduction, k, size in cases:
+        img, factor = _decode_reduced(Image.open(path), max_reduction)
+        assert (factor, img.size, img.mode) == (k, size, "RGB")
+    loaded = Image.open(path).convert("RGB")  # already decoded: nothing to reduce
+    assert _decode_reduced(loaded, 8)[1] == 1
+    grey = os.path.join(photos, "grey.jpg")  # outside train/: not part of the fixed set
+    loaded.convert("L").save(grey, quality=90)
+    img, factor = _decode_reduced(Image.open(grey), 2.0)
+    assert (factor, img.size, img.mode) == (2, (600, 450), "RGB")
+
+
+def test_eval_transform_is_uint8_and_matches_resize_center_crop(photos):
+    args = _folder_args(photos)
+    new = build_dataset("train", args, eval_transform(args))
+    assert isinstance(new.transform, ResizeCenterCropUint8)
+    old = build_dataset("train", args, transforms.Compose([
+        transforms.Resize(int(SIZE / 0.875), interpolation=BICUBIC), transforms.CenterCrop(SIZE),
+        transforms.PILToTensor()]))
+    for i, (path, _) in enumerate(new.samples):
+        a, b = new[i][0], old[i][0]
+        assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE)
+        diff = (a.float() - b.float()).abs().mean().item()
+        assert diff < (3.0 if path.endswith("_3.jpg") else 0.5), (path, diff)
+
+
+def test_device_normalisation_equals_the_cpu_normalisation(photos):
+    """ToTensor + Normalize on the CPU (the former pipeline) == uint8 batch + DeviceNormalize, bit for bit."""
+    img = Image.open(os.path.join(photos, "train", "photo", "1_0.jpg")).convert("RGB")
+    cpu = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(img))
+    dev = DeviceNormalize((IMAGENET_MEAN, IMAGENET_STD), "cpu")(transforms.PILToTensor()(img).unsqueeze(0))
+    assert dev.dtype == torch.float32 and torch.equal(dev[0], cpu)
+
+    # digits: the whole old pre-training transform against the new one + collation + DeviceNormalize
+    args = SimpleNamespace(data_set="digits", data_path=None, input_size=16)
+    mean, std = dataset_stats(args)
+    old_tf = transforms.Compose([transforms.RandomResizedCrop(16, scale=(0.6, 1.0), interpolation=BICUBIC),
+                                 transforms.ToTensor(), transforms.Normalize(mean, std)])
+    old_ds, new_ds = DigitsDataset(True, old_tf), IndexedDataset(DigitsDataset(True, pretrain_transform(args)))
+    torch.manual_seed(3)
+    expected = torch.stack([old_ds[i][0] for i in range(8)])
+    torch.manual_seed(3)
+    batch, _, index = collate_indexed([new_ds[i] for i in range(8)])
+    assert batch.dtype == torch.uint8 and index.tolist() == list(range(8))
+    assert torch.equal(DeviceNormalize((mean, std), "cpu")(batch), expected)
+
+    already = torch.randn(2, 3, 4, 4)  # timm's fine-tuning transform normalises on the CPU: only moved
+    assert DeviceNormalize((mean, std), "cpu")(already) is already
+    with pytest.raises(ValueError, match="input_stats"):
+        DeviceNormalize(None, "cpu")(batch)
+
+
+def test_workers_deliver_uint8_batches_and_name_corrupt_jpegs(photos, tmp_path):
+    args = _folder_args(photos, size=32)
+    dataset = IndexedDataset(build_dataset("train", args, pretrain_transform(args)))
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_indexed,
+                        generator=torch.Generator().manual_seed(0))
+    batches = list(loader)
+    assert [b[0].shape for b in batches] == [(4, 3, 32, 32)] * 2
+    assert all(b[0].dtype == torch.uint8 and b[2].dtype == torch.int64 for b in batches)
+
+    root = _photo_folder(str(tmp_path))
+    bad = os.path.join(root, "train", "photo", "0_1.jpg")
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)  # the header parses; decoding fails
+    dataset = build_dataset("train", _folder_args(root), pretrain_transform(_folder_args(root)))
+    index = [p for p, _ in dataset.samples].index(bad)
+    with pytest.raises(CorruptImageError, match="0_1.jpg.*--skip_corrupt"):
+        dataset[index]
+    assert IndexedDataset(dataset, skip_corrupt=True)[index][2] == -1 - index
+
+
+def test_pretraining_on_jpegs_resumes_exactly(photos, tmp_path):
+    # input 32: crops of >= 64/128/256 px decode at 1/2, 1/4, 1/8 size, so every path runs. In-process
+    # loading (workers: test above): persistent DataLoader workers keep their RNG streams across epochs,
+    # which no resume reproduces, with the float pipeline as with this one
+    common = ["--data_set", "folder", "--data_path", photos, "--input_size", "32", "--model", "mae_vit_tiny_patch4",
+              "--num_workers", "0", "--batch_size", "4", "--epochs", "2", "--save_every", "1",
+              "--prune_method", "none", "--warmup_epochs", "1", "--blr", "1e-3"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert main_pretrain_d3p.cli([*common, "--output_dir", straight]) == 0
+    os.makedirs(resumed)
+    shutil.copy(os.path.join(straight, "checkpoint-0.pth"), resumed)
+    assert main_pretrain_d3p.cli([*common, "--output_dir", resumed, "--auto_resume"]) == 0
+    a, b = load_ckpt(straight, 1)["model"], load_ckpt(resumed, 1)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_num_workers_default_shares_this_process_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers({}) == 16  # capped
+    assert default_num_workers({"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert default_num_workers({"LOCAL_WORLD_SIZE": "128"}) == 1  # never 0
+    assert default_num_workers({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+    assert default_num_workers({"SLURM_CPUS_PER_TASK": "6", "SLURM_NTASKS_PER_NODE": "4"}) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert default_num_workers({"LOCAL_WORLD_SIZE": "4"}) == 1
+    # both entry scripts resolve the flag's default after parsing, from this environment
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    args = main_pretrain_d3p.get_args_parser().parse_args([])
+    main_pretrain_d3p.fill_defaults(args)
+    assert args.num_workers == 3
+    args = main_finetune.get_args_parser().parse_args(["--model", "vit_tiny_patch4"])
+    main_finetune.resolve_defaults(args)
+    assert args.num_workers == 3
+    args = main_pretrain_d3p.get_args_parser().parse_args(["--num_workers", "0"])
+    main_pretrain_d3p.fill_defaults(args)
+    assert args.num_workers == 0
