@@ -11,7 +11,8 @@
 # Variables: OUT (./output_table1), SEEDS (digits "0 1 2", else "0"), ARMS (none infobatch seta d3p random
 # dynunc d2, plus scratch on the digits), RATIO (default | match | both; digits: both, else default), DATA_SET
 # (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS, FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds
-# that are fine-tuned; digits "0", else all), LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
+# that are fine-tuned; digits "0", else all), FT_EQUAL (1: fine-tune the equal-ratio arms too; digits 0),
+# LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
 # Multi-GPU: NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (3). Extra flags:
 # PRETRAIN_ARGS, FINETUNE_ARGS, LINPROBE_ARGS, KNN_ARGS. Folder mode: MODEL (the MAE model; the fine-tuned ViT is
 # its encoder: mae_vit_base_patch16 -> vit_base_patch16), INPUT_SIZE, BATCH (per GPU), EPOCHS; ACCUM (default:
@@ -29,11 +30,12 @@
 # table (OUT/table1.md, OUT/table1.json) is printed at the end from whatever has finished; stage wall times are
 # in OUT/timings.txt.
 #
-# Digits sizing (this 2-core machine, one thread per process, 16x16 inputs; measured while shared, load ~5, see
-# README): pre-training 30 epochs ~2-4 min per arm, k-NN ~10 s, linear probe 10 epochs ~1 min, fine-tuning 10
-# epochs ~2-3 min. 3 seeds x (8 default + 4 equal-ratio arms) = 33 pre-trainings; fine-tuning only for seed 0
-# (FT_SEEDS) keeps the one command at ~35 min on an idle machine with 2 lanes. Choices: 30 pre-training epochs
-# (D3P decides at epochs 3, 8, ..., 28: s=3, p=5, n=2; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875;
+# Digits sizing (this 2-core machine, one thread per process, 16x16 inputs, idle: ~4 s per whole-data epoch,
+# k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included):
+# 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
+# (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
+# FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: 20 pre-training epochs
+# (D3P decides at epochs 3, 8, 13, 18: s=3, p=5, n=2; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875;
 # fine-tune 10 epochs (blr 5e-3, no mixup/cutmix/RandAugment); linear probe 10 epochs, LARS, blr 16 (MAE's blr 0.1
 # is tuned for batch 16384 and leaves a batch-64 probe at chance). With 297 validation images (1 image = 0.34
 # points) the k-NN column (no training, no seed of its own) separates methods best.
@@ -60,8 +62,9 @@ case $DATA_SET in
   digits)
     [[ -z "${DATA_PATH:-}" ]] || die "DATA_SET=digits is embedded: unset DATA_PATH"
     MODEL=mae_vit_tiny_patch4; VIT=vit_tiny_patch4; SIZE=16
-    EPOCHS=${EPOCHS:-30}; FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}; J=${STATIC_WARMUP:-5}
-    SEEDS=${SEEDS:-"0 1 2"}; RATIO=${RATIO:-both}; FT_SEEDS=${FT_SEEDS:-0}; LANES=${LANES:-2}
+    EPOCHS=${EPOCHS:-20}; FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}; J=${STATIC_WARMUP:-5}
+    SEEDS=${SEEDS:-"0 1 2"}; RATIO=${RATIO:-both}; FT_SEEDS=${FT_SEEDS:-0}; FT_EQUAL=${FT_EQUAL:-0}
+    LANES=${LANES:-2}
     ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2 scratch"}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
     DATA=()
@@ -85,7 +88,7 @@ case $DATA_SET in
     [[ -n "${DATA_PATH:-}" ]] || die "DATA_SET=cifar10 needs DATA_PATH (the folder holding cifar-10-batches-py/)"
     MODEL=mae_vit_tiny_patch4; VIT=vit_tiny_patch4; SIZE=32
     EPOCHS=${EPOCHS:-800}; FT_EPOCHS=${FT_EPOCHS:-100}; LP_EPOCHS=${LP_EPOCHS:-90}; J=${STATIC_WARMUP:-10}
-    SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; LANES=1
+    SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; FT_EQUAL=${FT_EQUAL:-1}; LANES=1
     ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
     BATCH=${BATCH:-$(max $((512 / GPUS)) 1)}
     NW=${NUM_WORKERS:-8}
@@ -110,7 +113,7 @@ case $DATA_SET in
     if [[ $DATA_SET == imagenet ]]; then EPOCHS=${EPOCHS:-800}; else EPOCHS=${EPOCHS:?folder mode needs EPOCHS}; fi
     FT_EPOCHS=${FT_EPOCHS:-100}; LP_EPOCHS=${LP_EPOCHS:-90}
     J=${STATIC_WARMUP:-$(( EPOCHS / 3 < 1 ? 1 : (EPOCHS / 3 > 10 ? 10 : EPOCHS / 3) ))}
-    SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; LANES=1
+    SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; FT_EQUAL=${FT_EQUAL:-1}; LANES=1
     ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
     BATCH=${BATCH:-128}
     ACCUM=${ACCUM:-$(max $(( 4096 / (BATCH * GPUS) )) 1)}
@@ -211,7 +214,7 @@ run_arm() {
   run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" main_finetune.py --linprobe "${DATA[@]}" "${LP[@]}" \
     "${init[@]}" --epochs "$LP_EPOCHS" --seed "$seed" --output_dir "$dir/linprobe" --auto_resume \
     ${LINPROBE_ARGS:-} || status=1
-  if [[ " $FT_SEEDS " == *" $seed "* ]]; then
+  if [[ " $FT_SEEDS " == *" $seed "* && ( $arm != *_eq || $FT_EQUAL == 1 ) ]]; then
     run_stage "${arm}_seed$seed/finetune" "$dir/finetune" main_finetune.py "${DATA[@]}" "${FT[@]}" "${init[@]}" \
       --epochs "$FT_EPOCHS" --seed "$seed" --output_dir "$dir/finetune" --auto_resume ${FINETUNE_ARGS:-} || status=1
     if [[ -n $FT2 ]]; then
