@@ -27,7 +27,7 @@ def _summary(path):
 def test_digits_equal_ratio_recipe(tmp_path):
     out = tmp_path / "out"
     res = run_recipe(out, ARMS="d3p infobatch dynunc", RATIO="match", SEEDS="0", EPOCHS=4, LP_EPOCHS=1,
-                     FT_SEEDS="none", STATIC_WARMUP=1, PRETRAIN_ARGS="--train_subset 192")
+                     FT_SEEDS="none", STATIC_WARMUP=2, PRETRAIN_ARGS="--train_subset 192")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     d3p = _summary(out / "d3p_seed0" / "pretrain" / "summary.json")
     for arm in ("infobatch_eq", "dynunc_eq"):
@@ -46,7 +46,7 @@ def test_digits_equal_ratio_recipe(tmp_path):
     assert "| InfoBatch |" in table  # the calibration run at the default ratio
     # resumable: a second call skips every finished stage and prints the same table
     again = run_recipe(out, ARMS="d3p infobatch dynunc", RATIO="match", SEEDS="0", EPOCHS=4, LP_EPOCHS=1,
-                       FT_SEEDS="none", STATIC_WARMUP=1, PRETRAIN_ARGS="--train_subset 192")
+                       FT_SEEDS="none", STATIC_WARMUP=2, PRETRAIN_ARGS="--train_subset 192")
     assert again.returncode == 0 and "start " not in again.stdout and (out / "table1.md").read_text() == table
 
 

@@ -160,8 +160,10 @@ def load_run(folder: str) -> Run | None:
         if found:
             setattr(run, mode, found[1])
             run.sources.append(found[0])
-    arm_dir = folder if pre_dir != folder else os.path.dirname(pre_dir)
-    for path in sorted(glob.glob(os.path.join(arm_dir, "finetune_*", "summary.json"))):
+    # a second fine-tuning data set: RUN_DIR/finetune_<data set>/ (or ../finetune_<data set>/ of a 'pretrain' folder)
+    arm_dir = folder if pre_dir != folder else (os.path.dirname(pre_dir) if os.path.basename(pre_dir) == "pretrain"
+                                                else None)
+    for path in sorted(glob.glob(os.path.join(arm_dir, "finetune_*", "summary.json"))) if arm_dir else []:
         data = _read(path)
         if data and data.get("mode", "finetune") == "finetune":
             run.finetune2, run.finetune2_name = data, os.path.basename(os.path.dirname(path))[len("finetune_"):]

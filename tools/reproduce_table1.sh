@@ -112,7 +112,7 @@ case $DATA_SET in
     VIT=${MODEL#mae_}; SIZE=${INPUT_SIZE:-224}
     if [[ $DATA_SET == imagenet ]]; then EPOCHS=${EPOCHS:-800}; else EPOCHS=${EPOCHS:?folder mode needs EPOCHS}; fi
     FT_EPOCHS=${FT_EPOCHS:-100}; LP_EPOCHS=${LP_EPOCHS:-90}
-    J=${STATIC_WARMUP:-$(( EPOCHS / 3 < 1 ? 1 : (EPOCHS / 3 > 10 ? 10 : EPOCHS / 3) ))}
+    J=${STATIC_WARMUP:-$(( EPOCHS / 3 < 2 ? 2 : (EPOCHS / 3 > 10 ? 10 : EPOCHS / 3) ))}
     SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; FT_EQUAL=${FT_EQUAL:-1}; LANES=1
     ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
     BATCH=${BATCH:-128}
@@ -178,6 +178,7 @@ pretrain_flags() {
   local arm=$1 seed=$2 method=${1%_eq} d3p="$OUT/d3p_seed$2/pretrain"
   ARM_FLAGS=(--prune_method "$method")
   [[ $method == dynunc || $method == d2 ]] && ARM_FLAGS+=(--static_warmup_epochs "$J")
+  [[ $method == dynunc ]] && ARM_FLAGS+=(--dynunc_window "$(( J < 3 ? J : 3 ))")  # window in [2, J]
   if [[ $arm == random ]]; then
     wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
     ARM_FLAGS+=(--random_match "$d3p")
