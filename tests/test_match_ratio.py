@@ -90,11 +90,14 @@ def test_cli_reads_the_target_and_calibration_runs(tmp_path, capsys):
                                           else 0.6} for e in range(8)])
     out = str(tmp_path / "eq" / "ratio_match.json")
     assert match_ratio.main(["infobatch", "--target", d3p, "--calibration", ib, "--out", out]) == 0
-    # epochs 0..6 prune (ceil(0.875 * 8) = 7), 6 of them with b = 0.6: r = 0.12 * 8 / 3.6
-    assert capsys.readouterr().out.strip() == f"--prune_ratio {0.12 * 8 / 3.6:.6g}"
+    # epochs 0..6 prune (ceil(0.875 * 8) = 7), 6 of them with b = 0.6: r = 0.12 * 8 / 3.6; printed exactly as saved
     saved = json.load(open(out))
+    assert capsys.readouterr().out.strip() == f"--prune_ratio {saved['flags']['prune_ratio']!r}"
+    assert saved["flags"]["prune_ratio"] == pytest.approx(0.12 * 8 / 3.6, rel=1e-12)
     assert saved["target_ratio"] == 0.12 and saved["predicted_ratio"] == pytest.approx(0.12)
     assert match_ratio.main(["dynunc", "--target", d3p, "--static_warmup_epochs", "2"]) == 0
-    assert capsys.readouterr().out.strip() == "--prune_ratio 0.16 --static_warmup_epochs 2"
+    flags = capsys.readouterr().out.split()
+    assert flags[0] == "--prune_ratio" and float(flags[1]) == pytest.approx(0.16, rel=1e-12)
+    assert flags[2:] == ["--static_warmup_epochs", "2"]
     assert match_ratio.main(["seta", "--target", d3p]) == 1
     assert "seta needs --calibration" in capsys.readouterr().err

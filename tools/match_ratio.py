@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(" ".join(f"--{k} {v:.6g}" if isinstance(v, float) else f"--{k} {v}" for k, v in result["flags"].items()))
+    print(" ".join(f"--{k} {v!r}" for k, v in result["flags"].items()))  # exactly the values in --out
     print(f"{args.method}: target {result['target_ratio']:.4f}, predicted {result['predicted_ratio']:.4f}",
           file=sys.stderr)
     return 0
