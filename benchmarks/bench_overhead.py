@@ -112,6 +112,10 @@ def main() -> None:
     fwd = sum(other.forward_seconds[skip:]) / sum(other.trained[skip:])
     print(f"seconds per trained sample (epochs {skip}..{cli.epochs - 1}): none {s0 * 1e3:.4f} ms, "
           f"{cli.method} {s1 * 1e3:.4f} ms")
+    ratios = sorted((o / ot) / (b / bt) for b, bt, o, ot in zip(base.seconds[skip:], base.trained[skip:],
+                                                                other.seconds[skip:], other.trained[skip:]))
+    print(f"per-epoch ratios: median {ratios[len(ratios) // 2]:.3f}, range {ratios[0]:.3f}..{ratios[-1]:.3f} "
+          "(a wide range means a loaded machine: rerun it idle)")
     print(f"machinery overhead ratio {cli.method}/none: {s1 / s0:.4f} (goal <= 1.01); forward-only passes add "
           f"{fwd / s0:.3f} of a trained sample's time per trained sample (charged in the ledger, not machinery)")
 
