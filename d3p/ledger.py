@@ -1,4 +1,10 @@
-"""The cost ledger (spec §9), the same for every method."""
+"""The cost ledger (spec §9), the same for every method.
+
+Compute and loader costs differ: a forward-only sample (D3P's loss pass over the pruned set, an embedding
+pass) costs about a third of a trained sample's compute but a full decode and augmentation in the loader.
+So `compute_saved` counts it as 1/3 and `loader_saved` as 1: a loader-bound run saves `loader_saved`, not
+`compute_saved`.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -35,6 +41,9 @@ class CostLedger:
                 "data_seconds": float(data_seconds),
                 "kept": int(kept),
                 "pruned": int(self.num_samples - kept),
+                # images the loaders decoded this epoch: trained + forward-only (loss and embedding passes)
+                "samples_loaded": int(samples_trained) + int(samples_forward_only),
+                "seconds_per_trained_sample": float(epoch_seconds) / max(int(samples_trained), 1),
             }
         )
         out = dict(self.epochs[-1])
@@ -46,6 +55,7 @@ class CostLedger:
         trained = sum(e["samples_trained"] for e in self.epochs)
         fwd = sum(e["samples_forward_only"] for e in self.epochs)
         full = max(n_epochs * self.num_samples, 1)
+        wall = sum(e["epoch_seconds"] for e in self.epochs)
         return {
             "epochs_done": n_epochs,
             "total_samples_trained": trained,
@@ -53,7 +63,10 @@ class CostLedger:
             "total_optimizer_steps": sum(e["optimizer_steps"] for e in self.epochs),
             "prune_ratio": 1.0 - trained / full,
             "compute_saved": 1.0 - (trained + FORWARD_ONLY_COST * fwd) / full,
-            "wall_seconds": sum(e["epoch_seconds"] for e in self.epochs),
+            "total_samples_loaded": trained + fwd,
+            "loader_saved": 1.0 - (trained + fwd) / full,
+            "wall_seconds": wall,
+            "run_seconds_per_trained_sample": wall / max(trained, 1),
             "total_data_seconds": sum(e["data_seconds"] for e in self.epochs),
         }
 
@@ -68,7 +81,10 @@ class CostLedger:
             "optimizer_steps": t["total_optimizer_steps"],
             "prune_ratio": t["prune_ratio"],
             "compute_saved": t["compute_saved"],
+            "samples_loaded": t["total_samples_loaded"],
+            "loader_saved": t["loader_saved"],
             "wall_seconds": t["wall_seconds"],
+            "seconds_per_trained_sample": t["run_seconds_per_trained_sample"],
             "data_seconds": t["total_data_seconds"],
         }
 

@@ -21,7 +21,7 @@ def _write(path, data):
 
 
 def arm(root, name, method, *, seed=0, trained=N * E, fwd=0, wall=100.0, ft=None, lp=None, flags=None,
-        layout="arm"):
+        layout="arm", knn=None, ft2=None, ratio_match=None):
     """An arm folder (layout='arm': NAME/{pretrain,finetune,linprobe}) or a bare pre-training folder
     (layout='bare': NAME/summary.json with siblings NAME_finetune/, NAME_linprobe/)."""
     folder = root / name
@@ -38,6 +38,15 @@ def arm(root, name, method, *, seed=0, trained=N * E, fwd=0, wall=100.0, ft=None
         down = folder / mode if layout == "arm" else root / f"{name}_{mode}"
         _write(down / "summary.json", {"mode": mode, "best_acc1": acc + 1.0, "final_acc1": acc, "final_acc5": 99.0,
                                        "wall_seconds": 5.0, "finetune": str(pre_dir / f"checkpoint-{E - 1}.pth")})
+    if knn is not None:
+        down = folder / "knn" if layout == "arm" else root / f"{name}_knn"
+        _write(down / "summary.json", {"mode": "knn", "top1": knn, "top5": 99.0, "k": 20, "temperature": 0.07,
+                                       "checkpoint": str(pre_dir / f"checkpoint-{E - 1}.pth")})
+    if ft2 is not None:
+        _write(folder / "finetune_cifar100" / "summary.json", {"mode": "finetune", "best_acc1": ft2, "final_acc1": ft2})
+    if ratio_match is not None:
+        _write(folder / "ratio_match.json", {"method": method, "target_ratio": ratio_match,
+                                             "flags": {"prune_ratio": (flags or {}).get("prune_ratio")}})
     return str(folder)
 
 
@@ -77,11 +86,14 @@ def test_deltas_arrows_and_savings_against_whole(tmp_path):
 
     text = make_table.markdown(list(make_table.build_rows([make_table.load_run(d) for d in dirs])), "final", [])
     lines = text.splitlines()
-    assert lines[0].startswith("| Method | Prune ratio (%) | FT top-1 (%) | LP top-1 (%) | Compute saved (%)")
+    assert lines[0] == ("| Method | Prune ratio (%) | k-NN top-1 (%) | FT top-1 (%) | LP top-1 (%) | Compute saved (%) "
+                        "| Loader saved (%) | Wall-clock saved (%) |")
     assert [ln.split("|")[1].strip() for ln in lines[2:6]] == [
         "Whole dataset", "InfoBatch", "D3P", "Random (matched to D3P)"]
-    assert "| InfoBatch | 28.8 | 82.8 (↓0.5) | 64.0 (↓1.4) | 28.8 | 25.0 |" in lines
-    assert "| Random (matched to D3P) | 30.3 | 82.0 (↓1.3) | — | 30.3 | 40.0 |" in lines
+    assert "| InfoBatch | 28.8 | — | 82.8 (↓0.5) | 64.0 (↓1.4) | 28.8 | 28.8 | 25.0 |" in lines
+    # D3P's 900 forward-only samples: a third of the compute, but full decodes (loader saved 1 - 7870/10000)
+    assert "| D3P | 30.3 | — | 83.3 (±0.0) | 65.9 (↑0.5) | 27.3 | 21.3 | 20.0 |" in lines
+    assert "| Random (matched to D3P) | 30.3 | — | 82.0 (↓1.3) | — | 30.3 | 30.3 | 40.0 |" in lines
     source_line = [ln for ln in lines if ln.startswith("Sources: ")][0]
     assert os.path.join(dirs[0], "pretrain", "summary.json") in source_line
     assert os.path.join(dirs[1], "linprobe", "summary.json") in source_line
@@ -138,3 +150,39 @@ def test_no_pretraining_row(tmp_path):
     assert rows["scratch"]["method"] == "No pre-training"
     assert make_table.format_cell(rows["scratch"], "ft_top1", True) == "70.0 (↓20.0)"
     assert make_table.format_cell(rows["scratch"], "prune_ratio") == "—"
+
+
+def test_knn_column_equal_ratio_rows_and_second_finetune(tmp_path):
+    dirs = [arm(tmp_path, "none", "none", ft=90.0, ft2=70.0, knn=80.0, lp=60.0)]
+    for seed, (target, ib_trained, knn) in enumerate([(0.10, 9050, 78.0), (0.12, 8750, 79.0)]):
+        dirs.append(arm(tmp_path, f"d3p_seed{seed}", "d3p", seed=seed, trained=round(N * E * (1 - target)),
+                        knn=knn + 1.0, flags={"d3p_start": 3}))
+        dirs.append(arm(tmp_path, f"infobatch_seed{seed}", "infobatch", seed=seed, trained=7500, knn=70.0,
+                        flags={"prune_ratio": 0.5, "delta": 0.875}))
+        # at D3P's ratio: a per-seed solved r must not split the seeds into two rows
+        dirs.append(arm(tmp_path, f"infobatch_eq_seed{seed}", "infobatch", seed=seed, trained=ib_trained, knn=knn,
+                        ft2=68.0 + seed, flags={"prune_ratio": 0.2 + seed / 100, "delta": 0.875},
+                        ratio_match=target))
+    # a bare pre-training folder finds its k-NN summary by the checkpoint it names
+    bare = arm(tmp_path, "seta_run", "seta", trained=5000, flags={"prune_ratio": 0.5}, layout="bare", knn=75.0)
+    (tmp_path / "seta_run_knn").rename(tmp_path / "knn_of_seta")
+    dirs.append(bare)
+    rows = {r["key"]: r for r in make_table.build_rows([make_table.load_run(d) for d in dirs])}
+    eq = rows["infobatch@d3p"]
+    assert eq["method"] == "InfoBatch (= D3P ratio)" and eq["seeds"] == 2 and eq["equal_ratio"]
+    assert not rows["infobatch"]["equal_ratio"] and rows["infobatch"]["method"] == "InfoBatch"
+    assert make_table.format_cell(eq, "prune_ratio") == "11.0 ± 2.1"
+    assert make_table.format_cell(eq, "knn_top1", True) == "78.5 ± 0.7 (↓1.5)"
+    assert make_table.format_cell(rows["d3p"], "knn_top1", True) == "79.5 ± 0.7 (↓0.5)"
+    assert make_table.format_cell(rows["seta"], "knn_top1", True) == "75.0 (↓5.0)"
+    assert make_table.format_cell(eq, "ft2_top1", True) == "68.5 ± 0.7 (↓1.5)"
+    text = make_table.markdown(list(rows.values()), "final", [])
+    lines = text.splitlines()
+    assert lines[0] == ("| Method | Prune ratio (%) | k-NN top-1 (%) | FT top-1 (%) | FT cifar100 top-1 (%) "
+                        "| LP top-1 (%) | Compute saved (%) | Loader saved (%) | Wall-clock saved (%) |")
+    assert "| InfoBatch (= D3P ratio) (2 seeds) | 11.0 ± 2.1 | 78.5 ± 0.7 (↓1.5) | — | 68.5 ± 0.7 (↓1.5) | — " \
+           "| 11.0 ± 2.1 | 11.0 ± 2.1 | 0.0 ± 0.0 |" in lines
+    assert any(ln.startswith("= D3P ratio: ") for ln in lines)
+    # equal-ratio rows come after the default-ratio block
+    order = [r["key"] for r in make_table.build_rows([make_table.load_run(d) for d in dirs])]
+    assert order == ["none", "infobatch", "seta", "d3p", "infobatch@d3p"]

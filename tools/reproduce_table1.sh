@@ -1,45 +1,150 @@
 #!/usr/bin/env bash
-# Reproduce Table 1 of the D3P paper: every arm pre-trains with the same epochs and seeds, then is fine-tuned and
-# linearly probed, then tools/make_table.py prints the table.
+# Reproduce Table 1 of the D3P paper: every arm pre-trains with the same epochs and seeds, then is evaluated by
+# a k-NN probe (main_knn.py), a linear probe and fine-tuning; tools/make_table.py prints the table.
 #
-#   tools/reproduce_table1.sh                          CPU: the embedded digits, tiny model (21-25 min, 2 cores)
-#   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh   the paper's recipe, arm by arm through train_d3p.sh
+#   tools/reproduce_table1.sh                                  CPU: the embedded digits, 3 seeds, default and
+#                                                              equal ratios (~35 min on an idle 2-core machine)
+#   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh the paper's ImageNet-1K recipe
+#   DATA_SET=cifar10 DATA_PATH=/data/cifar NPROC=1 tools/reproduce_table1.sh      the paper's CIFAR-10 block
+#   DATA_SET=folder DATA_PATH=/data/mine MODEL=mae_vit_base_patch16 INPUT_SIZE=224 EPOCHS=100 tools/reproduce_table1.sh
 #
-# Variables: OUT (./output_table1), SEEDS ("0"), ARMS (all: none infobatch seta d3p random dynunc d2, plus scratch
-# on the digits), LANES (digits only: arms run in this many parallel single-thread lanes, default 2 = the cores).
-# DATA_PATH mode also honours train_d3p.sh's cluster variables (NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
-# EPOCHS, FT_EPOCHS, ...) and LP_EPOCHS (90).
+# Variables: OUT (./output_table1), SEEDS (digits "0 1 2", else "0"), ARMS (none infobatch seta d3p random
+# dynunc d2, plus scratch on the digits), RATIO (default | match | both; digits: both, else default), DATA_SET
+# (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS, FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds
+# that are fine-tuned; digits "0", else all), FT_EQUAL (1: fine-tune the equal-ratio arms too; digits 0),
+# LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
+# Multi-GPU: NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (3). Extra flags:
+# PRETRAIN_ARGS, FINETUNE_ARGS, LINPROBE_ARGS, KNN_ARGS. Folder mode: MODEL (the MAE model; the fine-tuned ViT is
+# its encoder: mae_vit_base_patch16 -> vit_base_patch16), INPUT_SIZE, BATCH (per GPU), EPOCHS; ACCUM (default:
+# effective batch 4096), LP_BATCH, LP_ACCUM (default: effective 16384), NUM_WORKERS, STATIC_WARMUP (J).
+# CIFAR-10: DATA_PATH holds cifar-10-batches-py/ (python version), CIFAR100_PATH (default DATA_PATH) holds
+# cifar-100-python/ for the second fine-tuning; no download.
 #
-# Arms: none = Whole dataset, infobatch, seta, d3p, random = random dynamic matched epoch by epoch to the D3P run
-# of the same seed (--random_match OUT/d3p_seed<S>/pretrain; the D3P arm always runs first), dynunc, d2, and on
-# the digits scratch = fine-tune / linear probe of a randomly initialised ViT (no pre-training: shows what the
-# pre-training is worth). One folder per arm and seed: OUT/<arm>_seed<S>/{pretrain,finetune,linprobe}.
-# Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with --auto_resume.
+# Arms: none = Whole dataset, infobatch, seta, d3p, random = random dynamic matched epoch by epoch to the D3P run of
+# the same seed, dynunc, d2; scratch (digits) = linear probe / fine-tune of a randomly initialised ViT. Equal ratio
+# (RATIO=match|both): infobatch_eq, seta_eq, dynunc_eq, d2_eq run at the prune ratio the D3P arm of the same seed
+# realised, with flags from tools/match_ratio.py (InfoBatch and SeTa are calibrated on their default-ratio arm of
+# the same seed, which therefore also runs); random is the matched arm. One folder per arm and seed:
+# OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for equal-ratio arms.
+# Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with --auto_resume. The
+# table (OUT/table1.md, OUT/table1.json) is printed at the end from whatever has finished; stage wall times are
+# in OUT/timings.txt.
 #
-# Digits sizing (measured on this 2-core machine while it was shared, load ~3; one thread per process, 16x16
-# inputs, 2 lanes): whole-data pre-training 30 epochs 271 s (7-10 s/epoch; ~4 s/epoch when the cores are idle),
-# fine-tuning 10 epochs ~160 s, linear probe 10 epochs ~40 s; all 8 arms of one seed: 1,261 s (21 min) wall; LANES=1 on an idle machine: 1,495 s (25 min).
-# The digits are 8x8 scans, so 16x16 inputs lose nothing and cost a quarter of 32x32 (16 vs 64 patches).
-# Choices: 30 pre-training epochs (D3P decides at epochs 3, 8, ..., 28: s=3, p=5, n=2; 32 bins for N=1,500),
-# static warm-up J=5, the other flags at their defaults (r=0.5, delta=0.875); fine-tune 10 epochs (blr 5e-3, no
-# mixup/cutmix/RandAugment: the pre-trained model reaches ~97-98% vs ~85% from scratch); linear probe 10 epochs,
-# LARS, blr 16 (lr 4.0 at batch 64: MAE's blr 0.1 is tuned for batch 16384 and leaves a 64-batch probe at chance,
-# ~15%; blr 16 gives ~82% pre-trained vs ~29% from scratch). ONE seed by default: a second seed doubles the time
-# (~40 min when shared, too close to the 45-minute budget). With one seed and 297 validation images (1 image =
-# 0.34 points) FT/LP differences below ~1-2 points are within noise: use SEEDS="0 1 2" for error bars.
-# Wall-clock saved is only meaningful on an otherwise idle machine (two lanes share the cores).
+# Digits sizing (this 2-core machine, one thread per process, 16x16 inputs, idle: ~4 s per whole-data epoch,
+# k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included):
+# 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
+# (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
+# FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: 20 pre-training epochs
+# (D3P decides at epochs 3, 8, 13, 18: s=3, p=5, n=2; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875;
+# fine-tune 10 epochs (blr 5e-3, no mixup/cutmix/RandAugment); linear probe 10 epochs, LARS, blr 16 (MAE's blr 0.1
+# is tuned for batch 16384 and leaves a batch-64 probe at chance). With 297 validation images (1 image = 0.34
+# points) the k-NN column (no training, no seed of its own) separates methods best.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-./output_table1}
-SEEDS=${SEEDS:-0}
 PY=${PYTHON:-python}
+DATA_SET=${DATA_SET:-$([[ -n "${DATA_PATH:-}" ]] && echo imagenet || echo digits)}
+NPROC=${NPROC:-1}; NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}; MAX_RESTARTS=${MAX_RESTARTS:-3}
+GPUS=$((NPROC * NNODES))
 mkdir -p "$OUT"
 TIMES="$OUT/timings.txt"
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$TIMES"; }
+die() { echo "error: $*" >&2; exit 2; }
+max() { (( $1 > $2 )) && echo "$1" || echo "$2"; }
 
-# run_stage NAME FOLDER COMMAND...: skip when FOLDER/summary.json exists, else run and log the wall time
+# ------------------------------------------------------------------------------------------------------ recipes
+# Each recipe sets: MODEL VIT SIZE EPOCHS FT_EPOCHS LP_EPOCHS J (static warm-up), PRE FT LP KNN (flag arrays),
+# FT2 (second fine-tuning data set, or empty), LANES, SEEDS, RATIO, ARMS, FT_SEEDS.
+case $DATA_SET in
+  digits)
+    [[ -z "${DATA_PATH:-}" ]] || die "DATA_SET=digits is embedded: unset DATA_PATH"
+    MODEL=mae_vit_tiny_patch4; VIT=vit_tiny_patch4; SIZE=16
+    EPOCHS=${EPOCHS:-20}; FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}; J=${STATIC_WARMUP:-5}
+    SEEDS=${SEEDS:-"0 1 2"}; RATIO=${RATIO:-both}; FT_SEEDS=${FT_SEEDS:-0}; FT_EQUAL=${FT_EQUAL:-0}
+    LANES=${LANES:-2}
+    ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2 scratch"}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+    DATA=()
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs 3 --batch_size 64 --blr 1.5e-3 --d3p_start 3
+         --d3p_period 5 --d3p_window 2 --d3p_bins 32 --num_workers 0 --save_every 10)
+    FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs 1 --batch_size 64 --blr 5e-3 --layer_decay 0.75
+        --weight_decay 0.05 --drop_path 0 --mixup 0 --cutmix 0 --reprob 0 --aa none --smoothing 0.1 --num_workers 0
+        --save_ckpt_freq 5)
+    LP=(--model "$VIT" --input_size "$SIZE" --warmup_epochs 1 --batch_size 64 --blr 16 --num_workers 0
+        --save_ckpt_freq 5)
+    KNN=(--num_workers 0 --batch_size 256)
+    FT2="";;
+  cifar10)
+    # The CIFAR-10 block of Table 1 on one GPU or several. Model: mae_vit_tiny_patch4 at the native 32x32 (64
+    # patches of 4x4, 5.5M encoder parameters): ViT-B/16 would see 2x2 patches of a 32x32 image, and upsampling
+    # to 224 multiplies the cost 50x for a 50k-image set. Schedule: the paper's 800 pre-training epochs, 40
+    # warm-up, effective batch 512 (blr 1.5e-4, 98 steps/epoch; the paper's 4096 would leave 12 steps per epoch),
+    # D3P's paper schedule (s=3, p=10, n=3, 128 bins), static warm-up J=10; fine-tuning 100 epochs with MAE's
+    # recipe (blr 5e-4 at batch 512, layer decay 0.65, drop path 0.1, mixup 0.8, cutmix 1.0, RandAugment, reprob
+    # 0.25) on CIFAR-10 and on CIFAR-100; linear probe 90 epochs (LARS, batch 4096, blr 0.1); k-NN.
+    [[ -n "${DATA_PATH:-}" ]] || die "DATA_SET=cifar10 needs DATA_PATH (the folder holding cifar-10-batches-py/)"
+    MODEL=mae_vit_tiny_patch4; VIT=vit_tiny_patch4; SIZE=32
+    EPOCHS=${EPOCHS:-800}; FT_EPOCHS=${FT_EPOCHS:-100}; LP_EPOCHS=${LP_EPOCHS:-90}; J=${STATIC_WARMUP:-10}
+    SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; FT_EQUAL=${FT_EQUAL:-1}; LANES=1
+    ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
+    BATCH=${BATCH:-$(max $((512 / GPUS)) 1)}
+    NW=${NUM_WORKERS:-8}
+    DATA=(--data_set cifar10 --data_path "$DATA_PATH")
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$(( EPOCHS < 40 ? 1 : 40 ))" --batch_size "$BATCH"
+         --blr 1.5e-4 --weight_decay 0.05 --num_workers "$NW" --save_every 20 --keep_last 2)
+    FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( FT_EPOCHS < 5 ? 0 : 5 ))" --batch_size "$BATCH"
+        --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25
+        --dist_eval --num_workers "$NW" --save_ckpt_freq 10)
+    LP=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( LP_EPOCHS < 10 ? 0 : 10 ))"
+        --batch_size "${LP_BATCH:-$(max $((4096 / GPUS)) 1)}" --blr 0.1 --weight_decay 0.0 --dist_eval --num_workers "$NW"
+        --save_ckpt_freq 10)
+    KNN=(--num_workers "$NW")
+    FT2=cifar100; FT2_PATH=${CIFAR100_PATH:-$DATA_PATH};;
+  folder|imagenet)
+    # Any ImageFolder (DATA_PATH/train/<class>/*, DATA_PATH/val/<class>/*); imagenet = the paper's recipe:
+    # ViT-B/16, 800 epochs, effective batch 4096, blr 1.5e-4, fine-tune 100 epochs, linear probe 90.
+    [[ -n "${DATA_PATH:-}" ]] || die "DATA_SET=$DATA_SET needs DATA_PATH (with train/ and val/ class folders)"
+    MODEL=${MODEL:-mae_vit_base_patch16}
+    [[ $MODEL == mae_* ]] || die "MODEL must be an MAE model (mae_vit_tiny_patch4, mae_vit_base_patch16, ...)"
+    VIT=${MODEL#mae_}; SIZE=${INPUT_SIZE:-224}
+    if [[ $DATA_SET == imagenet ]]; then EPOCHS=${EPOCHS:-800}; else EPOCHS=${EPOCHS:?folder mode needs EPOCHS}; fi
+    FT_EPOCHS=${FT_EPOCHS:-100}; LP_EPOCHS=${LP_EPOCHS:-90}
+    J=${STATIC_WARMUP:-$(( EPOCHS / 3 < 2 ? 2 : (EPOCHS / 3 > 10 ? 10 : EPOCHS / 3) ))}
+    SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; FT_EQUAL=${FT_EQUAL:-1}; LANES=1
+    ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
+    BATCH=${BATCH:-128}
+    ACCUM=${ACCUM:-$(max $(( 4096 / (BATCH * GPUS) )) 1)}
+    LP_BATCH=${LP_BATCH:-$(( BATCH * 4 ))}; LP_ACCUM=${LP_ACCUM:-$(max $(( 16384 / (LP_BATCH * GPUS) )) 1)}
+    NW=${NUM_WORKERS:-10}
+    DATA=(--data_set "$DATA_SET" --data_path "$DATA_PATH")
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$(( EPOCHS / 20 ))" --batch_size "$BATCH"
+         --accum_iter "$ACCUM" --blr 1.5e-4 --weight_decay 0.05 --num_workers "$NW" --save_every 20 --keep_last 2)
+    FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( FT_EPOCHS / 20 ))" --batch_size "$BATCH"
+        --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25
+        --dist_eval --num_workers "$NW" --save_ckpt_freq 10)
+    LP=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( LP_EPOCHS / 9 ))" --batch_size "$LP_BATCH"
+        --accum_iter "$LP_ACCUM" --blr 0.1 --weight_decay 0.0 --dist_eval --num_workers "$NW" --save_ckpt_freq 10)
+    KNN=(--num_workers "$NW")
+    FT2="";;
+  *) die "unknown DATA_SET=$DATA_SET: choose digits, cifar10, folder or imagenet";;
+esac
+case $RATIO in default|match|both) ;; *) die "RATIO=$RATIO: choose default, match or both";; esac
+
+# launch NAME SCRIPT ARGS...: one process, or torchrun over NPROC x NNODES (elastic restarts resume the stage)
+launch() {
+  local name=$1; shift
+  if (( GPUS > 1 )); then
+    torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK" --max_restarts="$MAX_RESTARTS" \
+      --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${name//\//_}" "$@"
+  else
+    $PY "$@"
+  fi
+}
+
+# run_stage NAME FOLDER SCRIPT ARGS...: skip when FOLDER/summary.json exists, else run and log the wall time
 run_stage() {
   local name=$1 folder=$2; shift 2
   if [[ -f "$folder/summary.json" ]]; then
@@ -49,7 +154,7 @@ run_stage() {
   mkdir -p "$folder"
   local t0=$SECONDS
   log "start $name"
-  if ! "$@" > "$folder/stdout.txt" 2>&1; then
+  if ! launch "$name" "$@" > "$folder/stdout.txt" 2>&1; then
     log "FAILED $name after $((SECONDS - t0)) s (see $folder/stdout.txt)"
     tail -n 20 "$folder/stdout.txt" >&2
     return 1
@@ -57,135 +162,117 @@ run_stage() {
   log "done $name in $((SECONDS - t0)) s"
 }
 
-if [[ -z "${DATA_PATH:-}" ]]; then
-  # ------------------------------------------------------------------------------------------------ digits, CPU
-  ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2 scratch"}
-  LANES=${LANES:-2}
-  EPOCHS=${EPOCHS:-30}; FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}
-  SIZE=${SIZE:-16}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
-
-  pretrain() {  # pretrain ARM SEED DIR
-    local arm=$1 seed=$2 dir=$3 extra=()
-    case $arm in
-      random) local d3p="$OUT/d3p_seed$seed/pretrain"
-              if [[ ! -f "$d3p/summary.json" ]]; then
-                log "FAILED random_seed$seed: the matched D3P run $d3p has not finished (ARMS must include d3p)"
-                return 1
-              fi
-              extra=(--random_match "$d3p");;
-      dynunc|d2) extra=(--static_warmup_epochs 5);;
-    esac
-    run_stage "${arm}_seed$seed/pretrain" "$dir" \
-      $PY main_pretrain_d3p.py --input_size "$SIZE" --epochs "$EPOCHS" --warmup_epochs 3 --batch_size 64 \
-        --blr 1.5e-3 --prune_method "$arm" --d3p_start 3 --d3p_period 5 --d3p_window 2 --d3p_bins 32 \
-        --num_workers 0 --save_every 10 --seed "$seed" --output_dir "$dir" --auto_resume "${extra[@]}"
-  }
-
-  downstream() {  # downstream ARM SEED CKPT ARMDIR: fine-tune and linear probe (CKPT "" = random init)
-    local arm=$1 seed=$2 ckpt=$3 dir=$4 init=()
-    [[ -n "$ckpt" ]] && init=(--finetune "$ckpt")
-    local status=0
-    run_stage "${arm}_seed$seed/finetune" "$dir/finetune" \
-      $PY main_finetune.py --model vit_tiny_patch4 --input_size "$SIZE" "${init[@]}" --epochs "$FT_EPOCHS" \
-        --warmup_epochs 1 --batch_size 64 --blr 5e-3 --layer_decay 0.75 --weight_decay 0.05 --drop_path 0 \
-        --mixup 0 --cutmix 0 --reprob 0 --aa none --smoothing 0.1 --num_workers 0 --save_ckpt_freq 5 \
-        --seed "$seed" --output_dir "$dir/finetune" --auto_resume || status=1
-    run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" \
-      $PY main_finetune.py --linprobe --model vit_tiny_patch4 --input_size "$SIZE" "${init[@]}" \
-        --epochs "$LP_EPOCHS" --warmup_epochs 1 --batch_size 64 --blr 16 --num_workers 0 --save_ckpt_freq 5 \
-        --seed "$seed" --output_dir "$dir/linprobe" --auto_resume || status=1
-    return $status
-  }
-
-  run_arm() {  # run_arm ARM SEED
-    local arm=$1 seed=$2 dir="$OUT/$1_seed$2"
-    if [[ $arm == scratch ]]; then
-      downstream "$arm" "$seed" "" "$dir"
-    else
-      pretrain "$arm" "$seed" "$dir/pretrain" || return 1
-      downstream "$arm" "$seed" "$dir/pretrain/checkpoint-$((EPOCHS - 1)).pth" "$dir"
+# wait_pretrain ARM SEED: block until OUT/ARM_seedSEED/pretrain finished (0) or failed / is not scheduled (1)
+wait_pretrain() {
+  local dep="$1_seed$2"
+  while [[ ! -f "$OUT/$dep/pretrain/summary.json" ]]; do
+    if [[ " ${JOBS[*]} " != *" $1:$2 "* ]] || grep -q "FAILED $dep/pretrain\|FAILED $dep " "$TIMES" 2>/dev/null; then
+      return 1
     fi
-  }
+    sleep 5
+  done
+}
 
-  # Jobs in order; d3p before random of the same seed. Lanes take jobs round-robin; random waits for its D3P run.
-  JOBS=()
-  for seed in $SEEDS; do
-    for arm in d3p $ARMS; do
-      [[ $arm == d3p && " $ARMS " != *" d3p "* ]] && continue
-      [[ " ${JOBS[*]:-} " == *" $arm:$seed "* ]] && continue
-      JOBS+=("$arm:$seed")
-    done
+# pretrain_flags ARM SEED: the method flags of an arm (equal-ratio arms: solved by tools/match_ratio.py)
+pretrain_flags() {
+  local arm=$1 seed=$2 method=${1%_eq} d3p="$OUT/d3p_seed$2/pretrain"
+  ARM_FLAGS=(--prune_method "$method")
+  [[ $method == dynunc || $method == d2 ]] && ARM_FLAGS+=(--static_warmup_epochs "$J")
+  [[ $method == dynunc ]] && ARM_FLAGS+=(--dynunc_window "$(( J < 3 ? J : 3 ))")  # window in [2, J]
+  if [[ $arm == random ]]; then
+    wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
+    ARM_FLAGS+=(--random_match "$d3p")
+  elif [[ $arm == *_eq ]]; then
+    wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
+    local cal=()
+    if [[ $method == infobatch || $method == seta ]]; then
+      wait_pretrain "$method" "$seed" || { log "FAILED ${arm}_seed$seed: no finished calibration run ${method}_seed$seed"; return 1; }
+      cal=(--calibration "$OUT/${method}_seed$seed/pretrain")
+    fi
+    local solved more
+    if ! solved=$($PY tools/match_ratio.py "$method" --target "$d3p" "${cal[@]}" --static_warmup_epochs "$J" \
+                  --out "$OUT/${arm}_seed$seed/ratio_match.json" 2>>"$TIMES"); then
+      log "FAILED ${arm}_seed$seed: tools/match_ratio.py found no flags (see above)"; return 1
+    fi
+    log "${arm}_seed$seed at D3P's ratio: $solved"
+    read -r -a more <<< "$solved"
+    ARM_FLAGS+=("${more[@]}")
+  fi
+}
+
+# run_arm ARM SEED: pre-train, k-NN, linear probe, fine-tune (FT_SEEDS), second fine-tune (CIFAR-100)
+run_arm() {
+  local arm=$1 seed=$2 dir="$OUT/$1_seed$2" status=0 ckpt="" init=()
+  if [[ $arm != scratch ]]; then
+    pretrain_flags "$arm" "$seed" || return 1
+    run_stage "${arm}_seed$seed/pretrain" "$dir/pretrain" main_pretrain_d3p.py "${DATA[@]}" "${PRE[@]}" \
+      --epochs "$EPOCHS" "${ARM_FLAGS[@]}" --seed "$seed" --output_dir "$dir/pretrain" --auto_resume \
+      ${PRETRAIN_ARGS:-} || return 1
+    ckpt="$dir/pretrain/checkpoint-$((EPOCHS - 1)).pth"; init=(--finetune "$ckpt")
+    run_stage "${arm}_seed$seed/knn" "$dir/knn" main_knn.py "${DATA[@]}" --checkpoint "$ckpt" "${KNN[@]}" \
+      --output_dir "$dir/knn" ${KNN_ARGS:-} || status=1
+  fi
+  run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" main_finetune.py --linprobe "${DATA[@]}" "${LP[@]}" \
+    "${init[@]}" --epochs "$LP_EPOCHS" --seed "$seed" --output_dir "$dir/linprobe" --auto_resume \
+    ${LINPROBE_ARGS:-} || status=1
+  if [[ " $FT_SEEDS " == *" $seed "* && ( $arm != *_eq || $FT_EQUAL == 1 ) ]]; then
+    run_stage "${arm}_seed$seed/finetune" "$dir/finetune" main_finetune.py "${DATA[@]}" "${FT[@]}" "${init[@]}" \
+      --epochs "$FT_EPOCHS" --seed "$seed" --output_dir "$dir/finetune" --auto_resume ${FINETUNE_ARGS:-} || status=1
+    if [[ -n $FT2 ]]; then
+      run_stage "${arm}_seed$seed/finetune_$FT2" "$dir/finetune_$FT2" main_finetune.py --data_set "$FT2" \
+        --data_path "$FT2_PATH" "${FT[@]}" "${init[@]}" --epochs "$FT_EPOCHS" --seed "$seed" \
+        --output_dir "$dir/finetune_$FT2" --auto_resume ${FINETUNE_ARGS:-} || status=1
+    fi
+  fi
+  return $status
+}
+
+# ------------------------------------------------------------------------------------------------------- jobs
+# Per seed: D3P first (random and the equal-ratio arms wait for it), the calibration arms next, equal-ratio last.
+has() { [[ " $ARMS " == *" $1 "* ]]; }
+JOBS=()
+for seed in $SEEDS; do
+  arms=()
+  has d3p && arms+=(d3p)
+  for arm in infobatch seta; do has "$arm" && arms+=("$arm"); done  # with RATIO=match: the calibration runs
+  for arm in none dynunc d2 scratch random; do
+    has "$arm" || continue
+    [[ $RATIO == match && ( $arm == dynunc || $arm == d2 || $arm == scratch ) ]] && continue
+    arms+=("$arm")
   done
-  lane() {  # lane K: jobs K, K+LANES, ...
-    local k=$1 i status=0
-    for ((i = k; i < ${#JOBS[@]}; i += LANES)); do
-      local arm=${JOBS[$i]%%:*} seed=${JOBS[$i]##*:}
-      if [[ $arm == random ]]; then  # wait for the matched D3P pre-training (run by some lane)
-        while [[ " $ARMS " == *" d3p "* && ! -f "$OUT/d3p_seed$seed/pretrain/summary.json" ]] \
-              && ! grep -q "FAILED d3p_seed$seed/pretrain" "$TIMES" 2>/dev/null; do sleep 5; done
-      fi
-      run_arm "$arm" "$seed" || status=1
-    done
-    return $status
-  }
-  log "digits: arms [$ARMS], seeds [$SEEDS], $EPOCHS pre-train / $FT_EPOCHS FT / $LP_EPOCHS LP epochs, ${SIZE}px, $LANES lanes"
-  T0=$SECONDS
-  pids=()
-  for ((k = 0; k < LANES; k++)); do lane "$k" & pids+=($!); done
-  failed=0
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-  log "all arms finished in $((SECONDS - T0)) s (failures: $failed)"
-else
-  # ---------------------------------------------------------------------------------------- the paper's recipe
-  ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
-  EPOCHS=${EPOCHS:-800}; LP_EPOCHS=${LP_EPOCHS:-90}
-  NPROC=${NPROC:-8}; NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
-  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
-  export EPOCHS NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT DATA_PATH
-  GPUS=$((NPROC * NNODES))
-  LP_ACCUM=$(( 16384 / (512 * GPUS) )); (( LP_ACCUM >= 1 )) || LP_ACCUM=1  # MAE's linear probe: batch 16384
-  failed=0
-  for seed in $SEEDS; do
-    ordered=()
-    [[ " $ARMS " == *" d3p "* ]] && ordered+=(d3p)
-    for arm in $ARMS; do [[ $arm != d3p ]] && ordered+=("$arm"); done
-    for arm in "${ordered[@]}"; do
-      dir="$OUT/${arm}_seed$seed"
-      if [[ $arm == scratch ]]; then log "skip scratch: only on the digits (DATA_PATH unset)"; continue; fi
-      extra=""
-      if [[ $arm == random ]]; then
-        if [[ ! -f "$OUT/d3p_seed$seed/pretrain/summary.json" ]]; then
-          log "skip random_seed$seed: the D3P run $OUT/d3p_seed$seed/pretrain has not finished"; failed=1; continue
-        fi
-        extra="--random_match $OUT/d3p_seed$seed/pretrain"
-      fi
-      if [[ -f "$dir/pretrain/summary.json" && -f "$dir/finetune/summary.json" ]]; then
-        log "skip ${arm}_seed$seed pre-train + fine-tune: summaries exist"
-      else
-        # train_d3p.sh: pre-training (--auto_resume), then fine-tuning (--auto_resume); a finished pre-training
-        # only reloads its last checkpoint and rewrites its summary
-        t0=$SECONDS; log "start ${arm}_seed$seed (train_d3p.sh)"
-        if METHOD=$arm SEED=$seed OUTPUT_DIR="$dir" PRETRAIN_ARGS="${PRETRAIN_ARGS:-} $extra" ./train_d3p.sh; then
-          log "done ${arm}_seed$seed in $((SECONDS - t0)) s"
-        else
-          log "FAILED ${arm}_seed$seed after $((SECONDS - t0)) s"; failed=1; continue
-        fi
-      fi
-      run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" \
-        torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK" \
-          --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="lp_${arm}_$seed" \
-          main_finetune.py --linprobe --data_path "$DATA_PATH" --model vit_base_patch16 \
-          --finetune "$dir/pretrain/checkpoint-$((EPOCHS - 1)).pth" --batch_size 512 --accum_iter "$LP_ACCUM" \
-          --epochs "$LP_EPOCHS" --blr 0.1 --weight_decay 0.0 --dist_eval --seed "$seed" \
-          --output_dir "$dir/linprobe" --auto_resume || failed=1
-    done
+  if [[ $RATIO != default ]]; then
+    for arm in infobatch seta dynunc d2; do has "$arm" && has d3p && arms+=("${arm}_eq"); done
+  fi
+  for arm in "${arms[@]}"; do JOBS+=("$arm:$seed"); done
+done
+
+# Lanes claim jobs in list order (mkdir is atomic); a job only waits for jobs earlier in the list: no deadlock.
+CLAIMS="$OUT/.claims_node$NODE_RANK"  # every node walks the same list (its ranks join the same stages)
+rm -rf "$CLAIMS"; mkdir -p "$CLAIMS"
+lane() {
+  local job status=0
+  for job in "${JOBS[@]}"; do
+    mkdir "$CLAIMS/${job/:/_}" 2>/dev/null || continue
+    run_arm "${job%%:*}" "${job##*:}" || status=1
   done
-fi
+  return $status
+}
+log "$DATA_SET: jobs [${JOBS[*]}], $EPOCHS pre-train / $LP_EPOCHS LP / $FT_EPOCHS FT epochs (FT seeds: $FT_SEEDS)," \
+    "${SIZE}px, $MODEL, $LANES lane(s), $GPUS process(es) per stage"
+T0=$SECONDS
+pids=()
+for ((k = 0; k < LANES; k++)); do lane & pids+=($!); done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+rm -rf "$CLAIMS"
+log "all arms finished in $((SECONDS - T0)) s (failures: $failed)"
 
 # ----------------------------------------------------------------------------------------------------- the table
 dirs=()
-for seed in $SEEDS; do for arm in $ARMS; do [[ -d "$OUT/${arm}_seed$seed" ]] && dirs+=("$OUT/${arm}_seed$seed"); done; done
+for job in "${JOBS[@]}"; do
+  d="$OUT/${job%%:*}_seed${job##*:}"
+  [[ -d $d ]] && dirs+=("$d")
+done
 if (( ${#dirs[@]} )); then
   $PY tools/make_table.py "${dirs[@]}" | tee "$OUT/table1.md"
   $PY tools/make_table.py "${dirs[@]}" --json > "$OUT/table1.json"

@@ -208,6 +208,24 @@ class DigitsDataset(Dataset):
         return img, self.targets[index]
 
 
+class _CIFAR10(tv_datasets.CIFAR10):
+    """torchvision's CIFAR-10 without its md5 of every batch file at each construction (a full read of the
+    163 MB at every start, twice per run); the pickles are still parsed and --download still checks the
+    archive's md5. It also lets tests build a small CIFAR in the same pickle format."""
+
+    train_list = [[name, None] for name, _ in tv_datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in tv_datasets.CIFAR10.test_list]
+    meta = {**tv_datasets.CIFAR10.meta, "md5": None}
+
+
+class _CIFAR100(tv_datasets.CIFAR100):
+    """CIFAR-100 as `_CIFAR10`."""
+
+    train_list = [[name, None] for name, _ in tv_datasets.CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in tv_datasets.CIFAR100.test_list]
+    meta = {**tv_datasets.CIFAR100.meta, "md5": None}
+
+
 def resolve_data_set(args) -> str:
     """`--data_set` default: digits without a --data_path, imagenet layout with one."""
     if args.data_set:
@@ -228,7 +246,7 @@ def build_dataset(split: str, args, transform: Callable | None) -> Dataset:
     if name in ("imagenet", "folder"):
         return _image_folder(os.path.join(args.data_path, split), transform)
     if name in ("cifar10", "cifar100"):
-        cls = tv_datasets.CIFAR10 if name == "cifar10" else tv_datasets.CIFAR100
+        cls = _CIFAR10 if name == "cifar10" else _CIFAR100
         try:
             return cls(args.data_path, train=train, transform=transform, download=getattr(args, "download", False))
         except RuntimeError as exc:

@@ -1,0 +1,103 @@
+"""tools/match_ratio.py: flags that make the fixed-ratio baselines realise a D3P run's prune ratio."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from d3p.baselines import InfoBatch, SeTa
+from d3p.strategy import EpochLosses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import match_ratio  # noqa: E402
+
+
+def _run_strategy(strategy, losses: np.ndarray, epochs: int) -> tuple[float, list[dict]]:
+    """Drive a loss-scored strategy with fixed per-sample losses; (realised prune ratio, end_epoch logs)."""
+    n = losses.size
+    trained, logs = 0, []
+    for e in range(epochs):
+        plan = strategy.plan_epoch(e)
+        trained += plan.kept.size
+        seen = np.zeros(n, dtype=bool)
+        seen[plan.kept] = True
+        logs.append(strategy.end_epoch(e, EpochLosses(np.where(seen, losses, 0.0), seen.astype(np.float64))))
+    return 1.0 - trained / (epochs * n), logs
+
+
+@pytest.fixture
+def skewed_losses():
+    return np.random.default_rng(0).exponential(size=20000)  # ~63% of the samples lie below the mean
+
+
+def test_infobatch_solved_ratio_is_realised(skewed_losses):
+    n, epochs, delta = skewed_losses.size, 10, 0.875
+    realised_default, logs = _run_strategy(InfoBatch(n, epochs, 0.5, delta, seed=0), skewed_losses, epochs)
+    fractions = [log["infobatch_below_mean_fraction"] for log in logs]
+    assert realised_default < 0.5  # InfoBatch realises less than its r
+    for target in (0.1, 0.2, 0.3):
+        r = match_ratio.infobatch_ratio(target, fractions, epochs, delta)
+        assert r > target
+        realised, _ = _run_strategy(InfoBatch(n, epochs, r, delta, seed=1), skewed_losses, epochs)
+        assert realised == pytest.approx(target, abs=0.003)
+    with pytest.raises(match_ratio.RatioError, match="prunes at most"):
+        match_ratio.infobatch_ratio(0.6, fractions, epochs, delta)
+    with pytest.raises(match_ratio.RatioError, match="covers 3 epochs"):
+        match_ratio.infobatch_ratio(0.1, fractions[:3], epochs, delta)
+
+
+def test_seta_solved_flags_are_realised(skewed_losses):
+    n, epochs, delta = skewed_losses.size, 16, 0.875
+    default, logs = _run_strategy(SeTa(n, epochs, 0.5, 10, 0.5, delta, seed=0), skewed_losses, epochs)
+    shares = [log["kept"] / (n // 2) for log in logs]
+    # reachable by r alone (window 0.5)
+    r, scale = match_ratio.seta_flags(0.8, shares, epochs, delta, 10, 0.5)
+    assert scale == 0.5 and 0.5 < r < 1
+    realised, _ = _run_strategy(SeTa(n, epochs, r, 10, scale, delta, seed=1), skewed_losses, epochs)
+    assert realised == pytest.approx(0.8, abs=0.02)  # first-order model: unscored samples shift group shares
+    # below SeTa's floor at window 0.5: r = 0 and a wider window (a whole number of groups)
+    r, scale = match_ratio.seta_flags(0.1, shares, epochs, delta, 10, 0.5)
+    assert r == 0.0 and scale in (0.8, 0.9, 1.0)
+    realised, _ = _run_strategy(SeTa(n, epochs, r, 10, scale, delta, seed=1), skewed_losses, epochs)
+    assert abs(realised - 0.1) < abs(default - 0.1) / 4
+
+
+def test_static_ratio_closed_form():
+    assert match_ratio.static_ratio(0.09, 30, 5) == pytest.approx(0.09 * 30 / 25)
+    with pytest.raises(match_ratio.RatioError, match="prunes at most 83.3%"):
+        match_ratio.static_ratio(0.9, 30, 5)
+
+
+def _write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        if isinstance(data, list):
+            f.write("".join(json.dumps(row) + "\n" for row in data))
+        else:
+            json.dump(data, f)
+
+
+def test_cli_reads_the_target_and_calibration_runs(tmp_path, capsys):
+    d3p, ib = str(tmp_path / "d3p"), str(tmp_path / "ib")
+    _write(os.path.join(d3p, "summary.json"), {"prune_ratio": 0.12, "epochs": 8})
+    _write(os.path.join(ib, "summary.json"), {"epochs": 8, "num_samples": 100, "flags": {"prune_ratio": 0.5,
+                                                                                          "delta": 0.875}})
+    _write(os.path.join(ib, "log.txt"), [{"epoch": e, "kept": 70, "infobatch_below_mean_fraction": 0.0 if e == 0
+                                          else 0.6} for e in range(8)])
+    out = str(tmp_path / "eq" / "ratio_match.json")
+    assert match_ratio.main(["infobatch", "--target", d3p, "--calibration", ib, "--out", out]) == 0
+    # epochs 0..6 prune (ceil(0.875 * 8) = 7), 6 of them with b = 0.6: r = 0.12 * 8 / 3.6; printed exactly as saved
+    saved = json.load(open(out))
+    assert capsys.readouterr().out.strip() == f"--prune_ratio {saved['flags']['prune_ratio']!r}"
+    assert saved["flags"]["prune_ratio"] == pytest.approx(0.12 * 8 / 3.6, rel=1e-12)
+    assert saved["target_ratio"] == 0.12 and saved["predicted_ratio"] == pytest.approx(0.12)
+    assert match_ratio.main(["dynunc", "--target", d3p, "--static_warmup_epochs", "2"]) == 0
+    flags = capsys.readouterr().out.split()
+    assert flags[0] == "--prune_ratio" and float(flags[1]) == pytest.approx(0.16, rel=1e-12)
+    assert flags[2:] == ["--static_warmup_epochs", "2"]
+    assert match_ratio.main(["seta", "--target", d3p]) == 1
+    assert "seta needs --calibration" in capsys.readouterr().err

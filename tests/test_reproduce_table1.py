@@ -1,0 +1,112 @@
+"""tools/reproduce_table1.sh end to end at tiny sizes: digits at equal ratio, the CIFAR-10 block, any ImageFolder."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO
+
+
+def run_recipe(out, timeout=900, **env_vars) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(out), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+               **{k: str(v) for k, v in env_vars.items()})
+    return subprocess.run(["bash", "tools/reproduce_table1.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _summary(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_digits_equal_ratio_recipe(tmp_path):
+    out = tmp_path / "out"
+    res = run_recipe(out, ARMS="d3p infobatch dynunc", RATIO="match", SEEDS="0", EPOCHS=4, LP_EPOCHS=1,
+                     FT_SEEDS="none", STATIC_WARMUP=2, PRETRAIN_ARGS="--train_subset 192")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    d3p = _summary(out / "d3p_seed0" / "pretrain" / "summary.json")
+    for arm in ("infobatch_eq", "dynunc_eq"):
+        match = _summary(out / f"{arm}_seed0" / "ratio_match.json")
+        assert match["target_ratio"] == d3p["prune_ratio"]
+        flags = _summary(out / f"{arm}_seed0" / "pretrain" / "summary.json")["flags"]
+        assert flags["prune_ratio"] == match["flags"]["prune_ratio"]
+    # Dyn-Unc's ratio is exact up to rounding of the kept count: r (E - J) / E with r = target E / (E - J)
+    dynunc = _summary(out / "dynunc_eq_seed0" / "pretrain" / "summary.json")
+    assert abs(dynunc["prune_ratio"] - d3p["prune_ratio"]) <= 3 / (4 * 192)
+    knn = _summary(out / "d3p_seed0" / "knn" / "summary.json")
+    assert knn["mode"] == "knn" and knn["k"] == 20 and 0 <= knn["top1"] <= 100
+    table = (out / "table1.md").read_text()
+    assert "k-NN top-1 (%)" in table.splitlines()[0]
+    assert "| InfoBatch (= D3P ratio) |" in table and "| Dyn-Unc (= D3P ratio) |" in table
+    assert "| InfoBatch |" in table  # the calibration run at the default ratio
+    # resumable: a second call skips every finished stage and prints the same table
+    again = run_recipe(out, ARMS="d3p infobatch dynunc", RATIO="match", SEEDS="0", EPOCHS=4, LP_EPOCHS=1,
+                       FT_SEEDS="none", STATIC_WARMUP=2, PRETRAIN_ARGS="--train_subset 192")
+    assert again.returncode == 0 and "start " not in again.stdout and (out / "table1.md").read_text() == table
+
+
+def _fake_cifar(root, rng):
+    """torchvision's CIFAR pickle layout with a few images per file (class = dominant colour channel + noise)."""
+    def batch(n, classes, key):
+        labels = rng.integers(0, classes, size=n)
+        images = rng.integers(0, 120, size=(n, 3, 32, 32), dtype=np.uint8)
+        images[np.arange(n), labels % 3] += 120
+        return {"data": images.reshape(n, -1), key: labels.tolist()}
+
+    c10 = root / "cifar-10-batches-py"
+    c10.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (c10 / name).write_bytes(pickle.dumps(batch(16, 10, "labels")))
+    (c10 / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    c100 = root / "cifar-100-python"
+    c100.mkdir()
+    (c100 / "train").write_bytes(pickle.dumps(batch(80, 100, "fine_labels")))
+    (c100 / "test").write_bytes(pickle.dumps(batch(16, 100, "fine_labels")))
+    (c100 / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"f{i}" for i in range(100)]}))
+
+
+def test_cifar10_block_recipe(tmp_path):
+    data = tmp_path / "cifar"
+    _fake_cifar(data, np.random.default_rng(0))
+    out = tmp_path / "out"
+    res = run_recipe(out, DATA_SET="cifar10", DATA_PATH=data, ARMS="d3p", EPOCHS=2, FT_EPOCHS=1, LP_EPOCHS=1,
+                     BATCH=16, LP_BATCH=16, NUM_WORKERS=0)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for arm in ("d3p",):
+        pre = _summary(out / f"{arm}_seed0" / "pretrain" / "summary.json")
+        assert pre["data_set"] == "cifar10" and pre["num_samples"] == 80 and pre["model"] == "mae_vit_tiny_patch4"
+        assert _summary(out / f"{arm}_seed0" / "knn" / "summary.json")["num_val"] == 16
+        assert _summary(out / f"{arm}_seed0" / "finetune" / "summary.json")["nb_classes"] == 10
+        assert _summary(out / f"{arm}_seed0" / "finetune_cifar100" / "summary.json")["nb_classes"] == 100
+        assert _summary(out / f"{arm}_seed0" / "linprobe" / "summary.json")["mode"] == "linprobe"
+    header = (out / "table1.md").read_text().splitlines()[0]
+    assert "| k-NN top-1 (%) | FT top-1 (%) | FT cifar100 top-1 (%) | LP top-1 (%) |" in header
+
+
+def test_any_image_folder_recipe(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "folder"
+    for split, n in (("train", 24), ("val", 8)):
+        for c, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            folder = data / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(colour, 30, size=(20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    res = run_recipe(out, DATA_SET="folder", DATA_PATH=data, MODEL="mae_vit_tiny_patch4", INPUT_SIZE=16, EPOCHS=2,
+                     ARMS="d3p", FT_EPOCHS=1, LP_EPOCHS=1, BATCH=8, ACCUM=1, LP_ACCUM=1, NUM_WORKERS=0)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    pre = _summary(out / "d3p_seed0" / "pretrain" / "summary.json")
+    assert pre["data_set"] == "folder" and pre["num_samples"] == 48 and pre["epochs"] == 2
+    assert _summary(out / "d3p_seed0" / "finetune" / "summary.json")["model"] == "vit_tiny_patch4"
+    knn = _summary(out / "d3p_seed0" / "knn" / "summary.json")
+    assert knn["num_train"] == 48 and knn["num_val"] == 16 and knn["input_size"] == 16
+    assert "| D3P |" in (out / "table1.md").read_text()
+    bad = run_recipe(tmp_path / "bad", DATA_SET="folder", DATA_PATH=data, MODEL="vit_tiny_patch4", EPOCHS=2)
+    assert bad.returncode == 2 and "MODEL must be an MAE model" in bad.stderr
