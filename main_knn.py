@@ -38,8 +38,8 @@ from engine_pretrain import compute_embeddings
 from util import checkpoint as ckpt_util
 from util.amp import autocast_dtype
 from util.datasets import (
-    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, eval_transform, num_classes_of,
-    resolve_data_set,
+    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, dataset_stats, default_num_workers,
+    eval_transform, num_classes_of, resolve_data_set,
 )
 from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
 
@@ -63,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_set", default=None, choices=DATA_SETS,
                    help="default: imagenet (ImageFolder train/ val/) with --data_path, digits without")
     g.add_argument("--batch_size", default=128, type=int, help="images per forward pass per process")
-    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="loader workers per process (default: this process's CPUs / processes per node)")
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
 
     g = parser.add_argument_group("run")
@@ -164,7 +165,7 @@ def split_features(model, split: str, args, device, amp_dtype) -> tuple[torch.Te
     loader = DataLoader(IndexedDataset(base), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                         collate_fn=collate_indexed)
-    feats, _ = compute_embeddings(model, loader, device, n, amp_dtype)
+    feats, _ = compute_embeddings(model, loader, device, n, amp_dtype, input_stats=dataset_stats(args))
     return torch.from_numpy(feats), torch.as_tensor(np.asarray(labels), dtype=torch.long), num_classes_of(base)
 
 
@@ -204,6 +205,8 @@ def main(args: argparse.Namespace) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
     if args.temperature <= 0:
