@@ -319,8 +319,9 @@ def _resample_box(pixels: np.ndarray, box: tuple[float, float, float, float], si
     to size (h, w) with antialiased bicubic -> uint8 [3, h, w], contiguous.
 
     A box on whole pixels is cropped and resized by torch's uint8 kernel (PIL's filter, 3-4x faster
-    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after DCT scaling) is resized
-    by PIL, whose box may be fractional: rounding it would shift the crop by up to half a pixel.
+    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after
+    DCT scaling) is resized by PIL, whose box may be fractional: rounding it would shift the crop by up
+    to half a pixel.
     """
     if all(float(v).is_integer() for v in box):
         left, top, right, bottom = (int(v) for v in box)
