@@ -21,9 +21,10 @@ import main_pretrain_d3p
 from conftest import load_ckpt
 from util.datasets import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DigitsDataset, IndexedDataset, ResizeCenterCropUint8,
-    _decode_reduced, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
+    _decode_pixels, _decode_reduced, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
     pretrain_transform,
 )
+import util.datasets as datasets_module
 from util.device_input import DeviceNormalize
 
 SIZE = 224
@@ -155,6 +156,70 @@ def test_dct_scaled_decode_only_where_the_crop_keeps_full_resolution(photos):
     loaded.convert("L").save(grey, quality=90)
     img, factor = _decode_reduced(Image.open(grey), 2.0)
     assert (factor, img.size, img.mode) == (2, (600, 450), "RGB")
+
+
+class _SpyJpeg:
+    """Stands in for the simplejpeg module: records the files' sizes it is asked to decode, and decodes
+    them with the real simplejpeg, or raises as simplejpeg does on data it rejects."""
+
+    def __init__(self, fail: bool = False):
+        import simplejpeg
+
+        self.real, self.fail, self.calls = simplejpeg, fail, []
+
+    def decode_jpeg(self, data, **kwargs):
+        self.calls.append(len(data))
+        if self.fail:
+            raise ValueError("simulated simplejpeg failure")
+        return self.real.decode_jpeg(data, **kwargs)
+
+
+def test_simplejpeg_decode_agrees_with_pil(photos, monkeypatch):
+    spy = _SpyJpeg()
+    monkeypatch.setattr(datasets_module, "simplejpeg", spy)
+    grey = os.path.join(photos, "grey_small.jpg")  # outside train/: not part of the fixed set
+    Image.open(os.path.join(photos, "train", "photo", "0_0.jpg")).convert("L").save(grey, quality=90)
+    folder = os.path.join(photos, "train", "photo")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    for path in paths + [grey]:
+        for max_reduction in (1.0, 2.0, 4.0, 8.0):
+            pixels, k = _decode_pixels(Image.open(path), max_reduction)
+            reference, k_pil = _decode_reduced(Image.open(path), max_reduction)
+            reference = np.array(reference)
+            assert (pixels.dtype, pixels.shape, k) == (np.uint8, reference.shape, k_pil), (path, max_reduction)
+            # both libjpeg-turbo with the accurate IDCT: measured identical; 0.5 levels would still be a
+            # rounding difference, a colour-space or upsampling slip costs whole levels
+            assert np.abs(pixels.astype(np.int16) - reference).mean() < 0.5, (path, max_reduction)
+    assert len(spy.calls) == 4 * (len(paths) + 1)  # every one of them went through simplejpeg
+
+
+def test_pil_decodes_what_simplejpeg_rejects(photos, tmp_path, monkeypatch):
+    args = _folder_args(photos)
+    dataset = build_dataset("train", args, pretrain_transform(args))
+    torch.manual_seed(5)
+    expected = [dataset[i][0] for i in range(len(dataset))]
+    spy = _SpyJpeg(fail=True)
+    monkeypatch.setattr(datasets_module, "simplejpeg", spy)
+    torch.manual_seed(5)
+    for i in range(len(dataset)):
+        assert torch.equal(dataset[i][0], expected[i])  # PIL's decode: the same pixels, the same draws
+    assert len(spy.calls) == len(dataset)
+
+    # a PNG among the JPEGs is PIL's from the start; a truncated JPEG still names the file
+    root = _photo_folder(str(tmp_path))
+    Image.open(os.path.join(root, "train", "photo", "1_0.jpg")).save(os.path.join(root, "train", "photo", "png.png"))
+    bad = os.path.join(root, "train", "photo", "0_1.jpg")
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)
+    spy = _SpyJpeg()
+    monkeypatch.setattr(datasets_module, "simplejpeg", spy)
+    dataset = build_dataset("train", _folder_args(root), pretrain_transform(_folder_args(root)))
+    files = [p for p, _ in dataset.samples]
+    out = dataset[files.index(os.path.join(root, "train", "photo", "png.png"))][0]
+    assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.uint8 and spy.calls == []
+    with pytest.raises(CorruptImageError, match="0_1.jpg.*--skip_corrupt"):
+        dataset[files.index(bad)]
+    assert spy.calls == [os.path.getsize(bad)]  # simplejpeg rejected it first, then PIL named the file
 
 
 def test_eval_transform_is_uint8_and_matches_resize_center_crop(photos):

@@ -22,6 +22,11 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
+try:  # libjpeg-turbo straight into a numpy array: ~1/3 less CPU per JPEG than PIL's decode + convert
+    import simplejpeg
+except ImportError:  # optional: PIL decodes everything without it
+    simplejpeg = None
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_SETS = ("digits", "imagenet", "folder", "cifar10", "cifar100")
@@ -298,22 +303,57 @@ def _decode_reduced(img: Image.Image, max_reduction: float) -> tuple[Image.Image
     return img, factor
 
 
-def _resample_box(img: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
-    """The region `box` (left, top, right, bottom, in pixels) of an RGB image, resampled to size (h, w)
-    with antialiased bicubic -> uint8 [3, h, w].
+def _decode_pixels(img: Image.Image, max_reduction: float) -> tuple[np.ndarray, float]:
+    """Decode a lazily opened image -> (uint8 [H, W, 3] RGB array, k), as `_decode_reduced`.
+
+    A baseline or progressive JPEG in colour (YCbCr) or greyscale is decoded by simplejpeg when it is
+    installed: the same libjpeg-turbo with the same accurate IDCT and upsampling as PIL (bit-identical
+    pixels, DCT scaling included), without PIL's image object and convert copy. Everything else (other
+    formats, CMYK, a file simplejpeg rejects: truncated, corrupt) goes through PIL, whose errors name
+    the file (CorruptImageError).
+    """
+    fp = getattr(img, "fp", None)
+    if simplejpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and fp is not None:
+        width, height = img.size
+        reduction = next((k for k in JPEG_DCT_SCALES if k <= max_reduction), 1)
+        scaled = (-(-height // reduction), -(-width // reduction))  # libjpeg's size at scale 1/k: ceil
+        try:
+            fp.seek(0)
+            data = fp.read()
+            # at least ceil(side / k) pixels: libjpeg's smallest scale M/8 that gives that is exactly 1/k
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=scaled[1], min_height=scaled[0])
+        except (OSError, ValueError):
+            pass  # PIL decodes it below, or raises CorruptImageError naming the file
+        else:
+            if pixels.shape[:2] == scaled:  # pixel (x, y) of the original at (x / k, y / k), as with PIL
+                img.close()
+                return pixels, float(reduction)
+    img, k = _decode_reduced(img, max_reduction)
+    return np.array(img), k  # writable, as torch.from_numpy wants
+
+
+def _resample_box(pixels: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
+    """The region `box` (left, top, right, bottom, in pixels) of an RGB uint8 [H, W, 3] array, resampled
+    to size (h, w) with antialiased bicubic -> uint8 [3, h, w], contiguous.
 
     A box on whole pixels is cropped and resized by torch's uint8 kernel (PIL's filter, 3-4x faster
-    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after DCT scaling) is resized
-    by PIL, whose box may be fractional: rounding it would shift the crop by up to half a pixel.
+    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after
+    DCT scaling) is resized by PIL, whose box may be fractional: rounding it would shift the crop by up
+    to half a pixel.
     """
     if all(float(v).is_integer() for v in box):
-        pixels = torch.from_numpy(np.array(img.crop(tuple(int(v) for v in box))))  # [H, W, 3], writable
-        batch = pixels.permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels-last strides: the fast kernel
+        left, top, right, bottom = (int(v) for v in box)
+        crop = pixels[top:bottom, left:right]
+        if crop.shape[1] != pixels.shape[1]:
+            # a narrower box is a strided view; the kernel reads a dense [H, W, 3] block 1.15-1.5x faster,
+            # and copying the box costs ~5% of that
+            crop = np.ascontiguousarray(crop)
+        batch = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels-last strides
         if tuple(batch.shape[-2:]) != size:
-            batch = F.interpolate(batch, size=size, mode="bicubic", antialias=True)
-        return batch[0]
-    out = img.resize((size[1], size[0]), Image.BICUBIC, box=box)
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+            return F.interpolate(batch, size=size, mode="bicubic", antialias=True)[0]  # contiguous [3, h, w]
+        return batch[0].contiguous()
+    out = Image.fromarray(pixels).resize((size[1], size[0]), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
 
 
 class RandomResizedCropUint8:
@@ -335,10 +375,10 @@ class RandomResizedCropUint8:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
         flip = self.flip and bool(torch.rand(1) < 0.5)
-        img, k = _decode_reduced(img, min(width, height) / self.size)
+        pixels, k = _decode_pixels(img, min(width, height) / self.size)
         box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
-        out = _resample_box(img, box, (self.size, self.size))
-        return (out.flip(-1) if flip else out).contiguous()
+        out = _resample_box(pixels, box, (self.size, self.size))
+        return out.flip(-1) if flip else out  # flip: a contiguous copy of 150 KB (~5 us)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
@@ -358,8 +398,8 @@ class ResizeCenterCropUint8:
         short, long = min(width, height), max(width, height)
         new_long = int(self.resize * long / short)  # torchvision's rule for Resize(int)
         new_w, new_h = (self.resize, new_long) if width <= height else (new_long, self.resize)
-        img, k = _decode_reduced(img, min(width / new_w, height / new_h))
-        out = _resample_box(img, (0, 0, width / k, height / k), (new_h, new_w))
+        pixels, k = _decode_pixels(img, min(width / new_w, height / new_h))
+        out = _resample_box(pixels, (0, 0, width / k, height / k), (new_h, new_w))
         top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
         return out[:, top:top + self.size, left:left + self.size].contiguous()
 
