@@ -8,26 +8,13 @@ import numpy as np
 import torch
 
 import util.lr_sched as lr_sched
-from d3p.recorder import LossRecorder
+from d3p import DataPruner
 from util.dist import all_reduce_mean, all_reduce_sum, any_rank, collective_device, is_dist
 from util.metrics import MetricLogger
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf: the run stops, checkpoints already written stay intact."""
-
-
-def weighted_batch_loss(per_sample: torch.Tensor, weights: torch.Tensor | None, normalize: bool) -> torch.Tensor:
-    """per_sample [B], weights [B] or None -> scalar.
-
-    normalize=True: sum(w*l)/sum(w) (D3P, spec §7); False: mean(w*l) (InfoBatch). With weights None
-    this is exactly `per_sample.mean()`, MAE's loss.
-    """
-    if weights is None:
-        return per_sample.mean()
-    if normalize:
-        return (weights * per_sample).sum() / weights.sum()
-    return (weights * per_sample).mean()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -60,9 +47,7 @@ def train_one_epoch(
     loss_scaler,
     log_writer=None,
     args=None,
-    sample_weights: torch.Tensor | None = None,
-    normalize_weights: bool = True,
-    recorder: LossRecorder | None = None,
+    pruner: DataPruner | None = None,
     amp_dtype: torch.dtype | None = None,
     start_step: int = 0,
     carried: dict | None = None,
@@ -70,8 +55,8 @@ def train_one_epoch(
 ) -> dict:
     """Train one epoch. Batches are (images, targets, dataset_index).
 
-    sample_weights: float32 [N] CPU tensor of per-sample weights (None: all ones, MAE's loss).
-    recorder: receives (index, per-sample loss) of every step; no host sync per step.
+    pruner: the run's DataPruner after `begin_epoch`: weighs each batch's per-sample losses and records
+        them (no host sync per step). None: MAE's loss (the mean), nothing recorded.
     start_step, carried: resume an epoch a preemption interrupted after `start_step` steps (the
         loader then yields only the remaining batches); `carried` holds that part's statistics.
     stop_requested: polled on every rank at the host-sync points that end an optimizer step; the
@@ -106,19 +91,13 @@ def train_one_epoch(
         samples = samples.to(device, non_blocking=True)
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
-        weights = None  # built on the CPU, then one copy to the device
-        if sample_weights is not None:
-            weights = sample_weights[index.clamp(min=0)]
-        if not bool(valid.all()):  # a replaced image trains with weight 0
-            weights = valid.to(torch.float32) if weights is None else weights * valid
-        if weights is not None:
-            weights = weights.to(device, non_blocking=True)
 
         sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
             with _autocast(device, amp_dtype):
                 per_sample, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss = weighted_batch_loss(per_sample.float(), weights, normalize_weights)
+            # the method's weights (a replaced image trains with weight 0); records the losses
+            loss = per_sample.float().mean() if pruner is None else pruner.batch_loss(per_sample, index)
             norm = loss_scaler(loss / accum_iter, optimizer, clip_grad=getattr(args, "clip_grad", None),
                                parameters=model.parameters(), update_grad=update)
         if update:
@@ -126,8 +105,6 @@ def train_one_epoch(
             optimizer_steps += 1
             if norm is not None:
                 grad_norms.append(norm.detach())
-        if recorder is not None:
-            recorder.record(index, per_sample)
         pending.append(loss.detach())
 
         if len(pending) == print_freq or step + 1 == num_steps:
@@ -169,7 +146,7 @@ def forward_only_pass(
     data_loader: Iterable,
     device: torch.device,
     epoch: int,
-    recorder: LossRecorder,
+    pruner: DataPruner,
     mask_ratio: float,
     amp_dtype: torch.dtype | None = None,
 ) -> int:
@@ -181,7 +158,7 @@ def forward_only_pass(
         samples = samples.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             per_sample, _, _ = model(samples, mask_ratio=mask_ratio)
-        recorder.record(index, per_sample)
+        pruner.record(index, per_sample)
         seen += int(index.numel())
     model.train(True)
     return seen

@@ -17,7 +17,7 @@ Trained counts (--counts): counts[i] = the number of epochs in which sample i wa
 trained with gradient (epochs 0..E of checkpoint-E.pth). Distributed padding duplicates are not counted twice, so
 counts.sum() == the sum of log.txt's per-epoch `kept`. The per-epoch kept sets of dynamic methods are not stored
 in a checkpoint, so exact counts come from:
-  1. checkpoint['pruning']['trained_counts'] (int32 [N]): PruningController adds 1 at plan.kept when it records
+  1. checkpoint['pruning']['trained_counts'] (int32 [N]): DataPruner adds 1 at plan.kept when it records
      an epoch's costs and saves the array with its state (any method; a resumed run replays the epochs after its
      checkpoint, so the counts stay exact);
   2. for checkpoints written before the engine kept it, an exact reconstruction where one exists, checked against
@@ -45,7 +45,7 @@ NO_KEPT_SET = ("none", "infobatch", "seta", "random")
 STATIC = ("dynunc", "d2")
 ENGINE_CHANGE = (
     "exact per-sample counts need checkpoint['pruning']['trained_counts'], which this checkpoint predates "
-    "(PruningController records them at every epoch and saves them with its state). Fix: re-run pre-training "
+    "(DataPruner records them at every epoch and saves them with its state). Fix: re-run pre-training "
     "with the current engine"
 )
 
