@@ -236,6 +236,10 @@ def validate_args(args) -> None:
         if not ok:
             raise ConfigError(msg)
     problems = d3p.validate_pruning_args(args, PRUNE_METHODS)
+    if args.linprobe and args.prune_method != "none":
+        # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
+        problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
+                        f"{args.prune_method}). Fix: drop --prune_method, or prune the fine-tuning instead")
     if problems:
         raise ConfigError("; ".join(problems))
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
@@ -301,9 +305,9 @@ def linprobe_transform(is_train: bool, args):
 def build_loaders(args):
     """-> (train set, val set, the run's DataPruner, train loader, val loader, forward-only loader).
 
-    Train items carry their dataset index (util.datasets.IndexedDataset); the pruner's sampler picks them. With
-    pruning every kept sample is trained once per epoch (drop_last off: the ledger counts what was trained);
-    without, MAE's drop_last stays."""
+    Train items carry their dataset index (util.datasets.IndexedDataset); the pruner's sampler picks them. Every
+    sample the sampler yields is trained (drop_last off: the ledger counts what was trained, and every kept sample
+    gets its loss); the linear probe keeps MAE's drop_last (its BatchNorm head cannot train on a batch of one)."""
     if args.linprobe:
         tf = linprobe_transform
     else:
@@ -320,7 +324,7 @@ def build_loaders(args):
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     pin = args.pin_mem and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
-    drop_last = args.prune_method == "none"
+    drop_last = args.linprobe
     loader_train = DataLoader(dataset_train, sampler=pruner.sampler, batch_size=args.batch_size, drop_last=drop_last,
                               collate_fn=data_util.collate_indexed, **common)
     loader_forward = DataLoader(dataset_train, sampler=pruner.forward_sampler, batch_size=args.batch_size,

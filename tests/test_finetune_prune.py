@@ -99,5 +99,6 @@ def test_pruning_flag_rules():
         main_finetune.validate_args(_args("--prune_method", "d3p", "--d3p_start", "1"))
     with pytest.raises(main_finetune.ConfigError, match="--random_match needs --prune_method random"):
         main_finetune.validate_args(_args("--random_match", "somewhere"))
-    # the linear probe prunes too (its per-sample loss is a plain cross-entropy)
-    main_finetune.validate_args(_args("--linprobe", "--prune_method", "infobatch", "--model", "vit_tiny_patch4"))
+    # the linear probe measures the pre-trained encoder: it is not pruned
+    with pytest.raises(main_finetune.ConfigError, match="--linprobe evaluates the pre-trained encoder"):
+        main_finetune.validate_args(_args("--linprobe", "--prune_method", "infobatch", "--model", "vit_tiny_patch4"))
