@@ -75,7 +75,7 @@ def resolve_checkpoint(run: str) -> tuple[str, dict[str, Any]]:
     if not glob.glob(os.path.join(folder, "checkpoint-*.pth")):
         raise ExportError(f"{run} holds no checkpoint-E.pth. Fix: pass the --output_dir of a pre-training run "
                           "that has saved at least one checkpoint (see --save_every), or wait for its first save")
-    from util.checkpoint import find_latest_checkpoint
+    from d3p.checkpoints import find_latest_checkpoint
 
     found = find_latest_checkpoint(folder)
     if found is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import glob
 import os
 import random
-import re
 import tempfile
 import warnings
 from typing import Any
@@ -12,20 +11,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from d3p.checkpoints import CHECKPOINT_RE as _CKPT_RE
+from d3p.checkpoints import find_latest_checkpoint  # noqa: F401  (one implementation, shared with d3p.export)
 from util.dist import get_rank, get_world_size, is_dist, is_main_process
 
-# checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
 class ResumeMismatchError(ValueError):
     """A checkpoint from another run (model, dataset size, method): resuming it would corrupt this one."""
-
-
-_CKPT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
-
-
-def _progress(match: re.Match) -> tuple[int, int]:
-    """Order checkpoints by training progress: (epochs fully done, steps into the next)."""
-    epoch = int(match.group(1))
-    return (epoch, int(match.group(2))) if match.group(2) else (epoch + 1, 0)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -121,25 +112,6 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist. Fix: check --resume, or use --auto_resume")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
-    """The newest checkpoint in `output_dir` that loads completely; torn or foreign files are skipped."""
-    found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        m = _CKPT_RE.search(os.path.basename(path))
-        if m:
-            found.append((_progress(m), path))
-    for _, path in sorted(found, reverse=True):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn file can fail in many ways (EOF, zip, unpickling)
-            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
-            continue
-        if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
-            return path, ckpt
-        warnings.warn(f"skipping {path}: not a complete training checkpoint")
-    return None
 
 
 def remove_superseded_partials(output_dir: str, completed_epoch: int) -> None:
