@@ -1,7 +1,6 @@
 """Supervised training with pruning (main_finetune.py --prune_method): per-sample cross-entropy, the ledger and
 summary of pre-training, exact resume, 2 ranks, flag rules. From scratch on the embedded digits at 16 px."""
 import json
-import os
 import shutil
 
 import util  # noqa: F401  (before timm/torchvision)
