@@ -56,7 +56,7 @@ def build_strategy(method: str, num_samples: int, epochs: int | None = None, see
         raise TypeError(f"unknown pruning option(s) {unknown}; valid: {', '.join(DEFAULTS)}")
     o = {**DEFAULTS, **options}
     if method == "d3p":
-        from d3p.method import D3P
+        from d3p.methods.d3p import D3P
 
         schedule = D3PSchedule(o["d3p_start"], o["d3p_period"], o["d3p_window"], epochs, o["d3p_anneal_epochs"])
         return D3P(num_samples, schedule, o["d3p_bins"], o["d3p_quantile"], seed=seed, min_kept=min_kept)

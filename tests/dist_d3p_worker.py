@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from d3p.distributed import RankDivergenceError, check_ranks_agree
 from d3p.integration import DataPruner
-from d3p.method import D3P
+from d3p.methods.d3p import D3P
 from d3p.schedule import D3PSchedule
 
 import torch
