@@ -85,9 +85,10 @@ def build_strategy(method: str, num_samples: int, epochs: int | None = None, see
     if method == "d2":
         from d3p.static import D2Pruning
 
-        # the exact k-NN is O(N^2 D): run it on the training device (minutes on a GPU at ImageNet scale)
+        # the k-NN runs on the training device (faiss-gpu or torch on CUDA; faiss IVF at scale on CPU)
         return D2Pruning(num_samples, o["static_warmup_epochs"], o["prune_ratio"], o["d2_neighbors"],
-                         o["d2_gamma"], o["d2_mode"], o["d2_sampling"], seed=seed, knn_device=knn_device)
+                         o["d2_gamma"], o["d2_mode"], o["d2_sampling"], seed=seed, knn_device=knn_device,
+                         knn_backend=o["d2_knn"], knn_index=o["d2_knn_index"], nprobe=o["d2_nprobe"])
     raise ValueError(f"unknown prune method {method!r}; choose one of {', '.join(PRUNE_METHODS)}")
 
 
@@ -107,7 +108,7 @@ class DataPruner:
     seed: the same on every rank; decisions and shuffles derive from (seed, epoch) only.
     min_kept: a decision never keeps fewer samples (use batch_size * world_size).
     num_replicas, rank: default from torch.distributed when initialised, else 1 and 0.
-    knn_device: where D2's exact k-NN runs (the training device).
+    knn_device: where D2's k-NN runs (the training device).
     **options: the method's options, named as the flags (`d3p.options.DEFAULTS`).
     """
 

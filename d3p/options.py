@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "d2_gamma": None,
     "d2_mode": "sum",
     "d2_sampling": "absolute",
+    "d2_knn": "auto",
+    "d2_knn_index": "auto",
+    "d2_nprobe": 8,
 }
 
 # the options that define each method (summary.json's "flags"; tools/make_table.py groups runs by them)
@@ -41,7 +44,8 @@ METHOD_OPTIONS: dict[str, list[str]] = {
     "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
     "random": ["prune_ratio", "random_match"],
     "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],
-    "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling"],
+    "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling",
+           "d2_knn", "d2_knn_index", "d2_nprobe"],
     "none": [],
 }
 
@@ -66,7 +70,8 @@ def add_pruning_args(
     g.add_argument("--d3p_quantile", default=d["d3p_quantile"], type=float, help="grid end of the ideal density")
     g.add_argument("--d3p_anneal_epochs", default=d["d3p_anneal_epochs"], type=int, help="full data in the last K epochs")
     g.add_argument("--prune_ratio", default=d["prune_ratio"], type=float, help="r of InfoBatch/SeTa/random/static methods")
-    g.add_argument("--delta", default=d["delta"], type=float, help="InfoBatch/SeTa: full data from epoch ceil(delta*epochs)")
+    g.add_argument("--delta", default=d["delta"], type=float,
+                   help="InfoBatch/SeTa: full data from 0-based epoch floor(delta*epochs)")
     g.add_argument("--seta_groups", default=d["seta_groups"], type=int)
     g.add_argument("--seta_window_scale", default=d["seta_window_scale"], type=float)
     g.add_argument("--random_match", default=d["random_match"],
@@ -79,6 +84,11 @@ def add_pruning_args(
         g.add_argument("--d2_gamma", default=d["d2_gamma"], type=float, help="default: 1 / median k-NN distance")
         g.add_argument("--d2_mode", default=d["d2_mode"], choices=["sum", "product"])
         g.add_argument("--d2_sampling", default=d["d2_sampling"], choices=["weighted", "absolute"])
+        g.add_argument("--d2_knn", default=d["d2_knn"], choices=["auto", "faiss", "torch"],
+                       help="k-NN backend: faiss when installed (faiss-gpu on CUDA), else exact chunked torch")
+        g.add_argument("--d2_knn_index", default=d["d2_knn_index"], choices=["auto", "flat", "ivf"],
+                       help="faiss index: flat (exact) or ivf (approximate); auto: flat on GPU or N <= 100k, else ivf")
+        g.add_argument("--d2_nprobe", default=d["d2_nprobe"], type=int, help="ivf: cells searched per query")
     return g
 
 
@@ -110,6 +120,10 @@ def validate_options(method: str, epochs: int | None, options: dict[str, Any],
         problems.append(f"--delta must lie in (0, 1], got {o['delta']}")
     if o["random_match"] and method != "random":
         problems.append("--random_match needs --prune_method random")
+    if o["d2_nprobe"] < 1:
+        problems.append(f"--d2_nprobe must be >= 1, got {o['d2_nprobe']}")
+    if o["d2_knn"] == "torch" and o["d2_knn_index"] == "ivf":
+        problems.append("--d2_knn_index ivf needs --d2_knn faiss or auto (the torch k-NN is exact only)")
     if method in ("dynunc", "d2") and epochs is not None and not 1 <= o["static_warmup_epochs"] < epochs:
         problems.append(f"--static_warmup_epochs must lie in [1, --epochs), got {o['static_warmup_epochs']}")
     if method in ("d3p", "infobatch", "seta") and epochs is None:

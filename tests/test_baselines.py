@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from d3p.baselines import (
+    SETA_INITIAL_SCORE,
     InfoBatch,
     NoPruning,
     RandomDynamic,
@@ -87,11 +89,31 @@ def check_plan_contract(plan, n: int) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # helpers of the module
 # ------------------------------------------------------------------------------------------------------------------
-def test_anneal_start_integer_comparison():
-    assert anneal_start(10, 0.875) == 9  # 8.75 -> 9; the published float equality never fires here
-    assert anneal_start(800, 0.875) == 700
-    assert anneal_start(10, 0.7) == 7  # 0.7 * 10 = 7.000000000000001 in floats must not give 8
+def _published_switch_epoch(num_epochs: int, delta: float) -> int:
+    """0-based epoch at which the published InfoBatch/SeTa samplers switch to full data.
+
+    Their sampler's call counter is 1 in the first epoch (SeTa starts it at 1; InfoBatch calls reset() once in its
+    constructor) and an epoch is pruned while `counter <= num_epochs * delta` (a float comparison).
+    """
+    counter = 1
+    while counter <= num_epochs * delta:
+        counter += 1
+    return counter - 1
+
+
+@pytest.mark.parametrize("num_epochs, expected", [(10, 8), (16, 14), (20, 17), (300, 262), (800, 700)])
+def test_anneal_start_matches_published_samplers(num_epochs, expected):
+    assert _published_switch_epoch(num_epochs, 0.875) == expected
+    assert anneal_start(num_epochs, 0.875) == expected
+    assert InfoBatch(10, num_epochs, delta=0.875).anneal_epoch == expected
+    assert SeTa(10, num_epochs, delta=0.875).anneal_epoch == expected
+
+
+def test_anneal_start_exact_decimal():
+    assert anneal_start(10, 0.7) == 7  # 0.7 * 10 = 7.000000000000001 in floats; exact decimal arithmetic
+    assert anneal_start(100, 0.29) == 29  # 0.29 * 100 = 28.999999999999996 in floats
     assert anneal_start(10, 1.0) == 10  # never anneal
+    assert anneal_start(10, 0.0) == 0
 
 
 def test_kept_size():
@@ -174,14 +196,15 @@ def test_infobatch_scores_update_only_trained_samples():
 def test_infobatch_annealing_epoch_e10():
     n = 1000
     s = InfoBatch(n, num_epochs=10, prune_ratio=0.5, delta=0.875, seed=1)
-    assert s.anneal_epoch == 9
+    assert s.anneal_epoch == 8  # published: 0-based epochs 0..7 pruned, 8 and 9 full
     results = drive(s, range(10))
-    for epoch in range(1, 9):
+    for epoch in range(1, 8):
         assert results[epoch][0].size < n, f"epoch {epoch} must be pruned"
         assert not results[epoch][2]["infobatch_annealing"]
-    kept9, weights9, log9 = results[9]
-    assert kept9.size == n and log9["infobatch_annealing"] and log9["infobatch_realised_ratio"] == 0.0
-    assert weights9 is None or np.all(weights9 == 1.0)
+    for epoch in (8, 9):
+        kept, weights, log = results[epoch]
+        assert kept.size == n and log["infobatch_annealing"] and log["infobatch_realised_ratio"] == 0.0
+        assert weights is None or np.all(weights == 1.0)
 
 
 def test_infobatch_resume():
@@ -224,6 +247,75 @@ def test_kmeans_1d_separated_and_degenerate():
     assert centres.size == 1 and np.all(labels == 0)
 
 
+def _wcss(values: np.ndarray, labels: np.ndarray) -> float:
+    return float(sum(((values[labels == g] - values[labels == g].mean()) ** 2).sum() for g in np.unique(labels)))
+
+
+def _brute_force_kmeans_1d(values: np.ndarray, groups: int) -> tuple[float, np.ndarray]:
+    """(optimal WCSS, labels) by enumerating every cut of the sorted values into `groups` contiguous runs.
+
+    Cuts between equal values are skipped (an optimal partition never splits equal values).
+    """
+    order = np.argsort(values, kind="stable")
+    xs = values[order]
+    n = xs.size
+    allowed = [c for c in range(1, n) if xs[c] != xs[c - 1]]
+    best, best_bounds = np.inf, None
+    for cut in itertools.combinations(allowed, groups - 1):
+        bounds = (0, *cut, n)
+        cost = sum(((xs[a:b] - xs[a:b].mean()) ** 2).sum() for a, b in zip(bounds[:-1], bounds[1:]))
+        if cost < best:
+            best, best_bounds = cost, bounds
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = np.repeat(np.arange(groups), np.diff(best_bounds))
+    return float(best), labels
+
+
+def test_kmeans_1d_equals_brute_force():
+    rng = np.random.default_rng(5)
+    checked = 0
+    for trial in range(60):
+        n = int(rng.integers(4, 13))
+        groups = int(rng.integers(2, 6))
+        values = rng.lognormal(0.0, 1.5, n)  # heavy-tailed, like losses
+        if trial % 3 == 0:
+            values = np.round(values, 1)  # ties
+        if np.unique(values).size <= groups:
+            continue
+        best, ref_labels = _brute_force_kmeans_1d(values, groups)
+        labels, centres = kmeans_1d(values, groups)
+        assert centres.size == groups and np.all(np.diff(centres) > 0)
+        assert _wcss(values, labels) == pytest.approx(best, rel=1e-9, abs=1e-12)
+        np.testing.assert_array_equal(labels, ref_labels)  # unique optimum for continuous random values
+        checked += 1
+    assert checked > 40
+
+
+def _reference_kmeans_1d_cost(values: np.ndarray, groups: int) -> float:
+    """Optimal WCSS by the plain O(G N^2) dynamic programme (an independent check of the fast one)."""
+    xs = np.sort(values)
+    n = xs.size
+    p1 = np.concatenate([[0.0], np.cumsum(xs)])
+    p2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
+    cost = np.array([p2[j] - p1[j] ** 2 / j if j else 0.0 for j in range(n + 1)])
+    for _ in range(1, groups):
+        new = np.full(n + 1, np.inf)
+        for j in range(1, n + 1):
+            i = np.arange(j)
+            new[j] = np.min(cost[i] + (p2[j] - p2[i]) - (p1[j] - p1[i]) ** 2 / (j - i))
+        cost = new
+    return float(cost[n])
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "pareto"])
+def test_kmeans_1d_optimal_on_heavy_tailed_scores(kind):
+    # Lloyd's iterations from quantile centres (the old kmeans_1d) stop 1.5-17x above the optimum on such inputs.
+    rng = np.random.default_rng(7)
+    values = rng.lognormal(0.0, 1.5, 300) if kind == "lognormal" else rng.pareto(1.5, 300)
+    labels, _ = kmeans_1d(values, 10)
+    assert _wcss(values, labels) == pytest.approx(_reference_kmeans_1d_cost(values, 10), rel=1e-9)
+
+
 def _seta_with_level_scores(n: int, num_epochs: int = 20):
     """SeTa whose scores form 10 well-separated levels (level = i % 10), so the k-means groups are the levels."""
     s = SeTa(n, num_epochs=num_epochs, prune_ratio=0.5, groups=10, window_scale=0.5, seed=2)
@@ -253,15 +345,36 @@ def test_seta_sliding_window_over_kmeans_groups():
         assert log["kept"] == plan.kept.size
 
 
-def test_seta_unscored_samples_get_mean_score():
-    n = 1000
-    s, level, loss = _seta_with_level_scores(n)
+def test_seta_unscored_samples_get_published_initial_score():
+    # MAE-scale losses in [0.2, 1.2]; after epoch 0 only its random half has a score. The published code gives the
+    # others its initial score 3.0: they form the top group on their own, outside the epoch-1 window (groups 1..5).
+    n = 2000
+    s = SeTa(n, num_epochs=20, prune_ratio=0.5, groups=10, window_scale=0.5, seed=2)
+    assert s.initial_score == SETA_INITIAL_SCORE == 3.0
+    loss = np.random.default_rng(0).uniform(0.2, 1.2, n)
     plan0 = s.plan_epoch(0)
-    s.end_epoch(0, epoch_losses(plan0.kept, loss))  # only the epoch-0 subset gets a score
+    s.end_epoch(0, epoch_losses(plan0.kept, loss))
+    assert np.isnan(s.scores).sum() == n - plan0.kept.size
     plan1 = s.plan_epoch(1)
     check_plan_contract(plan1, n)
-    assert 0 < plan1.kept.size < kept_size(n, 0.5)
-    assert np.isnan(s.scores).sum() == n - plan0.kept.size
+    subset = s.epoch_subset(1)
+    unscored = subset[~np.isin(subset, plan0.kept)]
+    assert unscored.size > 300
+    assert not np.isin(unscored, plan1.kept).any()
+    # The same plan from the published grouping: k-means over the subset's scores with 3.0 for the unscored.
+    labels, centres = kmeans_1d(np.where(np.isin(subset, plan0.kept), loss[subset], 3.0), 10)
+    assert centres[-1] == 3.0
+    np.testing.assert_array_equal(plan1.kept, subset[(labels >= 1) & (labels < 6)])
+    assert plan1.kept.size / subset.size < 0.5
+    log = s.end_epoch(1, epoch_losses(plan1.kept, loss))
+    assert log["seta_unscored_in_subset"] == unscored.size
+
+
+def test_seta_initial_score_is_configurable():
+    s = SeTa(100, num_epochs=10, initial_score=0.0)
+    assert s.initial_score == 0.0
+    with pytest.raises(ValueError, match="initial_score"):
+        SeTa(100, num_epochs=10, initial_score=float("nan"))
 
 
 def test_seta_annealing_subset_size():

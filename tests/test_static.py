@@ -14,14 +14,18 @@ import torch
 from d3p.static import (
     D2Pruning,
     DynUnc,
+    NeighbourGraph,
     d2_forward,
+    d2_prune,
     d2_select,
     default_gamma,
     dynunc_scores,
     dynunc_select,
     impute_history,
     knn_chunked,
+    knn_graph,
     main,
+    neighbour_graph,
 )
 from d3p.strategy import EpochLosses
 
@@ -156,6 +160,86 @@ def test_knn_rejects_bad_k():
         knn_chunked(np.zeros((5, 2), dtype=np.float32), 5)
 
 
+def _gaussian_mixture(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
+    """Clustered float32 [n, dim] embeddings: a mixture of `centres` Gaussians (like encoder features)."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(centres, dim)) * 3.0
+    return (mu[rng.integers(0, centres, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _same_neighbour_sets(emb, dist_a, idx_a, dist_b, idx_b, atol=1e-4) -> None:
+    """Identical k-NN sets row by row, ties aside: a member in only one of the two lists must lie (in float64)
+    at the k-th distance, where either choice is exact."""
+    np.testing.assert_allclose(dist_a, dist_b, atol=atol)
+    x = emb.astype(np.float64)
+    differ = [r for r in range(idx_a.shape[0]) if set(idx_a[r]) != set(idx_b[r])]
+    for r in differ:
+        swapped = np.array(sorted(set(idx_a[r]) ^ set(idx_b[r])))
+        d = np.linalg.norm(x[swapped] - x[r], axis=1)
+        np.testing.assert_allclose(d, dist_a[r, -1], atol=atol)
+    assert len(differ) <= 3
+
+
+def test_faiss_flat_equals_exact_torch_path():
+    emb = _gaussian_mixture(1500, 32, 20, seed=1) + 7.0
+    ref_d, ref_i = knn_chunked(emb, 10)
+    dist, idx, info = knn_graph(emb, 10, backend="faiss", index="auto")
+    assert info["knn_backend"] == "faiss" and info["knn_index"] == "flat" and "knn_recall" not in info
+    assert dist.dtype == np.float32 and idx.dtype == np.int64 and idx.shape == (1500, 10)
+    assert not np.any(idx == np.arange(1500)[:, None])
+    _same_neighbour_sets(emb, dist, idx, ref_d, ref_i)
+    # auto backend picks faiss when it is installed; torch stays exact and reports itself
+    assert knn_graph(emb, 10)[2]["knn_backend"] == "faiss"
+    d_t, i_t, info_t = knn_graph(emb, 10, backend="torch")
+    assert info_t["knn_backend"] == "torch"
+    np.testing.assert_array_equal(i_t, ref_i)
+
+
+def test_faiss_flat_excludes_self_among_duplicates():
+    emb = np.repeat(np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32), 3, axis=0)  # triplets
+    dist, idx, _ = knn_graph(emb, 4, backend="faiss", index="flat")
+    assert not np.any(idx == np.arange(150)[:, None])
+    np.testing.assert_allclose(dist[:, :2], 0.0, atol=1e-3)  # the two copies come first
+    assert np.all(idx[:, :2] // 3 == np.arange(150)[:, None] // 3)
+
+
+def test_faiss_ivf_recall_on_clustered_data():
+    emb = _gaussian_mixture(20000, 64, 200, seed=2)
+    dist, idx, info = knn_graph(emb, 10, backend="faiss", index="ivf", nprobe=8, recall_queries=500, seed=3)
+    assert info["knn_index"] == "ivf" and info["knn_nlist"] == 512 and info["knn_nprobe"] == 8
+    assert info["knn_recall_k"] == 10 and info["knn_recall"] >= 0.95
+    assert not np.any(idx == np.arange(20000)[:, None]) and np.all(idx >= 0)
+    assert np.all(np.diff(dist, axis=1) >= 0)
+    # the recall figure is a real measurement: one probed cell misses neighbours (and leaves rows short, which
+    # are redone exactly)
+    _, idx1, info1 = knn_graph(emb, 10, backend="faiss", index="ivf", nprobe=1, recall_queries=500, seed=3)
+    assert info1["knn_recall"] < 0.9 and info1["knn_rows_redone_exactly"] > 0 and np.all(idx1 >= 0)
+    # deterministic: the same seed gives the same graph and the same recall sample
+    dist2, idx2, info2 = knn_graph(emb, 10, backend="faiss", index="ivf", nprobe=8, recall_queries=500, seed=3)
+    np.testing.assert_array_equal(idx, idx2)
+    assert info2["knn_recall"] == info["knn_recall"]
+
+
+def test_knn_graph_rejects_bad_options():
+    emb = np.zeros((20, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="backend"):
+        knn_graph(emb, 3, backend="annoy")
+    with pytest.raises(ValueError, match="exact only"):
+        knn_graph(emb, 3, backend="torch", index="ivf")
+    with pytest.raises(ValueError, match="nprobe"):
+        knn_graph(emb, 3, nprobe=0)
+
+
+def test_d2_prune_faiss_equals_torch_on_small_n():
+    emb = _gaussian_mixture(1000, 16, 10, seed=4)
+    difficulty = np.random.default_rng(4).uniform(0.2, 1.0, 1000)
+    kept_t, stats_t = d2_prune(difficulty, emb, 0.5, knn_backend="torch")
+    kept_f, stats_f = d2_prune(difficulty, emb, 0.5, knn_backend="faiss")
+    assert stats_t["knn_backend"] == "torch" and stats_f["knn_backend"] == "faiss" and kept_f.size == 500
+    assert stats_f["gamma"] == pytest.approx(stats_t["gamma"], rel=1e-5)
+    np.testing.assert_array_equal(kept_f, kept_t)
+
+
 def test_default_gamma():
     assert default_gamma(np.array([[1.0, 2.0], [3.0, 4.0]])) == pytest.approx(1 / 2.5)
     assert default_gamma(np.array([[0.0, 0.0], [0.0, 4.0]])) == pytest.approx(1 / 4.0)
@@ -165,28 +249,70 @@ def test_default_gamma():
 # ------------------------------------------------------------------------------------------------------------------
 # D2: forward and reverse message passing
 # ------------------------------------------------------------------------------------------------------------------
+def _dense_weights(dist: np.ndarray, idx: np.ndarray, gamma: float) -> np.ndarray:
+    """Reference undirected weight matrix: W[i, j] = W[j, i] = exp(-gamma * d) if j in kNN(i) or i in kNN(j)
+    (the smaller distance when both)."""
+    n = idx.shape[0]
+    w = np.zeros((n, n))
+    for i in range(n):
+        for j, d in zip(idx[i], dist[i]):
+            w[i, j] = w[j, i] = max(w[i, j], np.exp(-gamma * d))
+    return w
+
+
 @pytest.mark.parametrize("mode", ["sum", "product"])
 def test_d2_forward_difficult_neighbours_raise_score(mode):
     # Node 0's neighbours are 1 and 2; node 3's neighbours are 4 and 5, at the same distances.
     idx = np.array([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])
     dist = np.full((6, 2), 0.5)
     difficulty = np.array([1.0, 5.0, 5.0, 1.0, 0.1, 0.1])  # equal own difficulty, hard vs easy neighbours
-    scores = d2_forward(difficulty, dist, idx, gamma=1.0, mode=mode)
+    scores = d2_forward(difficulty, neighbour_graph(dist, idx, gamma=1.0), mode=mode)
     assert scores[0] > scores[3]
     message0 = 2 * np.exp(-0.5) * 5.0
     expected0 = 1.0 + message0 if mode == "sum" else 1.0 * message0
     assert scores[0] == pytest.approx(expected0)
     with pytest.raises(ValueError, match="mode"):
-        d2_forward(difficulty, dist, idx, 1.0, mode="max")
+        d2_forward(difficulty, neighbour_graph(dist, idx, 1.0), mode="max")
+
+
+@pytest.mark.parametrize("mode", ["sum", "product"])
+def test_d2_forward_graph_is_undirected(mode):
+    # Node 3 lists node 0 as its nearest neighbour, node 0 does not list node 3: in the undirected graph (the
+    # paper's) node 0 still receives node 3's difficulty.
+    idx = np.array([[1, 2], [0, 2], [0, 1], [0, 1]])
+    dist = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.2, 0.9]])
+    difficulty = np.array([1.0, 2.0, 3.0, 4.0])
+    scores = d2_forward(difficulty, neighbour_graph(dist, idx, gamma=1.0), mode=mode)
+    message0 = np.exp(-0.5) * 2.0 + np.exp(-0.5) * 3.0 + np.exp(-0.2) * 4.0
+    assert scores[0] == pytest.approx(1.0 + message0 if mode == "sum" else message0, rel=1e-12)
+    # On a random k-NN graph: equal to the dense symmetric reference, W @ difficulty.
+    rng = np.random.default_rng(4)
+    dist, idx = knn_chunked(rng.normal(size=(120, 5)).astype(np.float32), 4)
+    gamma = default_gamma(dist)
+    diff = rng.uniform(0.2, 1.0, 120)
+    w = _dense_weights(dist.astype(np.float64), idx, gamma)
+    np.testing.assert_array_equal(w, w.T)
+    message = w @ diff
+    expected = diff + message if mode == "sum" else diff * message
+    np.testing.assert_allclose(d2_forward(diff, neighbour_graph(dist, idx, gamma), mode=mode), expected, rtol=1e-12)
+
+
+def test_neighbour_graph_csr():
+    idx = np.array([[1, 2], [0, 2], [0, 1], [0, 1]])
+    dist = np.array([[0.5, 0.6], [0.5, 0.7], [0.6, 0.7], [0.2, 0.9]])
+    g = neighbour_graph(dist, idx, gamma=2.0)
+    assert isinstance(g, NeighbourGraph) and g.num_nodes == 4
+    np.testing.assert_array_equal(g.indptr, [0, 3, 6, 8, 10])
+    np.testing.assert_array_equal(g.cols, [1, 2, 3, 0, 2, 3, 0, 1, 0, 1])
+    np.testing.assert_allclose(g.weight[:3], np.exp(-2.0 * np.array([0.5, 0.6, 0.2])))
+    with pytest.raises(ValueError, match="neighbour indices"):
+        neighbour_graph(dist, np.array([[1, 2], [0, 2], [0, 1], [0, 4]]), 1.0)
 
 
 def _naive_select(scores, dist, idx, gamma, n_select, rng=None):
     """Reference: O(N) rescan per pick on a dense symmetric weight matrix."""
     n = scores.size
-    w = np.zeros((n, n))
-    for i in range(n):
-        for j, d in zip(idx[i], dist[i]):
-            w[i, j] = w[j, i] = max(w[i, j], np.exp(-gamma * d))  # smallest distance wins
+    w = _dense_weights(dist, idx, gamma)
     s = scores.astype(np.float64).copy()
     selected = np.zeros(n, dtype=bool)
     out = []
@@ -212,9 +338,10 @@ def test_d2_select_matches_naive_reference(sampling):
     emb = rng.normal(size=(200, 4)).astype(np.float32)
     dist, idx = knn_chunked(emb, 5)
     gamma = default_gamma(dist)
-    scores = d2_forward(rng.uniform(0.2, 1.0, 200), dist, idx, gamma)
+    graph = neighbour_graph(dist, idx, gamma)
+    scores = d2_forward(rng.uniform(0.2, 1.0, 200), graph)
     # dist is float32; the reference uses the same values so both see identical weights
-    got = d2_select(scores, dist, idx, gamma, 120, sampling=sampling,
+    got = d2_select(scores, graph, 120, sampling=sampling,
                     rng=np.random.default_rng(11) if sampling == "weighted" else None)
     ref = _naive_select(scores, dist.astype(np.float64), idx, gamma, 120,
                         rng=np.random.default_rng(11) if sampling == "weighted" else None)
@@ -237,9 +364,9 @@ def _clustered(seed: int = 0):
 def test_d2_covers_clusters_and_thins_dense_one(mode, sampling):
     emb, labels, difficulty = _clustered()
     dist, idx = knn_chunked(emb, 10)
-    gamma = default_gamma(dist)
-    scores = d2_forward(difficulty, dist, idx, gamma, mode=mode)
-    kept = d2_select(scores, dist, idx, gamma, 300, sampling=sampling, rng=np.random.default_rng(0))
+    graph = neighbour_graph(dist, idx, default_gamma(dist))
+    scores = d2_forward(difficulty, graph, mode=mode)
+    kept = d2_select(scores, graph, 300, sampling=sampling, rng=np.random.default_rng(0))
     per_cluster = np.bincount(labels[kept], minlength=6)
     assert kept.size == 300 and np.all(per_cluster > 0), per_cluster
     dense_share = 400 / 600
@@ -251,11 +378,11 @@ def test_d2_covers_clusters_and_thins_dense_one(mode, sampling):
 def test_d2_weighted_is_deterministic_from_rng():
     emb, _, difficulty = _clustered(1)
     dist, idx = knn_chunked(emb, 10)
-    g = default_gamma(dist)
-    scores = d2_forward(difficulty, dist, idx, g)
-    a = d2_select(scores, dist, idx, g, 200, "weighted", np.random.default_rng(5))
-    b = d2_select(scores, dist, idx, g, 200, "weighted", np.random.default_rng(5))
-    c = d2_select(scores, dist, idx, g, 200, "weighted", np.random.default_rng(6))
+    graph = neighbour_graph(dist, idx, default_gamma(dist))
+    scores = d2_forward(difficulty, graph)
+    a = d2_select(scores, graph, 200, "weighted", np.random.default_rng(5))
+    b = d2_select(scores, graph, 200, "weighted", np.random.default_rng(5))
+    c = d2_select(scores, graph, 200, "weighted", np.random.default_rng(6))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -322,6 +449,10 @@ def test_cli_d2(tmp_path, capsys):
         assert info["method"] == "d2" and info["kept"] == 300 and info["prune_ratio"] == 0.5
         assert np.load(out).size == 300
     np.testing.assert_array_equal(np.load(tmp_path / "kept_L1.npy"), np.load(tmp_path / "kept_L2.npy"))
+    for knn in ("torch", "faiss"):
+        assert main(["d2", "--losses", str(tmp_path / "L1.npy"), "--embeddings", str(tmp_path / "E.npy"),
+                     "--ratio", "0.5", "--out", str(tmp_path / f"kept_{knn}.npy"), "--knn", knn]) == 0
+        assert json.loads(capsys.readouterr().out.strip())["knn_backend"] == knn
 
 
 @pytest.mark.parametrize(
@@ -339,6 +470,10 @@ def test_cli_d2(tmp_path, capsys):
           "--neighbors", "40"], "--neighbors"),
         (["d2", "--losses", "{d}/L.npy", "--embeddings", "{d}/E.npy", "--ratio", "0.5", "--out", "{d}/k.npy",
           "--mode", "max"], "invalid choice"),
+        (["d2", "--losses", "{d}/L.npy", "--embeddings", "{d}/E.npy", "--ratio", "0.5", "--out", "{d}/k.npy",
+          "--knn", "torch", "--knn_index", "ivf"], "exact only"),
+        (["d2", "--losses", "{d}/L.npy", "--embeddings", "{d}/E.npy", "--ratio", "0.5", "--out", "{d}/k.npy",
+          "--nprobe", "0"], "--nprobe"),
     ],
 )
 def test_cli_rejects_bad_input(tmp_path, capsys, args, message):
