@@ -160,7 +160,7 @@ def trained_counts(path: str, ckpt: dict[str, Any]) -> tuple[np.ndarray, str]:
             counts[_np(strat["subset"], np.int64)] += len(epochs) - warm
         note = f"{method}: {warm} warm-up epochs on all data, the subset afterwards"
     elif method == "random":
-        from d3p.baselines import RandomDynamic
+        from d3p.methods.random import RandomDynamic
 
         rnd = RandomDynamic(n, float(strat["prune_ratio"]), seed=int(strat["seed"]),
                             kept_counts=strat.get("kept_counts"))

@@ -61,29 +61,29 @@ def build_strategy(method: str, num_samples: int, epochs: int | None = None, see
         schedule = D3PSchedule(o["d3p_start"], o["d3p_period"], o["d3p_window"], epochs, o["d3p_anneal_epochs"])
         return D3P(num_samples, schedule, o["d3p_bins"], o["d3p_quantile"], seed=seed, min_kept=min_kept)
     if method == "none":
-        from d3p.baselines import NoPruning
+        from d3p.methods.none import NoPruning
 
         return NoPruning(num_samples)
     if method == "infobatch":
-        from d3p.baselines import InfoBatch
+        from d3p.methods.infobatch import InfoBatch
 
         return InfoBatch(num_samples, epochs, o["prune_ratio"], o["delta"], seed=seed)
     if method == "seta":
-        from d3p.baselines import SeTa
+        from d3p.methods.seta import SeTa
 
         return SeTa(num_samples, epochs, o["prune_ratio"], o["seta_groups"], o["seta_window_scale"], o["delta"],
                     seed=seed)
     if method == "random":
-        from d3p.baselines import RandomDynamic, read_kept_counts
+        from d3p.methods.random import RandomDynamic, read_kept_counts
 
         counts = read_kept_counts(o["random_match"]) if o["random_match"] else None
         return RandomDynamic(num_samples, o["prune_ratio"], seed=seed, kept_counts=counts)
     if method == "dynunc":
-        from d3p.static import DynUnc
+        from d3p.methods.dynunc import DynUnc
 
         return DynUnc(num_samples, o["static_warmup_epochs"], o["prune_ratio"], o["dynunc_window"], seed=seed)
     if method == "d2":
-        from d3p.static import D2Pruning
+        from d3p.methods.d2 import D2Pruning
 
         # the k-NN runs on the training device (faiss-gpu or torch on CUDA; faiss IVF at scale on CPU)
         return D2Pruning(num_samples, o["static_warmup_epochs"], o["prune_ratio"], o["d2_neighbors"],

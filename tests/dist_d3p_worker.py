@@ -35,7 +35,7 @@ _real_all_reduce = dist.all_reduce
 def main(out_dir: str, diverge: bool) -> int:
     dist.init_process_group("gloo")
     dist.all_reduce = _counting_all_reduce  # test harness only: measure what the controller reduces
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     n = 3001
     sched = D3PSchedule(start=2, period=2, window=2, epochs=4)
     seed = 7 + (rank if diverge else 0)
