@@ -10,9 +10,9 @@ The public API (see README, "Use D3P in your own training loop", and examples/tr
 
 Layout — shared machinery: stats.py (CLD, ideal density, decision), schedule.py, strategy.py (the
 PruningStrategy protocol and EpochPlan), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
-the rank guard), ledger.py, options.py, integration.py (the API), losses.py; one module per method in
-d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py (d3p-static),
-plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
+the rank guard), ledger.py, options.py, integration.py (the API), losses.py, checkpoints.py; one module per
+method in d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py
+(d3p-static), plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
 """
 from __future__ import annotations
 
