@@ -1,6 +1,8 @@
 """Fine-tuning / linear-probing engine: one training epoch and the evaluation loop (after MAE's engine_finetune.py).
 
-Train items and val items are (image, target[, ...]). Training statistics are per rank during the epoch and
+Train items are (image, target, dataset_index) (index optional without a pruner), val items (image, target[, ...]).
+The criterion gives per-sample losses; `d3p.DataPruner.batch_loss` turns them into the batch loss (the method's
+weights) and records them. Training statistics are per rank during the epoch and
 reduced across ranks once at its end; evaluation sums correct counts and totals across ranks, so the accuracy is
 exact whenever the ranks' val loaders partition the val set (see main_finetune.EvalShardSampler).
 """
@@ -13,6 +15,7 @@ from typing import Iterable
 import util  # noqa: F401  (torchvision op schemas on CPU-only torch, before timm)
 
 import torch
+from timm.data.mixup import mixup_target
 from timm.utils import accuracy
 
 from engine_pretrain import accumulation_divisor
@@ -47,7 +50,7 @@ def _reduce_meters(metric_logger: MetricLogger) -> dict:
 
 def train_one_epoch(
     model: torch.nn.Module,
-    criterion: torch.nn.Module,
+    criterion,
     data_loader: Iterable,
     optimizer: torch.optim.Optimizer,
     device,
@@ -58,14 +61,19 @@ def train_one_epoch(
     log_writer=None,
     args=None,
     input_stats: Stats | None = None,
+    pruner=None,
 ) -> dict:
-    """One epoch (0-based `epoch`, as MAE counts). Returns the epoch's averages: loss, lr (max over groups), grad_norm.
+    """One epoch (0-based `epoch`, as MAE counts).
 
+    criterion(logits [B, C], targets) -> per-sample losses [B] (d3p.per_sample_cross_entropy).
+    pruner: the run's d3p.DataPruner after `begin_epoch` (None: the batch loss is the mean).
+    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
     Every step the ranks agree on the loss being finite (one scalar all-reduce, after the host sync
     `loss.item()` already makes) before any backward, so a NaN on one rank stops all of them at the
     same step. The epoch's last, partial accumulation group is stepped with its loss divided by its
     own size (engine_pretrain.accumulation_divisor), as in pre-training.
-    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
+    Returns the epoch's averages: loss, lr (max over groups), grad_norm; and this rank's optimizer_steps and
+    data_seconds (the cost ledger's inputs).
     """
     model.train(True)
     to_input = DeviceNormalize(input_stats, device)
@@ -85,15 +93,17 @@ def train_one_epoch(
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     params = [p for p in model.parameters() if p.requires_grad]
 
+    optimizer_steps = 0
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(metric_logger.log_every(data_loader, header=f"Epoch: [{epoch}]", total=num_steps)):
         if step % accum_iter == 0:  # per-iteration (not per-epoch) schedule, at the fractional epoch
             lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
         samples = to_input(batch[0])
         targets = batch[1].to(device, non_blocking=True)
+        index = batch[2] if len(batch) > 2 else None
         if mixup_fn is not None:
             mixup_fn.reseed(epoch, step)  # util.augment.SeededMixup: its draws depend on (epoch, step) only
-            samples, targets = mixup_fn(samples, targets)
+            samples, targets = mix_batch(mixup_fn, samples, targets)
 
         # the last step of the epoch also updates (a correctly scaled partial group): no accumulated
         # gradient leaks into the next epoch
@@ -102,7 +112,9 @@ def train_one_epoch(
         with sync_ctx:
             with _autocast(device, amp_dtype):
                 outputs = model(samples)
-                loss = criterion(outputs, targets)
+            # row i of a mixed batch is sample index[i] (mixed with its partner): its loss is recorded for index[i]
+            per_sample = criterion(outputs, targets)
+            loss = per_sample.mean() if pruner is None else pruner.batch_loss(per_sample, index)
             loss_value = loss.item()
             finite = math.isfinite(loss_value)
             _, bad_step, bad_rank = agree_at_sync_point(False, None if finite else step, num_steps)
@@ -119,6 +131,7 @@ def train_one_epoch(
             )
         if update:
             optimizer.zero_grad(set_to_none=True)
+            optimizer_steps += 1
 
         max_lr = max(group["lr"] for group in optimizer.param_groups)
         metric_logger.update(loss=loss_value, lr=max_lr)
@@ -135,7 +148,42 @@ def train_one_epoch(
 
     stats = _reduce_meters(metric_logger)
     print("Averaged stats: " + "  ".join(f"{k}: {v:.6g}" for k, v in stats.items()))
+    stats.update(optimizer_steps=optimizer_steps, data_seconds=metric_logger.data_seconds)
     return stats
+
+
+def mix_batch(mixup_fn, samples: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup/CutMix; it needs an even batch, so an odd batch (the last one of a pruned epoch) mixes all
+    but its last sample, which keeps its image and gets mixup_fn's smoothed one-hot target."""
+    if samples.shape[0] % 2 == 0:
+        return mixup_fn(samples, targets)
+    mixed, soft = mixup_fn(samples[:-1], targets[:-1])
+    last = mixup_target(targets[-1:], mixup_fn.num_classes, 1.0, mixup_fn.label_smoothing)
+    return torch.cat([mixed, samples[-1:]]), torch.cat([soft, last.to(soft.dtype)])
+
+
+@torch.no_grad()
+def forward_only_pass(model: torch.nn.Module, criterion, data_loader: Iterable, device, epoch: int, pruner,
+                      mixup_fn=None, amp_dtype: torch.dtype | None = None, input_stats: Stats | None = None) -> int:
+    """Per-sample losses of the samples not trained this epoch (D3P's pruned set in recording epochs), recorded
+    in the pruner: the same augmentation, Mixup/CutMix and criterion as training, no gradient. Returns the
+    samples this rank processed."""
+    model.eval()
+    to_input = DeviceNormalize(input_stats, device)
+    seen = 0
+    batches = MetricLogger().log_every(data_loader, header=f"Forward-only [{epoch}]")
+    for step, (samples, targets, index) in enumerate(batches):
+        samples = to_input(samples)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            mixup_fn.reseed(epoch, step, forward_only=True)  # its own stream of (epoch, step) draws
+            samples, targets = mix_batch(mixup_fn, samples, targets)
+        with _autocast(device, amp_dtype):
+            outputs = model(samples)
+        pruner.record(index, criterion(outputs, targets))
+        seen += int(index.numel())
+    model.train(True)
+    return seen
 
 
 @torch.no_grad()

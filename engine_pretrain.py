@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import util.lr_sched as lr_sched
-from d3p.recorder import LossRecorder
+from d3p import DataPruner
 from util.device_input import DeviceNormalize, Stats
 from util.dist import agree_at_sync_point, all_reduce, all_reduce_mean, all_reduce_sum, get_rank, is_dist, to_collective
 from util.metrics import MetricLogger
@@ -16,19 +16,6 @@ from util.metrics import MetricLogger
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf: the run stops, checkpoints already written stay intact."""
-
-
-def weighted_batch_loss(per_sample: torch.Tensor, weights: torch.Tensor | None, normalize: bool) -> torch.Tensor:
-    """per_sample [B], weights [B] or None -> scalar.
-
-    normalize=True: sum(w*l)/sum(w) (D3P, spec §7); False: mean(w*l) (InfoBatch). With weights None
-    this is exactly `per_sample.mean()`, MAE's loss.
-    """
-    if weights is None:
-        return per_sample.mean()
-    if normalize:
-        return (weights * per_sample).sum() / weights.sum()
-    return (weights * per_sample).mean()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -73,9 +60,7 @@ def train_one_epoch(
     loss_scaler,
     log_writer=None,
     args=None,
-    sample_weights: torch.Tensor | None = None,
-    normalize_weights: bool = True,
-    recorder: LossRecorder | None = None,
+    pruner: DataPruner | None = None,
     amp_dtype: torch.dtype | None = None,
     start_step: int = 0,
     carried: dict | None = None,
@@ -85,9 +70,9 @@ def train_one_epoch(
     """Train one epoch. Batches are (images, targets, dataset_index).
 
     input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
-    sample_weights: float32 [N] tensor of per-sample weights (None: all ones, MAE's loss); copied to
-        the device once here, then indexed there each step.
-    recorder: receives (index, per-sample loss) of every step; no host sync per step.
+    pruner: the run's DataPruner after `begin_epoch`: weighs each batch's per-sample losses (weights
+        on the device, moved once per epoch) and records them (no host sync per step). None: MAE's loss
+        (the mean), nothing recorded.
     start_step, carried: resume an epoch a preemption interrupted after `start_step` steps (the
         loader then yields only the remaining batches); `carried` holds that part's statistics.
     stop_requested: polled on every rank at the host-sync points (every `print_freq` steps); the ranks
@@ -117,8 +102,6 @@ def train_one_epoch(
     grad_norms: list[torch.Tensor] = []
     lr = optimizer.param_groups[0]["lr"]
     interrupted_at = None
-    if sample_weights is not None:
-        sample_weights = sample_weights.to(device, non_blocking=True)  # once per epoch
 
     batches = metric_logger.log_every(data_loader, f"Epoch [{epoch}]")
     for step, (samples, _, index) in enumerate(batches, start=start_step):
@@ -128,18 +111,13 @@ def train_one_epoch(
         samples = to_input(samples)
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
-        weights = None  # gathered on the device from the epoch's weights
-        if sample_weights is not None:
-            weights = sample_weights[index.clamp(min=0).to(device, non_blocking=True)]
-        if not bool(valid.all()):  # a replaced image trains with weight 0
-            valid_w = valid.to(torch.float32).to(device, non_blocking=True)
-            weights = valid_w if weights is None else weights * valid_w
 
         sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
             with _autocast(device, amp_dtype):
                 per_sample, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss = weighted_batch_loss(per_sample.float(), weights, normalize_weights)
+            # the method's weights (a replaced image trains with weight 0); records the losses
+            loss = per_sample.float().mean() if pruner is None else pruner.batch_loss(per_sample, index)
             norm = loss_scaler(loss / accumulation_divisor(step, num_steps, accum_iter), optimizer, clip_grad=getattr(args, "clip_grad", None),
                                parameters=model.parameters(), update_grad=update)
         if update:
@@ -147,8 +125,6 @@ def train_one_epoch(
             optimizer_steps += 1
             if norm is not None:
                 grad_norms.append(norm.detach())
-        if recorder is not None:
-            recorder.record(index, per_sample)
         pending.append(loss.detach())
 
         if len(pending) == print_freq or step + 1 == num_steps:
@@ -204,7 +180,7 @@ def forward_only_pass(
     data_loader: Iterable,
     device: torch.device,
     epoch: int,
-    recorder: LossRecorder,
+    pruner: DataPruner,
     mask_ratio: float,
     amp_dtype: torch.dtype | None = None,
     input_stats: Stats | None = None,
@@ -230,7 +206,7 @@ def forward_only_pass(
             model.train(True)
             return None
     for index, per_sample in records:
-        recorder.record(index, per_sample)
+        pruner.record(index, per_sample)
     model.train(True)
     return seen
 

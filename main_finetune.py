@@ -7,14 +7,18 @@ MAE's main_finetune.py and main_linprobe.py in one script (facebookresearch/mae 
                   --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
   linprobe    python main_finetune.py --linprobe --finetune OUT/checkpoint-799.pth ...   (or main_linprobe.py)
   CPU demo    python main_finetune.py --finetune OUT/checkpoint-N.pth --model vit_tiny_patch4   (embedded digits)
+  pruning     python main_finetune.py --prune_method d3p ...   (none, d3p, infobatch, seta, random; without
+              --finetune this is supervised training from scratch with pruning)
 
 Epochs count from 0 (as in MAE); checkpoint-E.pth holds epoch E. Per-epoch JSON lines go to OUTPUT_DIR/log.txt
-and OUTPUT_DIR/summary.json is written at the end.
+and OUTPUT_DIR/summary.json is written at the end; both carry the pruning fields and cost ledger of pre-training
+(d3p.DataPruner: the same code), and the checkpoint its state (exact resume).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import random
@@ -26,11 +30,11 @@ import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch; 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
+import d3p
 import models_vit
-from engine_finetune import evaluate, train_one_epoch
+from engine_finetune import evaluate, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
 from util import lr_decay
@@ -61,6 +65,8 @@ LINPROBE_DEFAULTS = dict(
 _FT_ONLY = ("layer_decay", "drop_path", "smoothing", "reprob", "mixup", "cutmix", "aa", "cutmix_minmax", "color_jitter")
 # Native input size of each model (img_size its constructor defaults to); others use 224.
 NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
+# dynamic methods only: the static selectors (dynunc, d2) pick a coreset during pre-training
+PRUNE_METHODS = ("none", "d3p", "infobatch", "seta", "random")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -169,6 +175,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="accepted for torch.distributed.launch; the LOCAL_RANK environment variable is used")
     g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training (env:// only)")
+
+    d3p.add_pruning_args(p, methods=PRUNE_METHODS, default="none")
     return p
 
 
@@ -232,6 +240,13 @@ def validate_args(args) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    problems = d3p.validate_pruning_args(args, PRUNE_METHODS)
+    if args.linprobe and args.prune_method != "none":
+        # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
+        problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
+                        f"{args.prune_method}). Fix: drop --prune_method, or prune the fine-tuning instead")
+    if problems:
+        raise ConfigError("; ".join(problems))
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
         raise ConfigError(f"--cutmix_minmax {args.cutmix_minmax} must satisfy 0 < MIN < MAX <= 1")
     if mixup_active(args) and args.batch_size % 2:
@@ -284,11 +299,16 @@ def linprobe_transform(is_train: bool, args):
 
 
 def build_loaders(args):
+    """-> (train set, val set, the run's DataPruner, train loader, val loader, forward-only loader).
+
+    Train items carry their dataset index (util.datasets.IndexedDataset); the pruner's sampler picks them. Every
+    sample the sampler yields is trained (drop_last off: the ledger counts what was trained, and every kept sample
+    gets its loss); the linear probe keeps MAE's drop_last (its BatchNorm head cannot train on a batch of one)."""
     if args.linprobe:
         tf = linprobe_transform
     else:
         tf = data_util.finetune_transform
-    dataset_train = data_util.build_dataset("train", args, tf(True, args))
+    dataset_train = data_util.IndexedDataset(data_util.build_dataset("train", args, tf(True, args)))
     dataset_val = data_util.build_dataset("val", args, tf(False, args))
     world, rank = get_world_size(), get_rank()
     if len(dataset_train) // world < args.batch_size:
@@ -296,18 +316,25 @@ def build_loaders(args):
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
-    sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world)
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     pin = args.pin_mem and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
+    drop_last = args.linprobe
     # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.datasets.SeededItems)
     loader_train = DataLoader(
         data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(sampler_train, args.seed, rank, data_util.STREAM_TRAIN),
-        batch_size=args.batch_size, drop_last=True, generator=torch.Generator(), **common,
+        sampler=data_util.ItemSeedSampler(pruner.sampler, args.seed, rank, data_util.STREAM_TRAIN),
+        batch_size=args.batch_size, drop_last=drop_last, collate_fn=data_util.collate_indexed,
+        generator=torch.Generator(), **common,
+    )
+    loader_forward = DataLoader(
+        data_util.SeededItems(dataset_train),
+        sampler=data_util.ItemSeedSampler(pruner.forward_sampler, args.seed, rank, data_util.STREAM_FORWARD_ONLY),
+        batch_size=args.batch_size, collate_fn=data_util.collate_indexed, generator=torch.Generator(), **common,
     )
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size, drop_last=False, **common)
-    return dataset_train, dataset_val, sampler_train, loader_train, loader_val
+    return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
 
 
 # ----------------------------------------------------------------------------------------- checkpoint
@@ -380,7 +407,7 @@ def load_pretrained(model: nn.Module, path: str, global_pool: bool, head_std: fl
     return {"missing_keys": sorted(msg.missing_keys), "unexpected_keys": sorted(msg.unexpected_keys)}
 
 
-def save_checkpoint(args, epoch: int, model_without_ddp, optimizer, loss_scaler, max_accuracy: float) -> None:
+def save_checkpoint(args, epoch: int, model_without_ddp, optimizer, loss_scaler, max_accuracy: float, pruner) -> None:
     rng_states = ckpt_util.gather_rng_states()  # collective: every rank calls it
     if not is_main_process():
         return
@@ -392,12 +419,13 @@ def save_checkpoint(args, epoch: int, model_without_ddp, optimizer, loss_scaler,
         "max_accuracy": max_accuracy,
         "args": dict(vars(args)),
         "rng_states": rng_states,
+        "pruning": pruner.state_dict(),
     }
     ckpt_util.atomic_torch_save(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
     ckpt_util.prune_old_checkpoints(args.output_dir, keep={epoch})
 
 
-def resume(args, model_without_ddp, optimizer, loss_scaler) -> float:
+def resume(args, model_without_ddp, optimizer, loss_scaler, pruner) -> float:
     """Load --resume (or the newest checkpoint with --auto_resume); returns the best accuracy so far."""
     if not args.resume:
         return 0.0
@@ -414,6 +442,15 @@ def resume(args, model_without_ddp, optimizer, loss_scaler) -> float:
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_scaler.load_state_dict(ckpt.get("scaler"))
         args.start_epoch = int(ckpt["epoch"]) + 1
+        if "pruning" in ckpt:
+            try:
+                pruner.load_state_dict(ckpt["pruning"])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        elif args.prune_method != "none":
+            raise ConfigError(f"--resume checkpoint {args.resume} has no pruning state (written before pruning was "
+                              f"supported), so --prune_method {args.prune_method} cannot continue it exactly. Fix: "
+                              "resume with --prune_method none, or start a new --output_dir")
         if "rng_states" in ckpt:
             ckpt_util.restore_rng_states(ckpt["rng_states"])
         print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
@@ -439,7 +476,7 @@ def main(args) -> dict:
         torch.backends.cudnn.benchmark = True
     configure_cuda_math(device)
 
-    dataset_train, dataset_val, sampler_train, loader_train, loader_val = build_loaders(args)
+    dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward = build_loaders(args)
     input_stats = data_util.dataset_stats(args)  # uint8 batches are normalised on the device with these
     n_data_classes = data_util.num_classes_of(dataset_train)
     if args.nb_classes is None:
@@ -528,15 +565,14 @@ def main(args) -> dict:
     print(f"optimizer: {type(optimizer).__name__}")
     loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
 
-    if mixup_fn is not None:
-        criterion = SoftTargetCrossEntropy()  # smoothing is handled with the mixup label transform
-    elif args.smoothing > 0.0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
-    print(f"criterion = {criterion}")
+    # per-sample losses (the pruner weighs and records them); their batch mean is timm's SoftTargetCrossEntropy
+    # with mixup (smoothing is then part of the mixed targets), LabelSmoothingCrossEntropy, or CrossEntropyLoss
+    smoothing = 0.0 if mixup_fn is not None else args.smoothing
+    criterion = functools.partial(d3p.per_sample_cross_entropy, smoothing=smoothing)
+    print(f"criterion = per-sample cross-entropy ({'soft targets' if mixup_fn is not None else f'smoothing {smoothing}'})"
+          f", pruning: {args.prune_method}")
 
-    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
+    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler, pruner)
 
     if args.eval:
         test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
@@ -549,18 +585,23 @@ def main(args) -> dict:
     epoch_seconds = []
     for epoch in range(args.start_epoch, args.epochs):
         t_epoch = time.time()
-        sampler_train.set_epoch(epoch)
+        pruner.begin_epoch(epoch)
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-            max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer, args=args,
+            max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer, args=args, pruner=pruner,
             input_stats=input_stats,
         )
+        if pruner.forward_only_indices.size:
+            forward_only_pass(model_without_ddp, criterion, loader_forward, device, epoch, pruner, mixup_fn, amp_dtype,
+                              input_stats)
+        pruning_log = pruner.end_epoch(epoch, optimizer_steps=train_stats.pop("optimizer_steps"),
+                                       data_seconds=train_stats.pop("data_seconds"), started=t_epoch)
         test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
         if args.output_dir and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy)
+            save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, pruner)
         epoch_seconds.append(time.time() - t_epoch)
 
         if log_writer is not None:
@@ -572,6 +613,7 @@ def main(args) -> dict:
             **{f"test_{k}": v for k, v in test_stats.items()},
             "epoch": epoch,
             "n_parameters": n_parameters,
+            **pruning_log,  # the ledger's fields, as pre-training logs them; epoch_seconds below includes evaluation
             "epoch_seconds": epoch_seconds[-1],
         }
         if args.output_dir and is_main_process():
@@ -615,6 +657,9 @@ def main(args) -> dict:
         "precision": args.precision,
         "n_parameters": n_parameters,
         "n_trainable": n_trainable,
+        # the pruning method, its options and the cost ledger, as in pre-training's summary.json (epochs: done,
+        # wall_seconds: the training epochs)
+        **pruner.summary(),
     }
     if args.output_dir and is_main_process():
         with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -23,10 +23,8 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import models_mae
-from d3p.integration import PRUNE_METHODS, PruningController, build_strategy
-from d3p.sampler import PrunedDistributedSampler
-from d3p.schedule import validate_schedule
-from d3p.distributed import RankDivergenceError, reduce_epoch_losses
+import d3p
+from d3p.distributed import RankDivergenceError
 from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
@@ -100,46 +98,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_url", default="env://")
     g.add_argument("--dist_timeout_min", default=30, type=int, help="collective timeout in minutes")
 
-    g = parser.add_argument_group("pruning")
-    g.add_argument("--prune_method", default="d3p", choices=PRUNE_METHODS)
-    g.add_argument("--d3p_start", "--s", dest="d3p_start", default=3, type=int, help="s: first prune epoch (1-based)")
-    g.add_argument("--d3p_period", "--p", dest="d3p_period", default=10, type=int, help="p: epochs between decisions")
-    g.add_argument("--d3p_window", "--n", dest="d3p_window", default=3, type=int, help="n: recorded epochs per decision")
-    g.add_argument("--d3p_bins", "--bin_num", dest="d3p_bins", default=128, type=int, help="histogram bins")
-    g.add_argument("--d3p_quantile", default=0.999, type=float, help="grid end of the ideal density")
-    g.add_argument("--d3p_anneal_epochs", default=0, type=int, help="full data in the last K epochs")
-    g.add_argument("--prune_ratio", default=0.5, type=float, help="r of InfoBatch/SeTa/random/static methods")
-    g.add_argument("--delta", default=0.875, type=float, help="InfoBatch/SeTa: full data from 0-based epoch floor(delta*epochs)")
-    g.add_argument("--seta_groups", default=10, type=int)
-    g.add_argument("--seta_window_scale", default=0.5, type=float)
-    g.add_argument("--random_match", default=None, help="RUN_DIR of a D3P run: keep as many samples per epoch as it did")
-    g.add_argument("--static_warmup_epochs", default=10, type=int, help="J: full-data epochs before a static selection")
-    g.add_argument("--dynunc_window", default=3, type=int)
-    g.add_argument("--d2_neighbors", default=10, type=int)
-    g.add_argument("--d2_gamma", default=None, type=float, help="default: 1 / median k-NN distance")
-    g.add_argument("--d2_mode", default="sum", choices=["sum", "product"])
-    g.add_argument("--d2_sampling", default="absolute", choices=["weighted", "absolute"])
-    g.add_argument("--d2_knn", default="auto", choices=["auto", "faiss", "torch"],
-                   help="k-NN backend: faiss when installed (faiss-gpu on CUDA), else exact chunked torch")
-    g.add_argument("--d2_knn_index", default="auto", choices=["auto", "flat", "ivf"],
-                   help="faiss index: flat (exact) or ivf (approximate); auto: flat on GPU or N <= 100k, else ivf")
-    g.add_argument("--d2_nprobe", default=8, type=int, help="ivf: cells searched per query")
+    d3p.add_pruning_args(parser)
     return parser
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag combinations the method forbids, with a message naming the fix (exit code 2)."""
-    problems = []
-    if args.prune_method == "d3p":
-        problems += validate_schedule(args.d3p_start, args.d3p_period, args.d3p_window, args.d3p_anneal_epochs)
-    if args.d3p_bins < 2:
-        problems.append(f"--d3p_bins must be >= 2, got {args.d3p_bins}")
-    if not 0.0 < args.d3p_quantile < 1.0:
-        problems.append(f"--d3p_quantile must lie in (0, 1), got {args.d3p_quantile}")
-    if not 0.0 <= args.prune_ratio < 1.0:
-        problems.append(f"--prune_ratio must lie in [0, 1), got {args.prune_ratio}")
-    if not 0.0 < args.delta <= 1.0:
-        problems.append(f"--delta must lie in (0, 1], got {args.delta}")
+    problems = d3p.validate_pruning_args(args)
     if not 0.0 <= args.mask_ratio < 1.0:
         problems.append(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
     if args.keep_last < 0:
@@ -149,14 +114,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for name in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.random_match and args.prune_method != "random":
-        problems.append("--random_match needs --prune_method random")
-    if args.d2_nprobe < 1:
-        problems.append(f"--d2_nprobe must be >= 1, got {args.d2_nprobe}")
-    if args.d2_knn == "torch" and args.d2_knn_index == "ivf":
-        problems.append("--d2_knn_index ivf needs --d2_knn faiss or auto (the torch k-NN is exact only)")
-    if args.prune_method in ("dynunc", "d2") and not 1 <= args.static_warmup_epochs < args.epochs:
-        problems.append(f"--static_warmup_epochs must lie in [1, --epochs), got {args.static_warmup_epochs}")
     if args.resume and args.auto_resume:
         problems.append("--resume and --auto_resume are exclusive: pick one")
     if args.resume and not os.path.isfile(args.resume):
@@ -248,10 +205,9 @@ def main(args: argparse.Namespace) -> int:
     if num_samples == 0:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
     print(f"dataset: {args.data_set}, {num_samples} training samples")
-    train_sampler = PrunedDistributedSampler(num_samples, world, rank, seed=args.seed)
-    forward_sampler = PrunedDistributedSampler(num_samples, world, rank, seed=args.seed + 1)
-    train_loader = make_loader(dataset, train_sampler, args, args.batch_size, STREAM_TRAIN)
-    forward_loader = make_loader(dataset, forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
+    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world)
+    train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
+    forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
     # --------------------------------------------------------------- model
     model = models_mae.MODELS[args.model](norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
@@ -271,10 +227,6 @@ def main(args: argparse.Namespace) -> int:
     amp_dtype = autocast_dtype(args.precision, args.device)
     loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
 
-    # ------------------------------------------------------------ pruning
-    strategy = build_strategy(args, num_samples, min_kept=args.batch_size * world)
-    controller = PruningController(strategy, train_sampler, forward_sampler)
-
     # -------------------------------------------------------------- resume
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "log.txt")
@@ -286,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.resume:
         checkpoint = ckpt_util.load_checkpoint(args.resume)
     if checkpoint is not None:
-        load_training_state(checkpoint, resume_path, args, model_without_ddp, optimizer, loss_scaler, controller)
+        load_training_state(checkpoint, resume_path, args, model_without_ddp, optimizer, loss_scaler, pruner)
         if is_main_process():
             rewrite_log_until(log_path, args.start_epoch - 1)
 
@@ -298,56 +250,51 @@ def main(args: argparse.Namespace) -> int:
     partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
-        plan = controller.begin_epoch(epoch)
-        recorder = controller.new_recorder()
+        pruner.begin_epoch(epoch)
         start_step, carried = 0, None
         if partial is not None and partial["epoch"] == epoch:
-            start_step, carried = resume_partial_epoch(partial, train_sampler, recorder, args)
+            start_step, carried = resume_partial_epoch(partial, pruner, args)
             epoch_start -= carried["seconds"]
         partial = None
         train_stats = train_one_epoch(
             model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
-            sample_weights=controller.sample_weights(), normalize_weights=plan.normalize_weights,
-            recorder=recorder, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
+            pruner=pruner, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
             stop_requested=lambda: stop["stop"], input_stats=dataset_stats(args),
         )
         if train_stats["interrupted_at_step"] is not None:
-            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, recorder, model_without_ddp,
-                               optimizer, loss_scaler, controller)
+            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, model_without_ddp,
+                               optimizer, loss_scaler, pruner)
             print(f"stopped by signal in epoch {epoch} after step {train_stats['interrupted_at_step']}; "
                   "checkpoint saved, resume with --auto_resume", force=True)
             return 143
         # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
         # included, and no partial records), so the resume replays them whole
-        forward_seen, stopped_in_pass, rng_before_passes = 0, False, ckpt_util.rng_state()
+        stopped_in_pass, rng_before_passes = False, ckpt_util.rng_state()
         polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq, input_stats=dataset_stats(args))
         embeddings = None
-        if plan.compute_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
+        if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
             embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
-                                       PrunedDistributedSampler(num_samples, world, rank, shuffle=False), args,
-                                       args.batch_size, STREAM_EMBED)
+                                       pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
             embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype, **polled)
             stopped_in_pass = embeddings is None
-            forward_seen += num_samples
-        if plan.forward_only.size and recorder is not None and not stopped_in_pass:
-            seen = forward_only_pass(model_without_ddp, forward_loader, device, epoch, recorder, args.mask_ratio,
+        if pruner.forward_only_indices.size and not stopped_in_pass:
+            seen = forward_only_pass(model_without_ddp, forward_loader, device, epoch, pruner, args.mask_ratio,
                                      amp_dtype, **polled)
             stopped_in_pass = seen is None
-            forward_seen += forward_sampler.total_size
         if stopped_in_pass:
             ckpt_util.set_rng_state(rng_before_passes)
             train_stats["interrupted_at_step"] = start_step + len(train_loader)  # every training step done
-            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, recorder, model_without_ddp,
-                               optimizer, loss_scaler, controller)
+            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, model_without_ddp,
+                               optimizer, loss_scaler, pruner)
             print(f"stopped by signal in epoch {epoch} after training, during its forward-only/embedding pass; "
                   "checkpoint saved, resume with --auto_resume", force=True)
             return 143
-        decision = controller.end_epoch(epoch, recorder, embeddings)
+        pruning_log = pruner.end_epoch(epoch, embeddings, optimizer_steps=train_stats["optimizer_steps"],
+                                       data_seconds=train_stats["data_seconds"], started=epoch_start)
+        strategy = pruner.strategy
         subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
         if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
             np.save(os.path.join(args.output_dir, "kept_static.npy"), subset)
-        costs = controller.record_costs(epoch, train_stats["optimizer_steps"], time.time() - epoch_start,
-                                        train_stats["data_seconds"], forward_seen)
 
         stop_now = any_rank(stop["stop"])  # every rank must take the same branch (collectives below)
         save = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop_now
@@ -356,10 +303,8 @@ def main(args: argparse.Namespace) -> int:
             "train_loss": train_stats["train_loss"],
             "lr": train_stats["lr"],
             "grad_norm": train_stats["grad_norm"],
-            **{k: v for k, v in costs.items() if k != "epoch"},
+            **pruning_log,
             "corrupt_replaced": train_stats["corrupt_replaced"],
-            "plan_fingerprint": controller.fingerprint,
-            **decision,
         }
         if save:
             log_stats["replica_checksums"] = check_replicas(model_without_ddp, epoch)
@@ -372,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
         if hasattr(strategy, "last_decision"):
             strategy.last_decision = None  # CLD + density: ~13 bytes per sample, not needed after logging
         if save:
-            state = training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, controller)
+            state = training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, pruner)
             ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
             ckpt_util.remove_superseded_partials(args.output_dir, epoch)
             if args.keep_last:
@@ -386,14 +331,14 @@ def main(args: argparse.Namespace) -> int:
     total_time = time.time() - run_start
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     if is_main_process():
-        write_summary(args, controller)
+        write_summary(args, pruner)
         if log_writer is not None:
             log_writer.close()
     barrier()
     return 0
 
 
-def training_state(args, epoch, model, optimizer, loss_scaler, controller) -> dict:
+def training_state(args, epoch, model, optimizer, loss_scaler, pruner) -> dict:
     """Everything an exact resume needs, as plain data (weights_only=True loads it)."""
     return {
         "model": model.state_dict(),
@@ -403,7 +348,7 @@ def training_state(args, epoch, model, optimizer, loss_scaler, controller) -> di
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         "rng_states": ckpt_util.gather_rng_states(),
         "world_size": get_world_size(),
-        "pruning": controller.state_dict(),
+        "pruning": pruner.state_dict(),
     }
 
 
@@ -418,16 +363,16 @@ def check_replicas(model, epoch: int) -> list[str]:
     return checksums
 
 
-def save_partial_epoch(args, epoch, train_stats, seconds, recorder, model, optimizer, loss_scaler, controller):
+def save_partial_epoch(args, epoch, train_stats, seconds, model, optimizer, loss_scaler, pruner):
     """Preemption checkpoint: the state after `interrupted_at_step` steps of `epoch`, with the
     losses recorded so far (reduced over ranks) so the resumed epoch ends with the same totals."""
     step = int(train_stats["interrupted_at_step"])
-    state = training_state(args, epoch - 1, model, optimizer, loss_scaler, controller)
+    state = training_state(args, epoch - 1, model, optimizer, loss_scaler, pruner)
     partial = {"epoch": epoch, "step": step, "seconds": float(seconds),
                "loss_total": float(train_stats["loss_total"]), "loss_steps": int(train_stats["loss_steps"]),
                "optimizer_steps": int(train_stats["optimizer_steps"])}
-    if recorder is not None:
-        losses = reduce_epoch_losses(*recorder.totals())
+    losses = pruner.epoch_losses()
+    if losses is not None:
         partial["loss_sum"] = torch.from_numpy(losses.loss_sum)
         partial["count"] = torch.from_numpy(losses.count)
     state["partial_epoch"] = partial
@@ -435,17 +380,17 @@ def save_partial_epoch(args, epoch, train_stats, seconds, recorder, model, optim
     barrier()
 
 
-def resume_partial_epoch(partial, sampler, recorder, args) -> tuple[int, dict]:
+def resume_partial_epoch(partial, pruner, args) -> tuple[int, dict]:
     """Skip the batches trained before the preemption; rank 0 carries the losses recorded then."""
     step = int(partial["step"])
-    sampler.skip(step * args.batch_size)
-    if recorder is not None and "loss_sum" in partial and is_main_process():
-        recorder.carry_over(partial["loss_sum"].numpy(), partial["count"].numpy())
+    pruner.sampler.skip(step * args.batch_size)
+    if "loss_sum" in partial and is_main_process():
+        pruner.carry_over(partial["loss_sum"].numpy(), partial["count"].numpy())
     print(f"resuming epoch {partial['epoch']} after step {step}")
     return step, partial
 
 
-def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, controller) -> None:
+def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, pruner) -> None:
     """Restore model, optimizer, scaler, pruning state and RNG; refuse a checkpoint of another run."""
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
@@ -462,7 +407,7 @@ def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, c
             f"checkpoint {path} has no pruning state: it is not a pre-training checkpoint of this script. "
             "Fix: pass a checkpoint written by main_pretrain_d3p.py, or start without --resume"
         )
-    controller.load_state_dict(checkpoint["pruning"])
+    pruner.load_state_dict(checkpoint["pruning"])
     args.start_epoch = int(checkpoint["epoch"]) + 1
     if "partial_epoch" in checkpoint:
         args.start_epoch = int(checkpoint["partial_epoch"]["epoch"])
@@ -485,28 +430,9 @@ def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
     writer.flush()
 
 
-def write_summary(args, controller) -> None:
+def write_summary(args, pruner) -> None:
     """OUTPUT_DIR/summary.json: the run's cost ledger and the flags that define the method."""
-    method_flags = {
-        "d3p": ["d3p_start", "d3p_period", "d3p_window", "d3p_bins", "d3p_quantile", "d3p_anneal_epochs"],
-        "infobatch": ["prune_ratio", "delta"],
-        "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
-        "random": ["prune_ratio", "random_match"],
-        "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],
-        "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling",
-               "d2_knn", "d2_knn_index", "d2_nprobe"],
-        "none": [],
-    }[args.prune_method]
-    summary = {
-        "mode": "pretrain",
-        "method": args.prune_method,
-        "model": args.model,
-        "data_set": args.data_set,
-        "seed": args.seed,
-        "world_size": get_world_size(),
-        **controller.ledger.summary(),
-        "flags": {k: getattr(args, k) for k in method_flags},
-    }
+    summary = {"mode": "pretrain", "model": args.model, "data_set": args.data_set, **pruner.summary()}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print("summary: " + json.dumps(summary))

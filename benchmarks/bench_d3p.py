@@ -58,7 +58,7 @@ def state_bytes_per_sample(window: np.ndarray, decision) -> float:
     N = window.shape[1]
     loss_sum = np.zeros(N, dtype=np.float64)  # the epoch being recorded (EpochLosses.loss_sum)
     count = np.zeros(N, dtype=np.int32)  # EpochLosses.count
-    trained_counts = np.zeros(N, dtype=np.int32)  # PruningController.trained_counts
+    trained_counts = np.zeros(N, dtype=np.int32)  # DataPruner.trained_counts
     arrays = [window, loss_sum, count, decision.pruned, decision.weights, trained_counts]
     return sum(a.nbytes for a in arrays) / N
 

@@ -26,15 +26,14 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import main_pretrain_d3p as mp  # noqa: E402
 import models_mae  # noqa: E402
-from d3p.integration import PruningController, build_strategy  # noqa: E402
-from d3p.sampler import PrunedDistributedSampler  # noqa: E402
+import d3p  # noqa: E402
 from engine_pretrain import forward_only_pass, train_one_epoch  # noqa: E402
 from util.amp import ScaledOptimizerStep  # noqa: E402
-from util.datasets import IndexedDataset, pretrain_transform  # noqa: E402
+from util.datasets import STREAM_FORWARD_ONLY, STREAM_TRAIN, IndexedDataset, dataset_stats, pretrain_transform  # noqa: E402
 
 
 class Arm:
-    """One method's model, optimizer, samplers, loaders and controller; timings per epoch."""
+    """One method's model, optimizer, samplers, loaders and pruner; timings per epoch."""
 
     def __init__(self, method: str, args: argparse.Namespace, dataset, state: dict):
         self.args = argparse.Namespace(**{**vars(args), "prune_method": method})
@@ -43,35 +42,29 @@ class Arm:
         self.model.load_state_dict(state)
         self.optimizer = torch.optim.AdamW(param_groups_weight_decay(self.model, 0.05), lr=args.lr, betas=(0.9, 0.95))
         self.scaler = ScaledOptimizerStep(None, "cpu")
-        self.train_sampler = PrunedDistributedSampler(n, 1, 0, seed=args.seed)
-        self.forward_sampler = PrunedDistributedSampler(n, 1, 0, seed=args.seed + 1)
-        self.train_loader = mp.make_loader(dataset, self.train_sampler, self.args, args.batch_size)
-        self.forward_loader = mp.make_loader(dataset, self.forward_sampler, self.args, args.batch_size)
-        self.controller = PruningController(build_strategy(self.args, n, min_kept=args.batch_size),
-                                            self.train_sampler, self.forward_sampler)
+        self.pruner = d3p.DataPruner.from_args(self.args, n, min_kept=args.batch_size)
+        self.train_loader = mp.make_loader(dataset, self.pruner.sampler, self.args, args.batch_size, STREAM_TRAIN)
+        self.forward_loader = mp.make_loader(dataset, self.pruner.forward_sampler, self.args, args.batch_size,
+                                             STREAM_FORWARD_ONLY)
+        self.stats = dataset_stats(self.args)
         self.seconds, self.trained, self.forward_seconds = [], [], []
 
     def epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
-        plan = self.controller.begin_epoch(epoch)
-        recorder = self.controller.new_recorder()
-        self.train_loader.generator.manual_seed(self.args.seed * 1_000_003 + epoch * 1009)
+        self.pruner.begin_epoch(epoch)
         stats = train_one_epoch(self.model, self.train_loader, self.optimizer, torch.device("cpu"), epoch,
-                                self.scaler, args=self.args, sample_weights=self.controller.sample_weights(),
-                                normalize_weights=plan.normalize_weights, recorder=recorder)
+                                self.scaler, args=self.args, pruner=self.pruner, input_stats=self.stats)
         t1 = time.perf_counter()
-        forward_seen = 0
-        if plan.forward_only.size and recorder is not None:  # extra compute, timed apart from the machinery
-            forward_only_pass(self.model, self.forward_loader, torch.device("cpu"), epoch, recorder,
-                              self.args.mask_ratio)
-            forward_seen = self.forward_sampler.total_size
+        if self.pruner.forward_only_indices.size:  # extra compute, timed apart from the machinery
+            forward_only_pass(self.model, self.forward_loader, torch.device("cpu"), epoch, self.pruner,
+                              self.args.mask_ratio, input_stats=self.stats)
         t2 = time.perf_counter()
-        self.controller.end_epoch(epoch, recorder)
-        self.controller.record_costs(epoch, stats["optimizer_steps"], t2 - t0, stats["data_seconds"], forward_seen)
+        self.pruner.end_epoch(epoch, optimizer_steps=stats["optimizer_steps"], data_seconds=stats["data_seconds"],
+                              started=t0)
         t3 = time.perf_counter()
         self.seconds.append((t1 - t0) + (t3 - t2))
         self.forward_seconds.append(t2 - t1)
-        self.trained.append(self.train_sampler.total_size)
+        self.trained.append(self.pruner.sampler.total_size)
 
 
 def main() -> None:

@@ -32,17 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from d3p.static import (  # noqa: E402  (needs the repository on sys.path when run as a script)
-    _knn_query_rows,
-    d2_forward,
-    d2_select,
-    default_gamma,
-    dynunc_select,
-    knn_graph,
-    neighbour_graph,
-    prepare_embeddings,
+from d3p.methods.common import kept_size  # noqa: E402  (needs the repository on sys.path when run as a script)
+from d3p.methods.d2 import (  # noqa: E402
+    _knn_query_rows, d2_forward, d2_select, default_gamma, knn_graph, neighbour_graph, prepare_embeddings,
 )
-from d3p.baselines import kept_size, kmeans_1d  # noqa: E402
+from d3p.methods.dynunc import dynunc_select  # noqa: E402
+from d3p.methods.seta import kmeans_1d  # noqa: E402
 
 
 def _maxrss_mib() -> float:

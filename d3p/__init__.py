@@ -1,0 +1,50 @@
+"""D3P — Distribution-aware Dynamic Data Pruning — and its baselines, for any PyTorch training loop.
+
+The public API (see README, "Use D3P in your own training loop", and examples/train_classifier.py):
+
+    DataPruner            the one object a loop uses: sampler, batch loss, recording, end-of-epoch decision,
+                          cost ledger, state_dict / load_state_dict        (d3p/integration.py)
+    add_pruning_args      the "pruning" flag group of an argparse parser   (d3p/options.py)
+    validate_pruning_args messages for forbidden flag values / combinations
+    per_sample_cross_entropy  cross-entropy per sample (label smoothing, soft Mixup/CutMix targets)
+
+Layout — shared machinery: stats.py (CLD, ideal density, decision), schedule.py, strategy.py (the
+PruningStrategy protocol and EpochPlan), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
+the rank guard), ledger.py, options.py, integration.py (the API), losses.py, checkpoints.py; one module per
+method in d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py
+(d3p-static), plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "1.0.0"
+
+_EXPORTS = {
+    "DataPruner": "d3p.integration",
+    "build_strategy": "d3p.integration",
+    "weighted_batch_loss": "d3p.integration",
+    "PRUNE_METHODS": "d3p.options",
+    "add_pruning_args": "d3p.options",
+    "validate_pruning_args": "d3p.options",
+    "per_sample_cross_entropy": "d3p.losses",
+    "EpochPlan": "d3p.strategy",
+    "EpochLosses": "d3p.strategy",
+    "PruningStrategy": "d3p.strategy",
+    "PrunedDistributedSampler": "d3p.sampler",
+    "CostLedger": "d3p.ledger",
+    "RankDivergenceError": "d3p.distributed",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `python -m d3p.decide` and `import d3p` stay light (torch is imported on first use of the API)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'd3p' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

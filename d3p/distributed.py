@@ -1,5 +1,5 @@
 """The two collectives pruning needs: one reduction of per-sample losses per epoch, and the
-rank-consistency guard at every plan. Both go through util.dist's wrappers (device checks, strict mode)."""
+rank-consistency guard at every plan. Both go through d3p.collectives' wrappers (device checks, strict mode)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from d3p.strategy import EpochLosses, EpochPlan
-from util.dist import all_gather, all_reduce, is_dist, to_collective
+from d3p.collectives import all_gather, all_reduce, is_dist, to_collective
 
 
 class RankDivergenceError(RuntimeError):

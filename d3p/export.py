@@ -17,7 +17,7 @@ Trained counts (--counts): counts[i] = the number of epochs in which sample i wa
 trained with gradient (epochs 0..E of checkpoint-E.pth). Distributed padding duplicates are not counted twice, so
 counts.sum() == the sum of log.txt's per-epoch `kept`. The per-epoch kept sets of dynamic methods are not stored
 in a checkpoint, so exact counts come from:
-  1. checkpoint['pruning']['trained_counts'] (int32 [N]): PruningController adds 1 at plan.kept when it records
+  1. checkpoint['pruning']['trained_counts'] (int32 [N]): DataPruner adds 1 at plan.kept when it records
      an epoch's costs and saves the array with its state (any method; a resumed run replays the epochs after its
      checkpoint, so the counts stay exact);
   2. for checkpoints written before the engine kept it, an exact reconstruction where one exists, checked against
@@ -45,7 +45,7 @@ NO_KEPT_SET = ("none", "infobatch", "seta", "random")
 STATIC = ("dynunc", "d2")
 ENGINE_CHANGE = (
     "exact per-sample counts need checkpoint['pruning']['trained_counts'], which this checkpoint predates "
-    "(PruningController records them at every epoch and saves them with its state). Fix: re-run pre-training "
+    "(DataPruner records them at every epoch and saves them with its state). Fix: re-run pre-training "
     "with the current engine"
 )
 
@@ -75,7 +75,7 @@ def resolve_checkpoint(run: str) -> tuple[str, dict[str, Any]]:
     if not glob.glob(os.path.join(folder, "checkpoint-*.pth")):
         raise ExportError(f"{run} holds no checkpoint-E.pth. Fix: pass the --output_dir of a pre-training run "
                           "that has saved at least one checkpoint (see --save_every), or wait for its first save")
-    from util.checkpoint import find_latest_checkpoint
+    from d3p.checkpoints import find_latest_checkpoint
 
     found = find_latest_checkpoint(folder)
     if found is None:
@@ -160,7 +160,7 @@ def trained_counts(path: str, ckpt: dict[str, Any]) -> tuple[np.ndarray, str]:
             counts[_np(strat["subset"], np.int64)] += len(epochs) - warm
         note = f"{method}: {warm} warm-up epochs on all data, the subset afterwards"
     elif method == "random":
-        from d3p.baselines import RandomDynamic
+        from d3p.methods.random import RandomDynamic
 
         rnd = RandomDynamic(n, float(strat["prune_ratio"]), seed=int(strat["seed"]),
                             kept_counts=strat.get("kept_counts"))

@@ -7,9 +7,8 @@ import numpy as np
 import torch.distributed as dist
 
 from d3p.distributed import RankDivergenceError, check_ranks_agree
-from d3p.integration import PruningController
-from d3p.method import D3P
-from d3p.sampler import PrunedDistributedSampler
+from d3p.integration import DataPruner
+from d3p.methods.d3p import D3P
 from d3p.schedule import D3PSchedule
 
 import torch
@@ -36,26 +35,24 @@ _real_all_reduce = dist.all_reduce
 def main(out_dir: str, diverge: bool) -> int:
     dist.init_process_group("gloo")
     dist.all_reduce = _counting_all_reduce  # test harness only: measure what the controller reduces
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     n = 3001
     sched = D3PSchedule(start=2, period=2, window=2, epochs=4)
     seed = 7 + (rank if diverge else 0)
     strategy = D3P(n, sched, bins=32, seed=seed)
-    controller = PruningController(strategy, PrunedDistributedSampler(n, world, rank, seed=0),
-                                   PrunedDistributedSampler(n, world, rank, seed=1))
+    controller = DataPruner(n, strategy, seed=0)
     try:
         reduced_per_epoch = []
         for epoch in range(4):
             before = len(_reduced_elements)
             plan = controller.begin_epoch(epoch)
-            recorder = controller.new_recorder()
-            if recorder is not None:
-                for sampler in (controller.train_sampler, controller.forward_sampler):
-                    if sampler is controller.forward_sampler and not plan.forward_only.size:
-                        continue
-                    idx = np.fromiter(iter(sampler), dtype=np.int64)
-                    recorder.record(torch.from_numpy(idx), torch.from_numpy(synthetic_loss(idx, epoch)))
-            controller.end_epoch(epoch, recorder)
+            if plan.record_losses:
+                idx = np.fromiter(iter(controller.sampler), dtype=np.int64)
+                controller.batch_loss(torch.from_numpy(synthetic_loss(idx, epoch)), torch.from_numpy(idx))
+                if controller.forward_only_indices.size:
+                    idx = np.fromiter(iter(controller.forward_sampler), dtype=np.int64)
+                    controller.record(torch.from_numpy(idx), torch.from_numpy(synthetic_loss(idx, epoch)))
+            controller.end_epoch(epoch)
             reduced_per_epoch.append(_reduced_elements[before:])
         plan = controller.begin_epoch(4 - 1)
     except RankDivergenceError as exc:

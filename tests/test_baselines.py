@@ -1,4 +1,4 @@
-"""Tests of the dynamic baselines (d3p/baselines.py): InfoBatch, SeTa, RandomDynamic, NoPruning."""
+"""Tests of the dynamic baselines (d3p/methods/): InfoBatch, SeTa, RandomDynamic, NoPruning."""
 from __future__ import annotations
 
 import io
@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from d3p.baselines import (
-    SETA_INITIAL_SCORE,
-    InfoBatch,
-    NoPruning,
-    RandomDynamic,
-    SeTa,
-    anneal_start,
-    kept_size,
-    kmeans_1d,
-    read_kept_counts,
-    seta_window,
-)
+from d3p.methods.common import anneal_start, kept_size
+from d3p.methods.infobatch import InfoBatch
+from d3p.methods.none import NoPruning
+from d3p.methods.random import RandomDynamic, read_kept_counts
+from d3p.methods.seta import SETA_INITIAL_SCORE, SeTa, kmeans_1d, seta_window
 from d3p.strategy import EpochLosses
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_torchrun
-from d3p.method import D3P
+from d3p.methods.d3p import D3P
 from d3p.schedule import D3PSchedule
 from d3p.strategy import EpochLosses
 from dist_d3p_worker import synthetic_loss

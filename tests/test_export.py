@@ -89,7 +89,7 @@ def test_counts_reconstructed_exactly(tmp_path):
     # static without --counts: the subset
     assert run_cli([run, "--out", out]) == 0 and np.array_equal(np.load(out), subset)
     # random (matched counts): the per-epoch subsets are replayed from (seed, epoch)
-    from d3p.baselines import RandomDynamic
+    from d3p.methods.random import RandomDynamic
 
     matched = [N, 40, 30]
     rnd = RandomDynamic(N, 0.5, seed=3, kept_counts=matched)

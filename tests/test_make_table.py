@@ -186,3 +186,24 @@ def test_knn_column_equal_ratio_rows_and_second_finetune(tmp_path):
     # equal-ratio rows come after the default-ratio block
     order = [r["key"] for r in make_table.build_rows([make_table.load_run(d) for d in dirs])]
     assert order == ["none", "infobatch", "seta", "d3p", "infobatch@d3p"]
+def test_supervised_runs_with_pruning(tmp_path):
+    """main_finetune.py --prune_method runs (tools/reproduce_supervised.sh): cost and top-1 from one summary."""
+    dirs = []
+    for method, seed, trained, acc, flags in (("none", 0, N * E, 90.0, {}), ("none", 1, N * E, 92.0, {}),
+                                              ("d3p", 0, 8000, 91.0, {"d3p_start": 2}),
+                                              ("random", 0, 8000, 89.0, {"random_match": "x/d3p_seed0"})):
+        folder = tmp_path / f"{method}_seed{seed}"
+        _write(folder / "summary.json", {
+            "mode": "finetune", "finetune": None, "final_acc1": acc, "best_acc1": acc, "method": method, "seed": seed,
+            "epochs": E, "num_samples": N, "samples_trained": trained, "samples_forward_only": 0,
+            "prune_ratio": 1 - trained / (N * E), "compute_saved": 1 - trained / (N * E), "wall_seconds": 100.0,
+            "flags": flags, "model": "vit_tiny_patch4", "data_set": "digits"})
+        dirs.append(str(folder))
+    rows = rows_by_key(dirs)
+    assert rows["none"]["seeds"] == 2 and rows["none"]["ft_top1"] == 91.0
+    assert rows["d3p"]["compute_saved"] == pytest.approx(20.0) and rows["d3p"]["ft_top1_delta"] == pytest.approx(0.0)
+    assert rows["random_matched"]["prune_ratio"] == pytest.approx(20.0)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_table.py"), *dirs], capture_output=True,
+                         text=True, check=True).stdout
+    assert "| Method | Prune ratio (%) | Top-1 (%) | Compute saved (%) | Wall-clock saved (%) |" in out
+    assert "| D3P | 20.0 | 91.0 (±0.0) | 20.0 | 0.0 |" in out

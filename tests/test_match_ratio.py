@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from d3p.baselines import InfoBatch, SeTa
+from d3p.methods.infobatch import InfoBatch
+from d3p.methods.seta import SeTa
 from d3p.strategy import EpochLosses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ import torch
 
 import main_pretrain_d3p
 from conftest import load_ckpt, read_log, run_torchrun
-from engine_pretrain import train_one_epoch, weighted_batch_loss
+from d3p import DataPruner, EpochPlan, weighted_batch_loss
+from engine_pretrain import train_one_epoch
 
 BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
         "--blr", "1e-3", "--print_freq", "3"]
@@ -37,6 +38,21 @@ class _LinearLossModel(torch.nn.Module):
         return self.theta * imgs.flatten(1).sum(1), None, None
 
 
+class _FixedPlan:
+    """A strategy that trains on all samples with given weights (tests plug it into DataPruner)."""
+
+    name = "fixed"
+
+    def __init__(self, num_samples, weights, normalize):
+        self.num_samples, self.weights, self.normalize = num_samples, weights, normalize
+
+    def plan_epoch(self, epoch):
+        return EpochPlan(kept=np.arange(self.num_samples), weights=self.weights, normalize_weights=self.normalize)
+
+    def end_epoch(self, epoch, losses, embeddings=None):
+        return {}
+
+
 def test_engine_uses_sample_weights_in_the_gradient():
     from types import SimpleNamespace
 
@@ -44,14 +60,15 @@ def test_engine_uses_sample_weights_in_the_gradient():
 
     imgs = torch.arange(1.0, 5.0).view(4, 1, 1, 1)  # c_i = 1, 2, 3, 4
     batch = [(imgs, torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 2, 3]))]
-    weights = torch.tensor([1.0, 1.0, 4.0, 2.0])
+    weights = np.array([1.0, 1.0, 4.0, 2.0], dtype=np.float32)
     args = SimpleNamespace(accum_iter=1, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, print_freq=5)
     for normalize, expected in ((True, (1 + 2 + 12 + 8) / 8.0), (False, (1 + 2 + 12 + 8) / 4.0), (None, 2.5)):
         model = _LinearLossModel()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        pruner = DataPruner(4, _FixedPlan(4, None if normalize is None else weights, bool(normalize)))
+        pruner.begin_epoch(0)
         train_one_epoch(model, batch, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args,
-                        sample_weights=None if normalize is None else weights,
-                        normalize_weights=bool(normalize))
+                        pruner=pruner)
         assert model.theta.item() == pytest.approx(-expected, rel=1e-6)
 
 

@@ -40,7 +40,7 @@ def test_no_recording_for_a_decision_that_never_comes():
 def test_d3p_plans_no_forward_only_pass_in_a_window_without_decision():
     import numpy as np
 
-    from d3p.method import D3P
+    from d3p.methods.d3p import D3P
 
     d3p = D3P(8, D3PSchedule(start=2, period=3, window=2, epochs=4))
     d3p.pruned[:3] = True  # as after the decision at spec epoch 2

@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from d3p.static import (
-    D2Pruning,
-    DynUnc,
-    NeighbourGraph,
-    d2_forward,
-    d2_prune,
-    d2_select,
-    default_gamma,
-    dynunc_scores,
-    dynunc_select,
-    impute_history,
-    knn_chunked,
-    knn_graph,
-    main,
-    neighbour_graph,
+from d3p.methods.d2 import (
+    D2Pruning, NeighbourGraph, d2_forward, d2_prune, d2_select, default_gamma, knn_chunked, knn_graph, neighbour_graph,
 )
+from d3p.methods.dynunc import DynUnc, dynunc_scores, dynunc_select
+from d3p.methods.static_base import impute_history
+from d3p.static import main
 from d3p.strategy import EpochLosses
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,6 +17,9 @@ Each RUN_DIR is one of
     (k-NN: 'checkpoint') checkpoint lies in RUN_DIR;
   * a folder with only finetune/ and/or linprobe/ summaries whose 'finetune' is empty: fine-tuning from scratch,
     shown as "No pre-training" (the reference that shows what pre-training buys).
+  * a supervised run with pruning (main_finetune.py --prune_method, e.g. tools/reproduce_supervised.sh): its
+    summary.json has mode 'finetune'/'linprobe' and the pruning fields; the row takes cost, prune ratio and
+    wall-clock from it and its final_acc1 as the top-1 (a table of such runs only has one "Top-1" column).
 A folder without a pre-training summary yet (still running) is listed in the footnote and skipped.
 
 Columns: Prune ratio = 1 - trained / (epochs * N) of the pre-training run; k-NN top-1 = main_knn.py's top1
@@ -71,6 +74,7 @@ class Run:
     finetune2: dict[str, Any] | None = None  # a second fine-tuning data set (finetune_<data set>/)
     finetune2_name: str | None = None
     ratio_match: dict[str, Any] | None = None  # tools/match_ratio.py's record: run at D3P's ratio
+    supervised: bool = False  # a pruned supervised run: `pretrain` is its own summary (costs), `finetune` too
 
     @property
     def key(self) -> str:
@@ -141,6 +145,9 @@ def load_run(folder: str) -> Run | None:
     own = os.path.join(folder, "summary.json")
     own_data = _read(own) or {}
     pre_dir, pre_path = None, None
+    if own_data.get("mode") in ("finetune", "linprobe") and "samples_trained" in own_data:
+        return Run(folder, own_data, own_data if own_data["mode"] == "finetune" else None,
+                   own_data if own_data["mode"] == "linprobe" else None, [own], supervised=True)
     if os.path.isfile(arm_pre):
         pre_dir, pre_path = os.path.join(folder, "pretrain"), arm_pre
     elif own_data.get("mode") == "pretrain" or ("mode" not in own_data and "method" in own_data):
@@ -313,7 +320,7 @@ def format_cell(row: dict[str, Any], col: str, arrows: bool = False) -> str:
     return text
 
 
-def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str]) -> str:
+def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervised: bool = False) -> str:
     ft2_name = next((r["ft2_name"] for r in rows if r["ft2_name"]), None)
     acc_cols = [("knn_top1", "k-NN top-1 (%)"), ("ft_top1", "FT top-1 (%)")]
     if ft2_name:  # e.g. the CIFAR-10 block: fine-tuned on CIFAR-10 and on CIFAR-100
@@ -321,11 +328,17 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str]) -> str:
     acc_cols.append(("lp_top1", "LP top-1 (%)"))
     head = ["Method", "Prune ratio (%)", *(h for _, h in acc_cols), "Compute saved (%)", "Loader saved (%)",
             "Wall-clock saved (%)"]
+    if supervised:  # supervised runs with pruning: one accuracy column
+        head = ["Method", "Prune ratio (%)", "Top-1 (%)", "Compute saved (%)", "Wall-clock saved (%)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         name = r["method"] + (f" ({r['seeds']} seeds)" if r["seeds"] > 1 else "")
         cells = [name, format_cell(r, "prune_ratio"), *(format_cell(r, c, True) for c, _ in acc_cols),
                  format_cell(r, "compute_saved"), format_cell(r, "loader_saved"), format_cell(r, "wall_clock_saved")]
+        if supervised:
+            top1 = format_cell(r, "ft_top1" if r["ft_top1"] is not None else "lp_top1", True)
+            cells = [name, format_cell(r, "prune_ratio"), top1, format_cell(r, "compute_saved"),
+                     format_cell(r, "wall_clock_saved")]
         lines.append("| " + " | ".join(cells) + " |")
     has_whole = any(r["is_whole"] for r in rows)
     notes = [
@@ -339,6 +352,10 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str]) -> str:
     if any(r["equal_ratio"] for r in rows):
         notes.insert(1, "= D3P ratio: the arm ran at the prune ratio the D3P arm of the same seed realised "
                         "(flags from tools/match_ratio.py; Random matched to D3P: its kept count epoch by epoch).")
+    if supervised:
+        notes[0] = (f"Top-1: {acc}_acc1 of each supervised run's summary.json; arrows: difference to Whole dataset; "
+                    "prune ratio, compute saved (a forward-only sample = 1/3 of a trained one) and wall-clock saved "
+                    "(training epochs) of the same runs; mean ± std over seeds.")
     if skipped:
         notes.append("No pre-training summary yet (skipped): " + ", ".join(skipped))
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
@@ -366,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"acc": args.acc, "rows": rows, "skipped": skipped}, indent=2))
     else:
-        print(markdown(rows, args.acc, skipped))
+        print(markdown(rows, args.acc, skipped, supervised=all(r.supervised for r in runs)))
     return 0
 
 

@@ -33,7 +33,7 @@ import sys
 from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from d3p.baselines import anneal_start as anneal_epoch, kept_size  # noqa: E402  (the strategies' own rules)
+from d3p.methods.common import anneal_start as anneal_epoch, kept_size  # noqa: E402  (the strategies' own rules)
 
 METHODS = ("infobatch", "seta", "random", "dynunc", "d2")
 

@@ -84,11 +84,13 @@ class SeededMixup(Mixup):
         self.seed, self.rank = int(seed), int(rank)
         self.rng = self.rng_for(0, 0)
 
-    def rng_for(self, epoch: int, step: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, STREAM_MIXUP, int(epoch), self.rank, int(step)])
+    def rng_for(self, epoch: int, step: int, forward_only: bool = False) -> np.random.Generator:
+        """forward_only: the draws of D3P's no-grad pass over pruned samples, a stream of their own."""
+        words = [self.seed, STREAM_MIXUP, int(epoch), self.rank, int(step)] + ([1] if forward_only else [])
+        return np.random.default_rng(words)
 
-    def reseed(self, epoch: int, step: int) -> None:
-        self.rng = self.rng_for(epoch, step)
+    def reseed(self, epoch: int, step: int, forward_only: bool = False) -> None:
+        self.rng = self.rng_for(epoch, step, forward_only)
 
     # ---------------------------------------------------------------- parameters (timm's, from self.rng)
     def _params_per_elem(self, batch_size):

@@ -4,22 +4,15 @@ from __future__ import annotations
 import builtins
 import datetime
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
+from d3p.collectives import (  # noqa: F401  (re-exported: the one implementation of the collectives)
+    STRICT_COLLECTIVES_ENV, CollectiveDeviceError, all_gather, all_gather_object, all_reduce, collective_device,
+    get_rank, get_world_size, is_dist, strict_collectives, to_collective,
+)
 
 
 def is_main_process() -> bool:
@@ -152,105 +145,6 @@ def _store_of_this_attempt(args, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-# ------------------------------------------------------------------------------------------ collectives
-# Every collective of this project goes through the wrappers below (a test greps for direct calls), and
-# every tensor they get must be placed with `to_collective`. NCCL accepts only tensors on this rank's GPU;
-# gloo on CPU accepts anything, so a CPU-only test could never see the bug "a CPU tensor passed to an NCCL
-# collective". Strict mode (D3P_STRICT_COLLECTIVES=1, set by the tests' torchrun runs) makes it visible:
-# `to_collective` tags the tensor as "on the collective device", the tag follows the tensor through
-# device-preserving ops (zeros_like, arithmetic, dtype casts) and is lost where NCCL's tensor would leave
-# the GPU (`.cpu()`, `.to(device)`), and the wrappers refuse untagged tensors.
-
-STRICT_COLLECTIVES_ENV = "D3P_STRICT_COLLECTIVES"
-
-
-class CollectiveDeviceError(RuntimeError):
-    """A tensor handed to a collective is not on the device the backend requires."""
-
-
-def strict_collectives() -> bool:
-    return os.environ.get(STRICT_COLLECTIVES_ENV, "0") == "1"
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """The same storage as an ordinary tensor (drops the strict-mode tag; the context is torch's documented
-    way to call a Tensor method without re-entering a subclass's __torch_function__)."""
-    with torch._C.DisableTorchFunctionSubclass():
-        return t.as_subclass(torch.Tensor)
-
-
-def _names_a_device(args: tuple, kwargs: dict) -> bool:
-    return "device" in kwargs or any(
-        isinstance(a, (torch.device, str, torch.Tensor)) or (isinstance(a, int) and not isinstance(a, bool)) for a in args
-    )
-
-
-class _OnCollectiveDevice(torch.Tensor):
-    """Strict mode's tag "placed on the collective device" (see above); ops on it keep the tag unless they
-    move the data (`.cpu()`, `.to(<device or tensor>)`), as NCCL's GPU tensor would leave the GPU there."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = super().__torch_function__(func, types, args, kwargs)
-        if func is torch.Tensor.cpu or (func is torch.Tensor.to and _names_a_device(args[1:], kwargs)):
-            return _plain(out)
-        return out
-
-
-def to_collective(t: torch.Tensor) -> torch.Tensor:
-    """`t` on the device the active backend's collectives need (this rank's GPU under NCCL, else the CPU)."""
-    t = t.to(collective_device())
-    return t.as_subclass(_OnCollectiveDevice) if strict_collectives() else t
-
-
-def _check_placed(op: str, tensors: list[torch.Tensor]) -> None:
-    want = collective_device()
-    for t in tensors:
-        if t.device != want:
-            raise CollectiveDeviceError(
-                f"{op}: a tensor on {t.device}, but the {dist.get_backend()} backend needs {want}. "
-                "Fix: place it with util.dist.to_collective(tensor)"
-            )
-        if strict_collectives() and not isinstance(t, _OnCollectiveDevice):
-            raise CollectiveDeviceError(
-                f"{op}: a tensor ({tuple(t.shape)}, {t.dtype}) not placed with util.dist.to_collective "
-                f"({STRICT_COLLECTIVES_ENV}=1). Under NCCL it would be a CPU tensor and the collective would "
-                "fail on a GPU cluster. Fix: pass to_collective(tensor), and keep it there until the collective"
-            )
-
-
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce of `t` (placed with `to_collective`) over ranks; returns `t`. op: sum, max, min."""
-    if not is_dist():
-        return t
-    _check_placed("all_reduce", [t])
-    dist.all_reduce(_plain(t), op=_REDUCE_OPS[op])
-    return t
-
-
-def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's `t` (same shape on all ranks, placed with `to_collective`), in rank order."""
-    if not is_dist():
-        return [t]
-    _check_placed("all_gather", [t])
-    out = [torch.zeros_like(t) for _ in range(get_world_size())]
-    dist.all_gather([_plain(o) for o in out], _plain(t))
-    return out
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's picklable `obj`, in rank order (torch places the bytes on the right device itself)."""
-    if not is_dist():
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def all_reduce_sum(value: float) -> float:
     """Sum a Python number over ranks (once per epoch, for logging and counting)."""
     if not is_dist():
@@ -268,13 +162,6 @@ def any_rank(flag: bool) -> bool:
     if not is_dist():
         return flag
     return bool(all_reduce(to_collective(torch.tensor([1 if flag else 0], dtype=torch.int32)), op="max").item())
-
-
-def collective_device() -> torch.device:
-    """Device on which tensors must live for collectives of the active backend."""
-    if is_dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def broadcast_object(obj):

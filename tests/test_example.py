@@ -1,0 +1,27 @@
+"""examples/train_classifier.py (the public API in a standalone supervised loop) on the embedded digits."""
+import json
+
+from conftest import run_script
+
+FLAGS = ["--subset", "256", "--prune_method", "d3p", "--d3p_start", "1", "--d3p_period", "1", "--d3p_window", "1",
+         "--d3p_bins", "16"]
+
+
+def _lines(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_example_prunes_and_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    first = _lines(run_script(["examples/train_classifier.py", *FLAGS, "--epochs", "2", "--output_dir", out]))
+    assert [r["epoch"] for r in first[:-1]] == [0, 1]
+    assert first[0]["kept"] == 256 and "d3p_support" in first[0]  # decision after epoch 1 (1-based)
+    assert first[1]["kept"] == 256 - first[1]["pruned"] < 256 and first[1]["samples_forward_only"] > 0
+    assert 0 <= first[1]["top1"] <= 100
+    # a longer run in the same folder resumes from its checkpoint: epoch 2 only, with the ledger carried on
+    again = _lines(run_script(["examples/train_classifier.py", *FLAGS, "--epochs", "3", "--output_dir", out]))
+    assert [r["epoch"] for r in again[:-1]] == [2]
+    summary = again[-1]["summary"]
+    assert summary["method"] == "d3p" and summary["epochs"] == 3
+    assert summary["samples_trained"] == 256 + first[1]["kept"] + again[0]["kept"]

@@ -1,0 +1,103 @@
+"""Supervised training with pruning (main_finetune.py --prune_method): per-sample cross-entropy, the ledger and
+summary of pre-training, exact resume, 2 ranks, flag rules. From scratch on the embedded digits at 16 px."""
+import json
+import shutil
+
+import util  # noqa: F401  (before timm/torchvision)
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import main_finetune
+from conftest import read_log, run_torchrun
+from d3p import per_sample_cross_entropy
+
+BASE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "64", "--num_workers", "0",
+        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--blr", "2e-3", "--warmup_epochs", "1"]
+SHORT_D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
+N = 1500
+
+
+def test_per_sample_cross_entropy_matches_timm_losses():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 10, generator=g), torch.randint(0, 10, (6,), generator=g)
+    torch.testing.assert_close(per_sample_cross_entropy(logits, y), F.cross_entropy(logits, y, reduction="none"))
+    torch.testing.assert_close(per_sample_cross_entropy(logits, y, 0.1).mean(),
+                               LabelSmoothingCrossEntropy(0.1)(logits, y))
+    # Mixup (mode batch: row i = lam x_i + (1 - lam) x_flip(i)): the soft-target loss of row i is recorded for i
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=10)
+    _, soft = mix(torch.randn(6, 3, 4, 4, generator=g), y)
+    per_sample = per_sample_cross_entropy(logits, soft)
+    torch.testing.assert_close(per_sample.mean(), SoftTargetCrossEntropy()(logits, soft))
+    torch.testing.assert_close(per_sample[2], -(soft[2] * logits[2].log_softmax(-1)).sum())
+    with pytest.raises(ValueError, match="targets must be"):
+        per_sample_cross_entropy(logits, y[:, None, None])
+
+
+def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
+    # keep every epoch's checkpoint (the script keeps only the newest) so the run can restart after epoch 1
+    monkeypatch.setattr(main_finetune.ckpt_util, "prune_old_checkpoints", lambda *a, **k: None)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [*BASE, *SHORT_D3P, "--epochs", "4"]
+    main_finetune.cli([*common, "--output_dir", str(straight)])
+    log = read_log(str(straight))
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert "d3p_support" in log[1] and "d3p_support" in log[3] and "d3p_support" not in log[2]
+    pruned = log[2]["pruned"]
+    assert log[0]["kept"] == N and 0 < pruned == N - log[2]["kept"]
+    assert [r["samples_forward_only"] for r in log] == [0, 0, pruned, pruned]  # recording epochs after pruning
+    assert [r["samples_trained"] for r in log] == [r["kept"] for r in log]  # drop_last off: all kept trained
+    for key in ("train_loss", "test_acc1", "compute_saved", "prune_ratio", "plan_fingerprint", "optimizer_steps"):
+        assert key in log[3], key
+    assert log[2]["optimizer_steps"] == -(-(N - pruned) // 64)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["mode"] == "finetune" and summary["method"] == "d3p" and summary["finetune"] is None
+    assert summary["samples_trained"] == sum(r["samples_trained"] for r in log)
+    assert summary["compute_saved"] == pytest.approx(log[3]["compute_saved"]) and summary["compute_saved"] > 0
+    assert summary["flags"]["d3p_start"] == 2 and summary["epochs"] == 4
+    ckpt = torch.load(straight / "checkpoint-1.pth", map_location="cpu", weights_only=True)
+    assert ckpt["pruning"]["method"] == "d3p"
+    # resume after epoch 1 (the first decision): the same later decisions, weights and model
+    resumed.mkdir()
+    shutil.copy(straight / "checkpoint-1.pth", resumed)
+    main_finetune.cli([*common, "--output_dir", str(resumed), "--auto_resume"])
+    a, b = (torch.load(d / "checkpoint-3.pth", map_location="cpu", weights_only=True) for d in (straight, resumed))
+    for key in ("pruned", "weights"):
+        assert torch.equal(a["pruning"]["strategy"][key], b["pruning"]["strategy"][key]), key
+    assert a["pruning"]["ledger"]["epochs"][3]["kept"] == b["pruning"]["ledger"]["epochs"][3]["kept"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_two_process_supervised_pruning(tmp_path):
+    out = tmp_path / "ddp"
+    res = run_torchrun(2, ["main_finetune.py", *BASE, *SHORT_D3P, "--epochs", "3", "--mixup", "0.8",
+                           "--output_dir", str(out)], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = read_log(str(out))
+    assert log[0]["samples_trained"] == N and log[2]["kept"] < N
+    assert log[2]["samples_trained"] == log[2]["kept"] + log[2]["kept"] % 2  # one padding sample when odd
+    assert log[2]["samples_forward_only"] == log[2]["pruned"] + log[2]["pruned"] % 2
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def _args(*argv):
+    args = main_finetune.get_args_parser().parse_args(list(argv))
+    main_finetune.resolve_defaults(args)
+    return args
+
+
+def test_pruning_flag_rules():
+    assert _args().prune_method == "none"
+    for method in ("dynunc", "d2"):
+        with pytest.raises(main_finetune.ConfigError, match=f"--prune_method {method} is not supported here.*d3p-export"):
+            main_finetune.validate_args(_args("--prune_method", method))
+    with pytest.raises(main_finetune.ConfigError, match="--d3p_window"):
+        main_finetune.validate_args(_args("--prune_method", "d3p", "--d3p_start", "1"))
+    with pytest.raises(main_finetune.ConfigError, match="--random_match needs --prune_method random"):
+        main_finetune.validate_args(_args("--random_match", "somewhere"))
+    # the linear probe measures the pre-trained encoder: it is not pruned
+    with pytest.raises(main_finetune.ConfigError, match="--linprobe evaluates the pre-trained encoder"):
+        main_finetune.validate_args(_args("--linprobe", "--prune_method", "infobatch", "--model", "vit_tiny_patch4"))
