@@ -14,8 +14,8 @@ METHODS = {
     "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {},
     "dynunc": dict(static_warmup_epochs=2, dynunc_window=2), "d2": dict(static_warmup_epochs=2, d2_neighbors=5),
 }
-_TIMES = ("epoch_seconds", "wall_seconds", "data_seconds", "total_data_seconds", "d3p_seconds", "d2_seconds",
-          "dynunc_seconds")
+_TIMES = ("epoch_seconds", "wall_seconds", "data_seconds", "total_data_seconds", "seconds_per_trained_sample",
+          "run_seconds_per_trained_sample", "d3p_seconds", "d2_seconds", "dynunc_seconds")
 
 
 def _equal(a, b, path="state"):
