@@ -73,7 +73,9 @@ def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
 
 def test_two_process_supervised_pruning(tmp_path):
     out = tmp_path / "ddp"
-    res = run_torchrun(2, ["main_finetune.py", *BASE, *SHORT_D3P, "--epochs", "3", "--mixup", "0.8",
+    # 4 epochs: epoch 2 records (with a forward-only pass) for the decision at epoch 3; with 3 epochs that
+    # decision would never come, and nothing would be recorded (d3p.schedule)
+    res = run_torchrun(2, ["main_finetune.py", *BASE, *SHORT_D3P, "--epochs", "4", "--mixup", "0.8",
                            "--output_dir", str(out)], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = read_log(str(out))
