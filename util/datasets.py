@@ -74,6 +74,10 @@ class IndexedDataset(Dataset):
     def targets(self):
         return getattr(self.base, "targets", None)
 
+    @property
+    def classes(self):  # num_classes_of reads it: a subset's labels need not reach the last class
+        return getattr(self.base, "classes", None)
+
 
 # `stream` of ItemSeedSampler: loaders of one run draw independent augmentation
 STREAM_TRAIN, STREAM_FORWARD_ONLY, STREAM_EMBED = 0, 1, 2
