@@ -84,6 +84,26 @@ def test_d3p_weights_and_recording_follow_the_plan():
         assert pruner.batch_loss(losses, idx).item() == pytest.approx(expected)
 
 
+def test_epoch_weights_reach_the_device_once_per_epoch():
+    """Issue 9 item 14: the [N] weights are copied to the loss's device at the epoch's first batch and then
+    indexed there (no per-step copy from pageable memory). The meta device stands in for a GPU on CPU."""
+    class Weighted:
+        name, num_samples = "weighted", 8
+
+        def plan_epoch(self, epoch):
+            return d3p.EpochPlan(kept=np.arange(8), weights=np.full(8, 2.0, dtype=np.float32))
+
+    pruner = d3p.DataPruner(8, Weighted())
+    pruner.begin_epoch(0)
+    first = pruner.batch_weights(torch.tensor([0, 1]), "meta")
+    resident = pruner._weights
+    assert first.device.type == "meta" and resident.device.type == "meta" and resident.shape == (8,)
+    pruner.batch_weights(torch.tensor([2, -3]), "meta")
+    assert pruner._weights is resident  # the same device tensor: no second copy this epoch
+    pruner.begin_epoch(1)  # a new epoch's plan starts from the host copy again
+    assert pruner._weights.device.type == "cpu"
+
+
 def test_bad_use_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="--d3p_window"):
         d3p.DataPruner(100, "d3p", epochs=10, d3p_start=1, d3p_window=3)
