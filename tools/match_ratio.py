@@ -20,8 +20,10 @@ Prune ratio = 1 - trained / (E * N). What each method realises at its flag r (ep
   * seta: a random (1-r) N subset, of which the window keeps a share w_e (epoch 0 and e >= A: all). It realises
     1 - (1-r) mean_e w_e, with w_e = kept_e / subset size from a calibration run (the default SeTa arm), so
     r = 1 - (1-target) / mean w. When even r = 0 prunes more than the target (a window of half the groups drops
-    about half the data), r = 0 and the window is widened: the share of a window is modelled as proportional to
-    its width, w_e(s) = min(1, w_e s / s0), and s is solved (then rounded to whole groups, as SeTa does).
+    about half the data), r = 0 and the window is widened: the share of a window is interpolated between the
+    calibration width and the whole window (which keeps everything), w_e(s) = w_e + (1 - w_e)(s - s0)/(1 - s0),
+    and the width of 1..G-1 whole groups (SeTa's window; a target above 0 must leave a group out) nearest the
+    target is taken. One group is SeTa's step, so the realised ratio can land a few points from the target.
 A target the method cannot reach (r >= 1) is an error that names the largest reachable ratio.
 """
 from __future__ import annotations
@@ -98,16 +100,22 @@ def seta_flags(target: float, window_shares: Sequence[float], num_epochs: int, d
     r = 1.0 - (1.0 - target) / mean_share
     if r >= 0.0:
         return r, window_scale
-    # r = 0 still prunes too much: widen the window. Share of pruned epoch e at width s: min(1, w_e s / s0).
+    # r = 0 still prunes too much: widen the window. Share of pruned epoch e at width s, interpolated between the
+    # calibration (s0, w_e) and the whole window (1, 1), which keeps everything: w_e + (1 - w_e)(s - s0)/(1 - s0).
+    # SeTa's window is a whole number of groups, and a target above 0 needs at least one group left out, so the
+    # width is the one of 1..G-1 groups whose modelled share is nearest the target's.
     pruned_epochs = [e for e in range(1, min(a, num_epochs))]
     full = num_epochs - len(pruned_epochs)
     need = (1.0 - target) * num_epochs - full  # sum of the pruned epochs' shares
-    lo, hi = window_scale, 1.0
-    for _ in range(60):  # the modelled sum grows monotonically with s: bisection
-        mid = 0.5 * (lo + hi)
-        total = sum(min(1.0, shares[e] * mid / window_scale) for e in pruned_epochs)
-        lo, hi = (mid, hi) if total < need else (lo, mid)
-    width = max(1, min(groups, round(groups * hi)))  # SeTa's window is a whole number of groups
+
+    def modelled(scale: float) -> float:
+        if window_scale >= 1.0:
+            return float(len(pruned_epochs))
+        return sum(min(1.0, shares[e] + (1.0 - shares[e]) * (scale - window_scale) / (1.0 - window_scale))
+                   for e in pruned_epochs)
+
+    widths = range(max(1, round(groups * window_scale)), max(groups - 1, 1) + 1)
+    width = min(widths, key=lambda w: abs(modelled(w / groups) - need))
     return 0.0, width / groups
 
 
