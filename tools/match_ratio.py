@@ -83,6 +83,14 @@ def infobatch_ratio(target: float, below_mean_fractions: Sequence[float], num_ep
     return r
 
 
+def window_share(share: float, scale: float, calibration_scale: float) -> float:
+    """The share of SeTa's random subset a window of `scale` keeps, from the share it kept at the calibration
+    width: interpolated between (calibration_scale, share) and the whole window (1, 1), which keeps all."""
+    if scale == calibration_scale or calibration_scale >= 1.0:
+        return min(1.0, share)
+    return min(1.0, share + (1.0 - share) * (scale - calibration_scale) / (1.0 - calibration_scale))
+
+
 def seta_flags(target: float, window_shares: Sequence[float], num_epochs: int, delta: float, groups: int,
                window_scale: float) -> tuple[float, float]:
     """SeTa: (r, window_scale) realising `target`.
@@ -109,10 +117,7 @@ def seta_flags(target: float, window_shares: Sequence[float], num_epochs: int, d
     need = (1.0 - target) * num_epochs - full  # sum of the pruned epochs' shares
 
     def modelled(scale: float) -> float:
-        if window_scale >= 1.0:
-            return float(len(pruned_epochs))
-        return sum(min(1.0, shares[e] + (1.0 - shares[e]) * (scale - window_scale) / (1.0 - window_scale))
-                   for e in pruned_epochs)
+        return sum(window_share(shares[e], scale, window_scale) for e in pruned_epochs)
 
     widths = range(max(1, round(groups * window_scale)), max(groups - 1, 1) + 1)
     width = min(widths, key=lambda w: abs(modelled(w / groups) - need))
@@ -166,8 +171,10 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
             r, scale = seta_flags(target, shares, n_ep, delta, groups, scale0)
             out["flags"] = {"prune_ratio": r, "seta_window_scale": scale}
             a = anneal_epoch(n_ep, delta)
-            modelled = [s if (e == 0 or e >= a) else min(1.0, s * scale / scale0) for e, s in enumerate(shares)]
-            out["predicted_ratio"] = 1.0 - (1.0 - r) * sum(modelled) / n_ep
+            # kept fraction per epoch: all in epoch 0 and from the anneal epoch on, else (1 - r) x the window's share
+            kept = [1.0 if (e == 0 or e >= a) else (1.0 - r) * window_share(w, scale, scale0)
+                    for e, w in enumerate(shares[:n_ep])]
+            out["predicted_ratio"] = 1.0 - sum(kept) / n_ep
     elif method in ("dynunc", "d2"):
         n_ep = int(epochs or target_summary["epochs"])
         r = static_ratio(target, n_ep, warmup)
