@@ -440,14 +440,15 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 class RandomResizedCropUint8:
     """MAE's RandomResizedCrop(size, scale, bicubic) [+ RandomHorizontalFlip] -> uint8 [3, size, size].
 
-    The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params, then
-    torch.rand(1) < 0.5) from the same torch RNG, in the same order, as the float pipeline: the same
+    The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params as
+    random_resized_crop_box, then torch.rand(1) < 0.5) from the same torch RNG, in the same order, as
+    the float pipeline: the same
     seed gives the same boxes and flips, and loader seeding and resume are unchanged. The work is less:
     the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
     that scale, only the box is cropped before resizing, and the result stays uint8.
     """
 
-    decodes_lazily = True  # _image_folder passes an opened, not yet decoded image
+    decodes_lazily = True  # _image_folder passes an opened, not yet decoded image (or EncodedJpeg)
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
