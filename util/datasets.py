@@ -442,9 +442,8 @@ class RandomResizedCropUint8:
 
     The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params as
     random_resized_crop_box, then torch.rand(1) < 0.5) from the same torch RNG, in the same order, as
-    the float pipeline: the same
-    seed gives the same boxes and flips, and loader seeding and resume are unchanged. The work is less:
-    the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
+    the float pipeline: the same seed gives the same boxes and flips, and loader seeding and resume are
+    unchanged. The work is less: the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
     that scale, only the box is cropped before resizing, and the result stays uint8.
     """
 
