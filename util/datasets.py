@@ -420,7 +420,7 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     area = height * width
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        aspect_ratio = torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).exp_().item()  # float32 exp
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:
@@ -458,7 +458,7 @@ class RandomResizedCropUint8:
         image_width, image_height = img.size
         top, left, height, width = random_resized_crop_box(image_height, image_width, self.scale,
                                                            self.log_ratio, self.ratio)
-        flip = self.flip and bool(torch.rand(1) < 0.5)
+        flip = self.flip and torch.rand(1).item() < 0.5  # float32 vs 0.5 as torchvision's tensor compare
         pixels, k = _decode_pixels(img, min(width, height) / self.size)
         box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
         out = _resample_box(pixels, box, (self.size, self.size))
