@@ -9,7 +9,7 @@ of this process (images/s per core; robust to other processes on the machine, wa
 
   old     the former pre-training pipeline: full decode + convert('RGB'), torchvision
           RandomResizedCrop(bicubic) + flip on the PIL image, ToTensor, Normalize (float32 out)
-  new     util.datasets.pretrain_transform: lazy open, box drawn by the same rule, decode with
+  new     util.datasets.pretrain_transform: lazy open (a JPEG: bytes + header), box drawn by the same rule, decode with
           simplejpeg (PIL without it; at 1/2..1/8 size where the box allows), crop view, torch's uint8
           bicubic resize, flip (uint8 out)
   decode  open + decode + convert('RGB') with PIL: the former loader alone, "decode alone" as the

@@ -21,8 +21,8 @@ import main_pretrain_d3p
 from conftest import load_ckpt
 from util.datasets import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DigitsDataset, IndexedDataset, ResizeCenterCropUint8,
-    _decode_pixels, _decode_reduced, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
-    pretrain_transform,
+    EncodedJpeg, RandomResizedCropUint8, _decode_pixels, _decode_reduced, _lazy_loader, build_dataset, collate_indexed,
+    dataset_stats, default_num_workers, eval_transform, pretrain_transform, random_resized_crop_box,
 )
 import util.datasets as datasets_module
 from util.device_input import DeviceNormalize
@@ -144,6 +144,42 @@ def test_crop_scale_and_aspect_histograms_match(tmp_path):
     assert np.abs(area_new - area_old).max() < 0.05 and np.abs(aspect_new - aspect_old).max() < 0.06
 
 
+def test_box_rule_equals_torchvision_get_params_for_1000_seeds():
+    """random_resized_crop_box == RandomResizedCrop.get_params: the same box and the same RNG state after,
+    for every seed, on common, tiny and extreme-aspect images (the last two reach the central-crop fallback)."""
+    transform = RandomResizedCropUint8(224, scale=(0.2, 1.0))
+    sizes = [(375, 500), (500, 375), (224, 224), (3, 2), (1, 1), (1, 7), (10, 400), (400, 10)]
+    fallbacks = 0
+    for height, width in sizes:
+        image = Image.new("RGB", (width, height))
+        for seed in range(1000):
+            torch.manual_seed(seed)
+            expected = transforms.RandomResizedCrop.get_params(image, transform.scale, transform.ratio)
+            state = torch.get_rng_state()
+            torch.manual_seed(seed)
+            got = random_resized_crop_box(height, width, transform.scale, transform.log_ratio, transform.ratio)
+            assert got == expected, (height, width, seed)
+            assert torch.equal(torch.get_rng_state(), state), (height, width, seed)
+            top, left, h, w = got
+            fallbacks += (top, left) == ((height - h) // 2, (width - w) // 2) and (h == height or w == width)
+    assert fallbacks > 2000  # the 1x7, 10x400 and 400x10 images take the fallback for almost every seed
+
+
+def test_lazy_loader_reads_jpegs_once_and_leaves_the_rest_to_pil(photos, tmp_path):
+    path = os.path.join(photos, "train", "photo", "0_3.jpg")
+    encoded = _lazy_loader(path)
+    assert isinstance(encoded, EncodedJpeg) and encoded.size == Image.open(path).size == (1200, 900)
+    for max_reduction in (1.0, 2.0, 4.0, 8.0):
+        pixels, k = _decode_pixels(encoded, max_reduction)
+        reference, k_pil = _decode_reduced(Image.open(path), max_reduction)
+        assert k == k_pil and np.array_equal(pixels, np.array(reference))  # accurate IDCT: bit-identical
+    Image.open(path).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)  # simplejpeg: header only
+    Image.open(path).save(tmp_path / "photo.png")
+    for name in ("cmyk.jpg", "photo.png"):
+        img = _lazy_loader(str(tmp_path / name))
+        assert isinstance(img, Image.Image) and img.size == (1200, 900)
+
+
 def test_dct_scaled_decode_only_where_the_crop_keeps_full_resolution(photos):
     path = os.path.join(photos, "train", "photo", "0_3.jpg")  # 1200x900
     cases = ((1.9, 1, (1200, 900)), (2.0, 2, (600, 450)), (7.9, 4, (300, 225)), (8, 8, (150, 113)))
@@ -160,7 +196,8 @@ def test_dct_scaled_decode_only_where_the_crop_keeps_full_resolution(photos):
 
 class _SpyJpeg:
     """Stands in for the simplejpeg module: records the files' sizes it is asked to decode, and decodes
-    them with the real simplejpeg, or raises as simplejpeg does on data it rejects."""
+    them with the real simplejpeg, or raises as simplejpeg does on data it rejects (headers are parsed
+    by the real one)."""
 
     def __init__(self, fail: bool = False):
         import simplejpeg
@@ -172,6 +209,9 @@ class _SpyJpeg:
         if self.fail:
             raise ValueError("simulated simplejpeg failure")
         return self.real.decode_jpeg(data, **kwargs)
+
+    def decode_jpeg_header(self, data):  # _lazy_loader's size and colour space: the real parser
+        return self.real.decode_jpeg_header(data)
 
 
 def test_simplejpeg_decode_agrees_with_pil(photos, monkeypatch):

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from typing import Callable, Iterator
@@ -154,9 +155,41 @@ def _checked_loader(path: str) -> Image.Image:
         raise _corrupt_image_error(path, exc) from exc
 
 
-def _lazy_loader(path: str) -> Image.Image:
-    """Open an image, reading only its header: the uint8 transforms below decode it, at reduced size
-    where their crop allows, and name the file if decoding fails."""
+class EncodedJpeg:
+    """A JPEG file's bytes and header, not yet decoded: what `_lazy_loader` gives the uint8 transforms
+    for a colour or greyscale JPEG when simplejpeg is installed. `size` is (width, height), as PIL's."""
+
+    __slots__ = ("path", "data", "size")
+
+    def __init__(self, path: str, data: bytes, size: tuple[int, int]):
+        self.path, self.data, self.size = path, data, size
+
+
+_SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")  # decoded to RGB by simplejpeg; CMYK/YCCK go to PIL
+
+
+def _lazy_loader(path: str) -> Image.Image | EncodedJpeg:
+    """Open an image without decoding it: the uint8 transforms below decode it, at reduced size where
+    their crop allows, and name the file if decoding fails.
+
+    A JPEG that simplejpeg can decode (colour or greyscale) is read once into an EncodedJpeg, its size
+    from simplejpeg's header parser (~1 us, where PIL's open costs ~20 us); anything else, or a header
+    simplejpeg rejects, is opened by PIL (header only).
+    """
+    if simplejpeg is not None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise _corrupt_image_error(path, exc) from exc
+        if data[:2] == b"\xff\xd8":  # JPEG's start-of-image marker
+            try:
+                height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            except ValueError:
+                pass  # PIL below names the file if it cannot read it either
+            else:
+                if colorspace in _SIMPLEJPEG_COLORSPACES:
+                    return EncodedJpeg(path, data, (width, height))
     try:
         return Image.open(path)
     except _DECODE_ERRORS as exc:
@@ -307,7 +340,7 @@ def _decode_reduced(img: Image.Image, max_reduction: float) -> tuple[Image.Image
     return img, factor
 
 
-def _decode_pixels(img: Image.Image, max_reduction: float) -> tuple[np.ndarray, float]:
+def _decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float) -> tuple[np.ndarray, float]:
     """Decode a lazily opened image -> (uint8 [H, W, 3] RGB array, k), as `_decode_reduced`.
 
     A baseline or progressive JPEG in colour (YCbCr) or greyscale is decoded by simplejpeg when it is
@@ -316,22 +349,37 @@ def _decode_pixels(img: Image.Image, max_reduction: float) -> tuple[np.ndarray, 
     formats, CMYK, a file simplejpeg rejects: truncated, corrupt) goes through PIL, whose errors name
     the file (CorruptImageError).
     """
-    fp = getattr(img, "fp", None)
-    if simplejpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and fp is not None:
+    if isinstance(img, EncodedJpeg):
+        data, path = img.data, img.path
+    else:
+        fp = getattr(img, "fp", None)
+        usable = simplejpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and fp is not None
+        data, path = None, None
+        if usable:
+            try:
+                fp.seek(0)
+                data = fp.read()
+            except OSError:
+                data = None  # PIL reports it below, naming the file
+    if data is not None:
         width, height = img.size
         reduction = next((k for k in JPEG_DCT_SCALES if k <= max_reduction), 1)
         scaled = (-(-height // reduction), -(-width // reduction))  # libjpeg's size at scale 1/k: ceil
         try:
-            fp.seek(0)
-            data = fp.read()
             # at least ceil(side / k) pixels: libjpeg's smallest scale M/8 that gives that is exactly 1/k
             pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=scaled[1], min_height=scaled[0])
         except (OSError, ValueError):
             pass  # PIL decodes it below, or raises CorruptImageError naming the file
         else:
             if pixels.shape[:2] == scaled:  # pixel (x, y) of the original at (x / k, y / k), as with PIL
-                img.close()
+                if path is None:
+                    img.close()
                 return pixels, float(reduction)
+    if path is not None:  # an EncodedJpeg simplejpeg rejected: PIL's turn
+        try:
+            img = Image.open(path)
+        except _DECODE_ERRORS as exc:
+            raise _corrupt_image_error(path, exc) from exc
     img, k = _decode_reduced(img, max_reduction)
     return np.array(img), k  # writable, as torch.from_numpy wants
 
@@ -360,25 +408,57 @@ def _resample_box(pixels: np.ndarray, box: tuple[float, float, float, float], si
     return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
 
 
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
+                            log_ratio: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params for an image of height x width -> (top, left, h, w).
+
+    The same torch RNG calls in the same order (uniform area, exp of a uniform log-aspect, two randint;
+    up to 10 tries, then the same central crop), so the same boxes and RNG state after, without its
+    per-call image inspection and log(ratio) tensor. `log_ratio` must be torch.log(torch.tensor(ratio))
+    as Python floats (float32 values, as torchvision passes them to uniform_).
+    """
+    area = height * width
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).exp_().item()  # float32 exp
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return top, left, h, w
+    in_ratio = float(width) / float(height)  # no box fitted: the central crop, clamped to the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class RandomResizedCropUint8:
     """MAE's RandomResizedCrop(size, scale, bicubic) [+ RandomHorizontalFlip] -> uint8 [3, size, size].
 
-    The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params, then
-    torch.rand(1) < 0.5) from the same torch RNG, in the same order, as the float pipeline: the same
-    seed gives the same boxes and flips, and loader seeding and resume are unchanged. The work is less:
-    the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
+    The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params as
+    random_resized_crop_box, then torch.rand(1) < 0.5) from the same torch RNG, in the same order, as
+    the float pipeline: the same seed gives the same boxes and flips, and loader seeding and resume are
+    unchanged. The work is less: the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
     that scale, only the box is cropped before resizing, and the result stays uint8.
     """
 
-    decodes_lazily = True  # _image_folder passes an opened, not yet decoded image
+    decodes_lazily = True  # _image_folder passes an opened, not yet decoded image (or EncodedJpeg)
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+        self.log_ratio = tuple(torch.log(torch.tensor(ratio)).tolist())  # float32, as torchvision draws them
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
-        flip = self.flip and bool(torch.rand(1) < 0.5)
+    def __call__(self, img: Image.Image | EncodedJpeg) -> torch.Tensor:
+        image_width, image_height = img.size
+        top, left, height, width = random_resized_crop_box(image_height, image_width, self.scale,
+                                                           self.log_ratio, self.ratio)
+        flip = self.flip and torch.rand(1).item() < 0.5  # float32 vs 0.5 as torchvision's tensor compare
         pixels, k = _decode_pixels(img, min(width, height) / self.size)
         box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
         out = _resample_box(pixels, box, (self.size, self.size))
