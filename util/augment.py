@@ -157,38 +157,35 @@ class SeededMixup(Mixup):
 
     # ------------------------------------------------- timm's mixing, with the box drawn from self.rng
     def _mix_elem(self, x):
-        batch_size = len(x)
-        lam_batch, use_cutmix = self._params_per_elem(batch_size)
-        x_orig = x.clone()
-        for i in range(batch_size):
-            j = batch_size - i - 1
-            lam = lam_batch[i]
-            if lam != 1.:
-                if use_cutmix[i]:
-                    (yl, yh, xl, xh), lam = self.cutmix_bbox_and_lam(x[i].shape, lam)
-                    x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
-                    lam_batch[i] = lam
-                else:
-                    x[i] = x[i] * lam + x_orig[j] * (1 - lam)
-        return torch.tensor(lam_batch, device=x.device, dtype=x.dtype).unsqueeze(1)
+        return self._mix_rows(x, pairs=False)
 
     def _mix_pair(self, x):
+        return self._mix_rows(x, pairs=True)
+
+    def _mix_rows(self, x, pairs: bool):
+        """timm's 'elem' mode (row i mixed with row B-1-i) and 'pair' mode (both rows of each pair mixed with
+        the pair's one lambda): the same draws in the same order as timm's _mix_elem/_mix_pair."""
         batch_size = len(x)
-        lam_batch, use_cutmix = self._params_per_elem(batch_size // 2)
+        rows = batch_size // 2 if pairs else batch_size
+        lam_batch, use_cutmix = self._params_per_elem(rows)
         x_orig = x.clone()
-        for i in range(batch_size // 2):
+        for i in range(rows):
             j = batch_size - i - 1
             lam = lam_batch[i]
-            if lam != 1.:
-                if use_cutmix[i]:
-                    (yl, yh, xl, xh), lam = self.cutmix_bbox_and_lam(x[i].shape, lam)
-                    x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
+            if lam == 1.:
+                continue
+            if use_cutmix[i]:
+                (yl, yh, xl, xh), lam = self.cutmix_bbox_and_lam(x[i].shape, lam)
+                x[i][:, yl:yh, xl:xh] = x_orig[j][:, yl:yh, xl:xh]
+                if pairs:
                     x[j][:, yl:yh, xl:xh] = x_orig[i][:, yl:yh, xl:xh]
-                    lam_batch[i] = lam
-                else:
-                    x[i] = x[i] * lam + x_orig[j] * (1 - lam)
+                lam_batch[i] = lam
+            else:
+                x[i] = x[i] * lam + x_orig[j] * (1 - lam)
+                if pairs:
                     x[j] = x[j] * lam + x_orig[i] * (1 - lam)
-        lam_batch = np.concatenate((lam_batch, lam_batch[::-1]))
+        if pairs:
+            lam_batch = np.concatenate((lam_batch, lam_batch[::-1]))
         return torch.tensor(lam_batch, device=x.device, dtype=x.dtype).unsqueeze(1)
 
     def _mix_batch(self, x):
