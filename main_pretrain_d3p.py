@@ -248,6 +248,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch} ({args.prune_method})")
     run_start = time.time()
     partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
+    input_stats = dataset_stats(args)  # uint8 batches are normalised on the device with these
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
         pruner.begin_epoch(epoch)
@@ -259,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
         train_stats = train_one_epoch(
             model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
             pruner=pruner, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
-            stop_requested=lambda: stop["stop"], input_stats=dataset_stats(args),
+            stop_requested=lambda: stop["stop"], input_stats=input_stats,
         )
         if train_stats["interrupted_at_step"] is not None:
             save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, model_without_ddp,
@@ -270,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
         # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
         # included, and no partial records), so the resume replays them whole
         stopped_in_pass, rng_before_passes = False, ckpt_util.rng_state()
-        polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq, input_stats=dataset_stats(args))
+        polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq, input_stats=input_stats)
         embeddings = None
         if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
             embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),

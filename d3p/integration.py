@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from d3p.collectives import get_rank, get_world_size
 from d3p.distributed import check_ranks_agree, reduce_epoch_losses
 from d3p.ledger import CostLedger
 from d3p.options import DEFAULTS, METHOD_OPTIONS, PRUNE_METHODS, options_of, validate_options
@@ -92,12 +92,6 @@ def build_strategy(method: str, num_samples: int, epochs: int | None = None, see
     raise ValueError(f"unknown prune method {method!r}; choose one of {', '.join(PRUNE_METHODS)}")
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 class DataPruner:
     """Dynamic data pruning for any training loop: the sampler, the weighted batch loss, loss recording,
     the per-epoch decision (reduced across ranks), the cost ledger and the resumable state of one run.
@@ -126,9 +120,8 @@ class DataPruner:
             self.strategy = method
         if self.strategy.num_samples != int(num_samples):
             raise ValueError(f"the strategy was built for {self.strategy.num_samples} samples, not {num_samples}")
-        world, own_rank = _world()
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = own_rank if rank is None else rank
+        num_replicas = get_world_size() if num_replicas is None else num_replicas
+        rank = get_rank() if rank is None else rank
         self.seed = int(seed)
         self.options = {k: options.get(k, DEFAULTS[k]) for k in METHOD_OPTIONS.get(self.strategy.name, [])}
         # the training sampler and the forward-only one (D3P's recording epochs) use different shuffles
