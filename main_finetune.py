@@ -168,6 +168,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin CPU memory in the DataLoader (CUDA only) for faster host-to-device copies")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    g.add_argument("--jpeg_upsampling", default="fast", choices=data_util.JPEG_UPSAMPLING,
+                   help="chroma upsampling for the linear probe's training crops from JPEG folders: fast = "
+                        "libjpeg's merged upsampler, fancy = as PIL decodes (fine-tuning's RandAugment and "
+                        "evaluation always decode with PIL's default)")
 
     g = p.add_argument_group("distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)")
     g.add_argument("--world_size", default=1, type=int, help="number of distributed processes (set by torchrun)")

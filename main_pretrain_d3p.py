@@ -30,8 +30,8 @@ from util import checkpoint as ckpt_util
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
-    DATA_SETS, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset, ItemSeedSampler,
-    SeededItems, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
+    DATA_SETS, JPEG_UPSAMPLING, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset,
+    ItemSeedSampler, SeededItems, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
     pretrain_transform, resolve_data_set,
 )
 from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
@@ -79,6 +79,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", default=None, type=int,
                    help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    g.add_argument("--jpeg_upsampling", default="fast", choices=JPEG_UPSAMPLING,
+                   help="chroma upsampling when decoding training crops from JPEG folders: fast = libjpeg's "
+                        "merged upsampler (~4%% more images/s per loader core, 0.4 levels mean difference, no "
+                        "shift of channel means), fancy = libjpeg's default, pixels as PIL decodes them. "
+                        "Evaluation and embedding crops always decode as PIL does")
 
     g = parser.add_argument_group("output and resume")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, summary.json")

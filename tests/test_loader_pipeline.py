@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -60,11 +61,14 @@ def _old_pretrain(size: int = SIZE):
                                transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
 
 
-@pytest.fixture(scope="module")
-def pretrain_pairs(photos):
-    """For every image and seeds 0-9: (new uint8, old uint8, RNG states after each, is 1200x900)."""
+@pytest.fixture(scope="module", params=["fancy", "fast"])
+def pretrain_pairs(photos, request):
+    """For every image and seeds 0-9, with --jpeg_upsampling fancy and fast: (upsampling, new uint8,
+    old uint8, RNG states after each, is 1200x900)."""
     args = _folder_args(photos)
+    args.jpeg_upsampling = request.param
     new, old = build_dataset("train", args, pretrain_transform(args)), build_dataset("train", args, _old_pretrain())
+    assert new.transform.fast_upsampling == (request.param == "fast")
     rows = []
     for i, (path, _) in enumerate(new.samples):
         for seed in range(10):
@@ -73,31 +77,80 @@ def pretrain_pairs(photos):
             state_a = torch.get_rng_state()
             torch.manual_seed(seed)
             b = old[i][0]
-            rows.append((a, b, state_a, torch.get_rng_state(), path.endswith("_3.jpg")))
+            rows.append((request.param, a, b, state_a, torch.get_rng_state(), path.endswith("_3.jpg")))
     return rows
 
 
 def test_same_seed_gives_the_same_box_and_flip_and_nearly_the_same_pixels(pretrain_pairs):
-    for a, b, state_a, state_b, large in pretrain_pairs:
-        assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE) and a.is_contiguous()
+    for upsampling, a, b, state_a, state_b, large in pretrain_pairs:
+        # channels-last memory ([H, W, 3]): what the resize kernel computes, transposed on the device
+        assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE) and a.permute(1, 2, 0).is_contiguous()
         # the same draws from the same RNG: seeding, workers and resume behave as before
         assert torch.equal(state_a, state_b)
         diff = (a.float() - b.float()).abs().mean().item()
-        # Whole-pixel boxes: PIL's bicubic filter computed by torch's uint8 kernel, so only rounding
-        # differs (measured <= 0.24 levels on average). A box shifted or flipped the other way would
-        # differ by tens of levels. DCT-scaled decode (1200x900): libjpeg's 1/2 or 1/4 scaling does part
-        # of the low-pass that bicubic antialiasing did (measured <= 1.8 levels on average).
-        assert diff < (3.0 if large else 0.5), diff
+        # fancy, whole-pixel boxes (500x375): PIL's decode and PIL's bicubic filter computed by torch's
+        # uint8 kernel, so only rounding differs (measured <= 0.005 levels on average). A box shifted
+        # or flipped the other way would differ by tens of levels. fast: libjpeg's merged chroma
+        # upsampler moves pixels at colour edges (measured <= 1.85 levels on average on these two
+        # photos, strong colour edges; channel means unmoved: next test). DCT-scaled decode (1200x900):
+        # libjpeg's 1/2 or 1/4 scaling does part of the low-pass that bicubic antialiasing did, with
+        # either upsampling (measured <= 1.2 levels on average).
+        bound = 0.5 if upsampling == "fancy" and not large else 3.0
+        assert diff < bound, (upsampling, diff)
 
 
 def test_channel_means_and_stds_match_the_float_pipeline(pretrain_pairs):
-    new = torch.stack([r[0] for r in pretrain_pairs]).float().transpose(0, 1).reshape(3, -1)
-    old = torch.stack([r[1] for r in pretrain_pairs]).float().transpose(0, 1).reshape(3, -1)
-    # 80 crops of 224x224: per-channel statistics agree to 0.01 (mean) and 0.03 (std) levels as measured;
-    # 0.25 levels (0.1% of a std of ~80 levels) leaves room for other libjpeg/CPU builds, while a
-    # blurrier resize, a colour-space slip or a wrong crop scale moves them by whole levels
+    new = torch.stack([r[1] for r in pretrain_pairs]).float().transpose(0, 1).reshape(3, -1)
+    old = torch.stack([r[2] for r in pretrain_pairs]).float().transpose(0, 1).reshape(3, -1)
+    # 80 crops of 224x224: per-channel statistics agree to 0.01 (mean) and 0.03 (std) levels as measured,
+    # with either chroma upsampling; 0.25 levels (0.1% of a std of ~80 levels) leaves room for other
+    # libjpeg/CPU builds, while a blurrier resize, a colour-space slip, libjpeg's fast IDCT (1.5 levels
+    # of mean shift, measured) or a wrong crop scale moves them by whole levels
     assert torch.allclose(new.mean(1), old.mean(1), atol=0.25)
     assert torch.allclose(new.std(1), old.std(1), atol=0.25)
+
+
+def test_fast_upsampling_changes_chroma_only(photos):
+    """--jpeg_upsampling fast is libjpeg's merged upsampler: the chroma planes are interpolated another
+    way, the luma plane and the IDCT are the accurate ones. Compared in YCbCr with PIL's decode."""
+    folder = os.path.join(photos, "train", "photo")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        reference = np.asarray(Image.open(path).convert("RGB").convert("YCbCr"), dtype=np.int16)
+        fancy, k_fancy = _decode_pixels(_lazy_loader(path), 1.0, fast_upsampling=False)
+        fast, k_fast = _decode_pixels(_lazy_loader(path), 1.0, fast_upsampling=True)
+        assert k_fancy == k_fast == 1 and fast.shape == fancy.shape == (*reference.shape[:2], 3)
+        assert np.array_equal(np.asarray(Image.fromarray(fancy).convert("YCbCr"), dtype=np.int16), reference)
+        diff = np.abs(np.asarray(Image.fromarray(fast).convert("YCbCr"), dtype=np.int16) - reference)
+        luma, chroma = diff[..., 0].mean(), diff[..., 1:].mean()
+        # measured: luma 0.16-0.30 levels (the RGB round trip's rounding), chroma 0.34-0.87 levels
+        # (max 24 at sharp colour edges). libjpeg's fast IDCT instead moves luma by 0.6-0.7 levels
+        assert 0 < luma < 0.4 and luma < chroma < 1.5 and diff[..., 1:].max() <= 40, (name, luma, chroma)
+
+
+def test_jpeg_upsampling_flag_reaches_the_training_crops_only(photos):
+    args = _folder_args(photos)
+    assert pretrain_transform(args).fast_upsampling  # the default: flag absent (library use) or "fast"
+    assert main_pretrain_d3p.get_args_parser().parse_args([]).jpeg_upsampling == "fast"
+    assert main_finetune.get_args_parser().parse_args([]).jpeg_upsampling == "fast"
+    args.jpeg_upsampling = "fancy"
+    assert not pretrain_transform(args).fast_upsampling
+    assert not main_finetune.linprobe_transform(True, args).fast_upsampling
+    args.jpeg_upsampling = "fastest"
+    with pytest.raises(ValueError, match="--jpeg_upsampling 'fastest'.*fast, fancy"):
+        pretrain_transform(args)
+    with pytest.raises(SystemExit):
+        main_pretrain_d3p.get_args_parser().parse_args(["--jpeg_upsampling", "fastest"])
+    # evaluation and the embeddings pass decode as PIL does, whatever the flag
+    spy = _SpyJpeg()
+    eval_tf = eval_transform(args)
+    original = datasets_module.simplejpeg
+    try:
+        datasets_module.simplejpeg = spy
+        eval_tf(_lazy_loader(os.path.join(photos, "train", "photo", "0_0.jpg")))
+    finally:
+        datasets_module.simplejpeg = original
+    assert spy.kwargs and not any(kw.get("fastupsample") for kw in spy.kwargs)
 
 
 def _recover_box(out: torch.Tensor) -> tuple[float, float, bool]:
@@ -202,10 +255,11 @@ class _SpyJpeg:
     def __init__(self, fail: bool = False):
         import simplejpeg
 
-        self.real, self.fail, self.calls = simplejpeg, fail, []
+        self.real, self.fail, self.calls, self.kwargs = simplejpeg, fail, [], []
 
     def decode_jpeg(self, data, **kwargs):
         self.calls.append(len(data))
+        self.kwargs.append(kwargs)
         if self.fail:
             raise ValueError("simulated simplejpeg failure")
         return self.real.decode_jpeg(data, **kwargs)
@@ -235,6 +289,7 @@ def test_simplejpeg_decode_agrees_with_pil(photos, monkeypatch):
 
 def test_pil_decodes_what_simplejpeg_rejects(photos, tmp_path, monkeypatch):
     args = _folder_args(photos)
+    args.jpeg_upsampling = "fancy"  # PIL's fallback decode has no fast upsampling: compared bit for bit
     dataset = build_dataset("train", args, pretrain_transform(args))
     torch.manual_seed(5)
     expected = [dataset[i][0] for i in range(len(dataset))]
@@ -274,6 +329,35 @@ def test_eval_transform_is_uint8_and_matches_resize_center_crop(photos):
         assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE)
         diff = (a.float() - b.float()).abs().mean().item()
         assert diff < (3.0 if path.endswith("_3.jpg") else 0.5), (path, diff)
+
+
+def test_channels_last_images_equal_the_kernels_own_layout_and_collate_without_transposing(photos):
+    """The uint8 transforms write the resize kernel's channels-last result as is; values equal the
+    kernel's default (contiguous) output bit for bit, and collation, pinning and DeviceNormalize give
+    the batch the contiguous float pipeline gave."""
+    pixels = np.array(Image.open(os.path.join(photos, "train", "photo", "0_0.jpg")).convert("RGB"))
+    for top, left, height, width, size in ((10, 20, 300, 250, (224, 224)), (0, 0, 375, 500, (32, 32)),
+                                           (5, 7, 224, 224, (224, 224)), (0, 0, 100, 90, (224, 224))):
+        out = datasets_module._resize_crop(pixels, top, left, height, width, size)
+        crop = torch.from_numpy(np.ascontiguousarray(pixels[top:top + height, left:left + width])).permute(2, 0, 1)
+        reference = F.interpolate(crop[None].contiguous(), size=size, mode="bicubic", antialias=True)[0]
+        assert out.shape == (3, *size) and out.permute(1, 2, 0).is_contiguous()
+        assert torch.equal(out, reference), (top, left, height, width, size)
+
+    args = _folder_args(photos, size=32)
+    samples = [(t.flip(-1) if i % 2 else t, i, i) for i, t in
+               enumerate(build_dataset("train", args, eval_transform(args))[j][0] for j in range(5))]
+    assert all(t.permute(1, 2, 0).is_contiguous() for t, _, _ in samples)  # flip keeps the layout
+    imgs, targets, index = collate_indexed(samples)
+    assert imgs.shape == (5, 3, 32, 32) and imgs.permute(0, 2, 3, 1).is_contiguous()
+    assert torch.equal(imgs, torch.stack([t.contiguous() for t, _, _ in samples]))
+    assert targets.tolist() == index.tolist() == list(range(5))
+    contiguous = [(t.contiguous(), i, i) for t, i, _ in samples]  # digits/CIFAR: PILToTensor's layout
+    assert collate_indexed(contiguous)[0].is_contiguous()
+    assert torch.equal(collate_indexed(contiguous)[0], imgs)
+    normalise = DeviceNormalize((IMAGENET_MEAN, IMAGENET_STD), "cpu")
+    got, expected = normalise(imgs), normalise(imgs.contiguous())
+    assert got.is_contiguous() and torch.equal(got, expected)
 
 
 def test_device_normalisation_equals_the_cpu_normalisation(photos):

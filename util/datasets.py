@@ -315,6 +315,26 @@ def dataset_stats(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 IN_MEMORY_DATA_SETS = ("digits", "cifar10", "cifar100")
 JPEG_DCT_SCALES = (8, 4, 2)  # libjpeg decodes at 1/8, 1/4, 1/2 size natively (PIL's draft mode)
+JPEG_UPSAMPLING = ("fast", "fancy")  # --jpeg_upsampling: chroma upsampling of training crops (_decode_pixels)
+
+
+
+
+def _bicubic_aa_interpolate(batch: torch.Tensor, size: tuple[int, int], align_corners: bool, scale_h, scale_w,
+                            *, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(F.interpolate(batch, size=size, mode="bicubic", antialias=True))
+
+
+# F.interpolate(mode="bicubic", antialias=True) is this op behind ~10 us of argument checks (1% of a
+# sample; torch.ops.aten's Python dispatch costs 15 us), and only the op takes `out=`: called directly
+# where torch has it
+_BICUBIC_AA = getattr(torch._C._nn, "_upsample_bicubic2d_aa", _bicubic_aa_interpolate)
+
+
+def hwc_tensor(height: int, width: int) -> torch.Tensor:
+    """An empty uint8 image [3, height, width] laid out in memory as [height, width, 3] (channels-last):
+    the layout of every uint8 transform's output (see _resize_crop)."""
+    return torch.empty(height, width, 3, dtype=torch.uint8).permute(2, 0, 1)
 
 
 def _decode_reduced(img: Image.Image, max_reduction: float) -> tuple[Image.Image, float]:
@@ -340,7 +360,8 @@ def _decode_reduced(img: Image.Image, max_reduction: float) -> tuple[Image.Image
     return img, factor
 
 
-def _decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float) -> tuple[np.ndarray, float]:
+def _decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float,
+                   fast_upsampling: bool = False) -> tuple[np.ndarray, float]:
     """Decode a lazily opened image -> (uint8 [H, W, 3] RGB array, k), as `_decode_reduced`.
 
     A baseline or progressive JPEG in colour (YCbCr) or greyscale is decoded by simplejpeg when it is
@@ -348,6 +369,13 @@ def _decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float) -> tupl
     pixels, DCT scaling included), without PIL's image object and convert copy. Everything else (other
     formats, CMYK, a file simplejpeg rejects: truncated, corrupt) goes through PIL, whose errors name
     the file (CorruptImageError).
+
+    fast_upsampling: libjpeg's merged upsampler for the half-resolution chroma of a 4:2:0/4:2:2 JPEG
+    (each chroma sample repeated over its 2x2 or 2x1 pixels, fused with the colour conversion) instead
+    of its default triangle filter: ~6% less decode time. Luma and the IDCT are untouched, so pixels
+    differ only where colour changes within 2 pixels; after a random resized crop to 224 that is 0.4
+    levels on average and no shift of the channel means (tests/test_loader_pipeline.py). PIL has no such
+    switch: its fallback decodes are always the default ones.
     """
     if isinstance(img, EncodedJpeg):
         data, path = img.data, img.path
@@ -367,7 +395,8 @@ def _decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float) -> tupl
         scaled = (-(-height // reduction), -(-width // reduction))  # libjpeg's size at scale 1/k: ceil
         try:
             # at least ceil(side / k) pixels: libjpeg's smallest scale M/8 that gives that is exactly 1/k
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=scaled[1], min_height=scaled[0])
+            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=scaled[1], min_height=scaled[0],
+                                            fastupsample=fast_upsampling)
         except (OSError, ValueError):
             pass  # PIL decodes it below, or raises CorruptImageError naming the file
         else:
@@ -395,17 +424,30 @@ def _resample_box(pixels: np.ndarray, box: tuple[float, float, float, float], si
     """
     if all(float(v).is_integer() for v in box):
         left, top, right, bottom = (int(v) for v in box)
-        crop = pixels[top:bottom, left:right]
-        if crop.shape[1] != pixels.shape[1]:
-            # a narrower box is a strided view; the kernel reads a dense [H, W, 3] block 1.15-1.5x faster,
-            # and copying the box costs ~5% of that
-            crop = np.ascontiguousarray(crop)
-        batch = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels-last strides
-        if tuple(batch.shape[-2:]) != size:
-            return F.interpolate(batch, size=size, mode="bicubic", antialias=True)[0]  # contiguous [3, h, w]
-        return batch[0].contiguous()
+        return _resize_crop(pixels, top, left, bottom - top, right - left, size)
     out = Image.fromarray(pixels).resize((size[1], size[0]), Image.BICUBIC, box=box)
-    return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)  # [3, h, w] in HWC memory, as _resize_crop
+
+
+def _resize_crop(pixels: np.ndarray, top: int, left: int, height: int, width: int,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """pixels[top:top+height, left:left+width] of an RGB uint8 [H, W, 3] array resized to size (h, w) by
+    torch's uint8 antialiased bicubic kernel -> uint8 [3, h, w] in [h, w, 3] memory (channels-last).
+
+    Channels-last out because the kernel computes in that layout: asked for a contiguous [3, h, w] (its
+    choice for a single image) it transposes its result, 25% of its time at 224 px (measured). The
+    transposition happens on the training device instead, inside the float conversion that
+    util.device_input.DeviceNormalize does anyway; collate_indexed keeps the layout (a plain copy).
+    """
+    # the box as a strided view, no copy: the kernel reads it as fast as a dense block (measured on the
+    # benchmark's crops; copying it first cost as much as it saved)
+    batch = torch.from_numpy(pixels[top:top + height, left:left + width]).permute(2, 0, 1).unsqueeze(0)
+    out = hwc_tensor(*size)
+    if (height, width) != size:
+        _BICUBIC_AA(batch, size, False, None, None, out=out.unsqueeze(0))
+    else:
+        out.copy_(batch[0])
+    return out
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
@@ -443,15 +485,17 @@ class RandomResizedCropUint8:
     The box and the flip are drawn by torchvision's own rule (RandomResizedCrop.get_params as
     random_resized_crop_box, then torch.rand(1) < 0.5) from the same torch RNG, in the same order, as
     the float pipeline: the same seed gives the same boxes and flips, and loader seeding and resume are
-    unchanged. The work is less: the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still >= size pixels wide and tall at
-    that scale, only the box is cropped before resizing, and the result stays uint8.
+    unchanged. The work is less: the JPEG is decoded at 1/2, 1/4 or 1/8 size when the box is still
+    >= size pixels wide and tall at that scale, only the box is resized, and the result stays uint8.
+    fast_upsampling: libjpeg's merged chroma upsampler (see _decode_pixels); False decodes as PIL does.
     """
 
     decodes_lazily = True  # _image_folder passes an opened, not yet decoded image (or EncodedJpeg)
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, fast_upsampling: bool = False):
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+        self.fast_upsampling = fast_upsampling
         self.log_ratio = tuple(torch.log(torch.tensor(ratio)).tolist())  # float32, as torchvision draws them
 
     def __call__(self, img: Image.Image | EncodedJpeg) -> torch.Tensor:
@@ -459,13 +503,17 @@ class RandomResizedCropUint8:
         top, left, height, width = random_resized_crop_box(image_height, image_width, self.scale,
                                                            self.log_ratio, self.ratio)
         flip = self.flip and torch.rand(1).item() < 0.5  # float32 vs 0.5 as torchvision's tensor compare
-        pixels, k = _decode_pixels(img, min(width, height) / self.size)
-        box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
-        out = _resample_box(pixels, box, (self.size, self.size))
-        return out.flip(-1) if flip else out  # flip: a contiguous copy of 150 KB (~5 us)
+        pixels, k = _decode_pixels(img, min(width, height) / self.size, self.fast_upsampling)
+        if k == 1:  # full resolution (every crop of a 500x375 image at 224): the box is on whole pixels
+            out = _resize_crop(pixels, top, left, height, width, (self.size, self.size))
+        else:
+            box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
+            out = _resample_box(pixels, box, (self.size, self.size))
+        return out.flip(-1) if flip else out  # flip: a copy of 150 KB in the same layout (~5 us)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}, "
+                f"fast_upsampling={self.fast_upsampling})")
 
 
 class ResizeCenterCropUint8:
@@ -485,7 +533,8 @@ class ResizeCenterCropUint8:
         pixels, k = _decode_pixels(img, min(width / new_w, height / new_h))
         out = _resample_box(pixels, (0, 0, width / k, height / k), (new_h, new_w))
         top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
-        return out[:, top:top + self.size, left:left + self.size].contiguous()
+        centre = hwc_tensor(self.size, self.size)  # channels-last, as every uint8 transform's output
+        return centre.copy_(out[:, top:top + self.size, left:left + self.size])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(resize={self.resize}, size={self.size})"
@@ -494,7 +543,9 @@ class ResizeCenterCropUint8:
 def train_crop_transform(args, scale: tuple[float, float]) -> Callable:
     """RandomResizedCrop(scale, bicubic) + horizontal flip -> uint8 (MAE's pre-training and linear-probe
     augmentation). Digits are not flipped (a mirrored digit is another shape) and crop less: scale
-    (0.6, 1)."""
+    (0.6, 1). JPEG folders decode with `args.jpeg_upsampling` ("fast" when absent): a random crop's
+    resampling moves pixels far more than the chroma filter does, so training crops take the faster one;
+    evaluation (eval_transform) always decodes as PIL does."""
     name = resolve_data_set(args)
     if name == "digits":
         scale = (0.6, 1.0)
@@ -504,7 +555,10 @@ def train_crop_transform(args, scale: tuple[float, float]) -> Callable:
         if name != "digits":
             ops.append(transforms.RandomHorizontalFlip())
         return transforms.Compose(ops + [transforms.PILToTensor()])
-    return RandomResizedCropUint8(args.input_size, scale=scale, flip=True)
+    upsampling = getattr(args, "jpeg_upsampling", "fast")
+    if upsampling not in JPEG_UPSAMPLING:
+        raise ValueError(f"--jpeg_upsampling {upsampling!r}: choose one of {', '.join(JPEG_UPSAMPLING)}")
+    return RandomResizedCropUint8(args.input_size, scale=scale, flip=True, fast_upsampling=upsampling == "fast")
 
 
 def pretrain_transform(args) -> Callable:
@@ -592,8 +646,17 @@ def num_classes_of(dataset: Dataset) -> int:
 
 def collate_indexed(batch):
     """Default collation, kept explicit so the index column stays an int64 tensor (images keep their
-    dtype: uint8 from the transforms above, float32 from timm's fine-tuning transform)."""
-    imgs = torch.stack([b[0] for b in batch])
+    dtype: uint8 from the transforms above, float32 from timm's fine-tuning transform).
+
+    Images in channels-last memory (the JPEG transforms above) are stacked as [B, H, W, C] and returned
+    as the [B, C, H, W] view of it: a plain copy, where torch.stack would transpose every image. The
+    pinned copy and the host-to-device copy keep that layout (pin_memory keeps strides);
+    DeviceNormalize returns a contiguous float batch."""
+    first = batch[0][0]
+    if first.dim() == 3 and first.stride(0) == 1 and first.shape[0] > 1:  # channels-last [C, H, W]
+        imgs = torch.stack([b[0].permute(1, 2, 0) for b in batch]).permute(0, 3, 1, 2)
+    else:
+        imgs = torch.stack([b[0] for b in batch])
     targets = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
     index = torch.as_tensor([b[2] for b in batch], dtype=torch.long)
     return imgs, targets, index

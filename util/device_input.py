@@ -40,4 +40,7 @@ class DeviceNormalize:
                 "a uint8 image batch reached the engine without normalisation statistics. Fix: pass "
                 "input_stats=util.datasets.dataset_stats(args) to the engine function"
             )
-        return samples.float().div_(255).sub_(self.mean).div_(self.std)
+        # contiguous float32 [B, C, H, W] whatever the uint8 layout: the JPEG transforms ship channels-last
+        # pixels (util.datasets._resize_crop), transposed here by the conversion copy itself
+        out = torch.empty(samples.shape, dtype=torch.float32, device=self.device)
+        return out.copy_(samples).div_(255).sub_(self.mean).div_(self.std)
