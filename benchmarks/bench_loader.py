@@ -4,15 +4,15 @@
 
 Builds an ImageFolder of 500x375 JPEGs (quality 90) from the colour photographs that ship inside
 scikit-image (astronaut, chelsea, coffee, rocket, ...: 4 crops each), then times, in this one process
-with one torch thread (what one DataLoader worker does), `dataset[i]` over all images, in CPU time
-of this process (images/s per core; robust to other processes on the machine, wall time also shown):
+with one thread per library (what one DataLoader worker does), `dataset[i]` over all images, in CPU
+time of this process (images/s per core; robust to other processes on the machine, wall time also shown):
 
   old     the former pre-training pipeline: full decode + convert('RGB'), torchvision
           RandomResizedCrop(bicubic) + flip on the PIL image, ToTensor, Normalize (float32 out)
   new     util.datasets.pretrain_transform with its defaults (--jpeg_upsampling fast): lazy open (a JPEG: bytes
           + header), box drawn by the same rule, decode with simplejpeg (PIL without it; at 1/2..1/8 size
           where the box allows; libjpeg's merged chroma upsampler), crop view, torch's uint8 bicubic
-          resize, flip (uint8 out)
+          resize into channels-last memory, flip (uint8 out)
   new fancy   the same with --jpeg_upsampling fancy: pixels decoded as PIL decodes them
   decode  open + decode + convert('RGB') with PIL: the former loader alone, "decode alone" as the
           issue measured it; and simplejpeg.decode_jpeg of the file's bytes (read included): the
@@ -29,6 +29,10 @@ import sys
 import tempfile
 import time
 from types import SimpleNamespace
+
+# one thread per library, as in a DataLoader worker (torch sets 1 there; OpenMP/BLAS pools would
+# otherwise start with the machine's core count): set before numpy and torch load
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
