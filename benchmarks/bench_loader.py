@@ -21,6 +21,11 @@ time of this process (images/s per core; robust to other processes on the machin
 
 Pipelines are interleaved within each round; the median round is printed. Needs scikit-image
 (requirements.txt). Numbers are per core: a loader with W workers feeds about W times as many.
+
+--workers W (default 0: skipped) also runs whole DataLoaders, W workers, batch 64, over the images
+repeated: the previous transform with the previous collation (torch.stack) against the new transform
+with collate_indexed (channels-last stacking straight into shared memory), in wall images/s of the
+main process. Keep W below the machine's cores: the main process receives the batches.
 """
 import argparse
 import os
@@ -48,8 +53,11 @@ except ImportError:
     simplejpeg = None
 from torchvision import transforms  # noqa: E402
 
+from torch.utils.data import DataLoader  # noqa: E402
+
 from util.datasets import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, _checked_loader, build_dataset, eval_transform, pretrain_transform,
+    IMAGENET_MEAN, IMAGENET_STD, IndexedDataset, _checked_loader, build_dataset, collate_indexed, eval_transform,
+    pretrain_transform,
 )
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -118,11 +126,33 @@ def decode_simplejpeg(path: str) -> np.ndarray:
         return simplejpeg.decode_jpeg(f.read(), colorspace="RGB")
 
 
+def collate_stack(batch):
+    """The previous collation: torch.stack of the images, targets and indices as int64."""
+    return (torch.stack([b[0] for b in batch]), torch.as_tensor([b[1] for b in batch]),
+            torch.as_tensor([b[2] for b in batch]))
+
+
+def dataloader_images_per_second(dataset, collate, workers: int, samples: int, batch_size: int = 64) -> float:
+    """Wall images/s that a DataLoader with `workers` workers delivers to this process, after the first
+    batch (worker start-up excluded)."""
+    indices = [i % len(dataset) for i in range(samples + batch_size)]
+    loader = DataLoader(IndexedDataset(dataset), batch_size=batch_size, sampler=indices, num_workers=workers,
+                        collate_fn=collate, prefetch_factor=4)
+    batches = iter(loader)
+    next(batches)
+    start, count = time.perf_counter(), 0
+    for imgs, _, _ in batches:
+        count += imgs.shape[0]
+    return count / (time.perf_counter() - start)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=7, help="timed rounds; the median is printed")
     p.add_argument("--passes", type=int, default=4, help="passes over the images per pipeline and round")
+    p.add_argument("--workers", type=int, default=0,
+                   help="also time whole DataLoaders with this many workers (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker = one core
 
@@ -162,6 +192,11 @@ def main() -> None:
                         fn(i)
                 seconds[name].append((time.process_time() - start) / (args.passes * n))
                 wall[name].append((time.perf_counter() - start_wall) / (args.passes * n))
+        loader_rates = {"old": [], "new": []}
+        if args.workers > 0:
+            for _ in range(3):
+                loader_rates["old"].append(dataloader_images_per_second(old, collate_stack, args.workers, 40 * n))
+                loader_rates["new"].append(dataloader_images_per_second(new, collate_indexed, args.workers, 40 * n))
         bytes_old, bytes_new = old[0][0], new[0][0]
         bytes_old = bytes_old.numel() * bytes_old.element_size()
         bytes_new = bytes_new.numel() * bytes_new.element_size()
@@ -186,6 +221,10 @@ def main() -> None:
     print(f"eval speed-up new vs old: {per_image['eval old (float32)'] / per_image['eval new (uint8)']:.2f}x")
     print(f"bytes per sample to the device: old {bytes_old:,} (float32), new {bytes_new:,} (uint8), "
           f"{bytes_old / bytes_new:.0f}x less")
+    if args.workers > 0:
+        rate_old, rate_new = statistics.median(loader_rates["old"]), statistics.median(loader_rates["new"])
+        print(f"DataLoader, {args.workers} workers, batch 64 (median of 3, wall): old {rate_old:.0f} images/s, "
+              f"new {rate_new:.0f} images/s ({rate_new / rate_old:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -386,6 +386,11 @@ def test_device_normalisation_equals_the_cpu_normalisation(photos):
         DeviceNormalize(None, "cpu")(batch)
 
 
+def _collate_and_report_shared(batch):
+    imgs = collate_indexed(batch)[0]
+    return imgs, imgs.is_shared()
+
+
 def test_workers_deliver_uint8_batches_and_name_corrupt_jpegs(photos, tmp_path):
     args = _folder_args(photos, size=32)
     dataset = IndexedDataset(build_dataset("train", args, pretrain_transform(args)))
@@ -394,6 +399,12 @@ def test_workers_deliver_uint8_batches_and_name_corrupt_jpegs(photos, tmp_path):
     batches = list(loader)
     assert [b[0].shape for b in batches] == [(4, 3, 32, 32)] * 2
     assert all(b[0].dtype == torch.uint8 and b[2].dtype == torch.int64 for b in batches)
+    # channels-last across the worker queue, stacked straight into shared memory in the worker
+    assert all(b[0].permute(0, 2, 3, 1).is_contiguous() for b in batches)
+    in_worker = DataLoader(dataset, batch_size=4, num_workers=1, generator=torch.Generator().manual_seed(0),
+                           collate_fn=_collate_and_report_shared)
+    assert [shared for _, shared in in_worker] == [True, True]
+    assert not collate_indexed([dataset[0], dataset[1]])[0].is_shared()  # the main process: plain memory
 
     root = _photo_folder(str(tmp_path))
     bad = os.path.join(root, "train", "photo", "0_1.jpg")

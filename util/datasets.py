@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
@@ -649,14 +649,16 @@ def collate_indexed(batch):
     dtype: uint8 from the transforms above, float32 from timm's fine-tuning transform).
 
     Images in channels-last memory (the JPEG transforms above) are stacked as [B, H, W, C] and returned
-    as the [B, C, H, W] view of it: a plain copy, where torch.stack would transpose every image. The
-    pinned copy and the host-to-device copy keep that layout (pin_memory keeps strides);
-    DeviceNormalize returns a contiguous float batch."""
+    as the [B, C, H, W] view of it: a plain copy, where stacking the [C, H, W] views would transpose every
+    image. The pinned copy and the host-to-device copy keep that layout (pin_memory keeps strides);
+    DeviceNormalize returns a contiguous float batch. Stacking goes through torch's default_collate,
+    which in a DataLoader worker writes the batch straight into shared memory (no second copy of it on
+    the way to the main process)."""
     first = batch[0][0]
     if first.dim() == 3 and first.stride(0) == 1 and first.shape[0] > 1:  # channels-last [C, H, W]
-        imgs = torch.stack([b[0].permute(1, 2, 0) for b in batch]).permute(0, 3, 1, 2)
+        imgs = default_collate([b[0].permute(1, 2, 0) for b in batch]).permute(0, 3, 1, 2)
     else:
-        imgs = torch.stack([b[0] for b in batch])
+        imgs = default_collate([b[0] for b in batch])
     targets = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
     index = torch.as_tensor([b[2] for b in batch], dtype=torch.long)
     return imgs, targets, index
