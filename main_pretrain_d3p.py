@@ -123,6 +123,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         problems.append("--resume and --auto_resume are exclusive: pick one")
     if args.resume and not os.path.isfile(args.resume):
         problems.append(f"--resume {args.resume}: no such file")
+    patch = models_mae.patch_size_of(args.model)
+    if args.input_size < patch or args.input_size % patch:
+        problems.append(f"--input_size {args.input_size} must be a positive multiple of {args.model}'s patch size "
+                        f"{patch}. Fix: --input_size {max(patch, round(args.input_size / patch) * patch)}")
     if args.data_path and not os.path.isdir(args.data_path):
         problems.append(f"--data_path {args.data_path} does not exist (leave it out to use the embedded digits)")
     if problems:

@@ -236,3 +236,8 @@ MODELS = {
     "mae_vit_large_patch16": mae_vit_large_patch16,
     "mae_vit_huge_patch14": mae_vit_huge_patch14,
 }
+
+
+def patch_size_of(name: str) -> int:
+    """The patch size of a model in MODELS, from MAE's naming: mae_vit_base_patch16 -> 16."""
+    return int(name.rsplit("_patch", 1)[1])

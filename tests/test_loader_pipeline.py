@@ -336,8 +336,9 @@ def test_channels_last_images_equal_the_kernels_own_layout_and_collate_without_t
     kernel's default (contiguous) output bit for bit, and collation, pinning and DeviceNormalize give
     the batch the contiguous float pipeline gave."""
     pixels = np.array(Image.open(os.path.join(photos, "train", "photo", "0_0.jpg")).convert("RGB"))
-    for top, left, height, width, size in ((10, 20, 300, 250, (224, 224)), (0, 0, 375, 500, (32, 32)),
-                                           (5, 7, 224, 224, (224, 224)), (0, 0, 100, 90, (224, 224))):
+    cases = ((10, 20, 300, 250, (224, 224)), (0, 0, 375, 500, (32, 32)), (5, 7, 224, 224, (224, 224)),
+             (0, 0, 100, 90, (224, 224)), (3, 4, 1, 9, (7, 1)), (3, 4, 9, 1, (1, 7)))
+    for top, left, height, width, size in cases:  # down, up, no resize; one-pixel boxes and outputs
         out = datasets_module._resize_crop(pixels, top, left, height, width, size)
         crop = torch.from_numpy(np.ascontiguousarray(pixels[top:top + height, left:left + width])).permute(2, 0, 1)
         reference = F.interpolate(crop[None].contiguous(), size=size, mode="bicubic", antialias=True)[0]

@@ -149,6 +149,9 @@ def test_corrupt_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
     (["--d3p_quantile", "1.0"], "--d3p_quantile must lie in (0, 1)"),
     (["--prune_ratio", "1.0"], "--prune_ratio"),
     (["--random_match", "x"], "--random_match needs --prune_method random"),
+    (["--input_size", "30"], "--input_size 30 must be a positive multiple of mae_vit_tiny_patch4's patch size 4. "
+                             "Fix: --input_size 32"),
+    (["--input_size", "8", "--model", "mae_vit_base_patch16"], "patch size 16. Fix: --input_size 16"),
 ])
 def test_incompatible_flags_are_rejected(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -318,10 +318,8 @@ JPEG_DCT_SCALES = (8, 4, 2)  # libjpeg decodes at 1/8, 1/4, 1/2 size natively (P
 JPEG_UPSAMPLING = ("fast", "fancy")  # --jpeg_upsampling: chroma upsampling of training crops (_decode_pixels)
 
 
-
-
-def _bicubic_aa_interpolate(batch: torch.Tensor, size: tuple[int, int], align_corners: bool, scale_h, scale_w,
-                            *, out: torch.Tensor) -> torch.Tensor:
+def _bicubic_aa_interpolate(batch: torch.Tensor, size: tuple[int, int], *_, out: torch.Tensor) -> torch.Tensor:
+    """The op's signature (input, size, align_corners, scale_h, scale_w, out=) through F.interpolate."""
     return out.copy_(F.interpolate(batch, size=size, mode="bicubic", antialias=True))
 
 
@@ -415,10 +413,10 @@ def _decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float,
 
 def _resample_box(pixels: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
     """The region `box` (left, top, right, bottom, in pixels) of an RGB uint8 [H, W, 3] array, resampled
-    to size (h, w) with antialiased bicubic -> uint8 [3, h, w], contiguous.
+    to size (h, w) with antialiased bicubic -> uint8 [3, h, w] in [h, w, 3] memory (as _resize_crop).
 
     A box on whole pixels is cropped and resized by torch's uint8 kernel (PIL's filter, 3-4x faster
-    than PIL's resize; rounding differs, by a quarter level on average). A box in between pixels (after
+    than PIL's resize; only rounding differs, 0.005 levels on average on the test photos). A box in between pixels (after
     DCT scaling) is resized by PIL, whose box may be fractional: rounding it would shift the crop by up
     to half a pixel.
     """
@@ -443,10 +441,9 @@ def _resize_crop(pixels: np.ndarray, top: int, left: int, height: int, width: in
     # benchmark's crops; copying it first cost as much as it saved)
     batch = torch.from_numpy(pixels[top:top + height, left:left + width]).permute(2, 0, 1).unsqueeze(0)
     out = hwc_tensor(*size)
-    if (height, width) != size:
-        _BICUBIC_AA(batch, size, False, None, None, out=out.unsqueeze(0))
-    else:
-        out.copy_(batch[0])
+    if (height, width) == size:
+        return out.copy_(batch[0])
+    _BICUBIC_AA(batch, size, False, None, None, out=out.unsqueeze(0))
     return out
 
 
