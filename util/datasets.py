@@ -17,7 +17,6 @@ import util  # noqa: F401  (torchvision op schemas, before torchvision)
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 from torchvision import datasets as tv_datasets
@@ -318,15 +317,9 @@ JPEG_DCT_SCALES = (8, 4, 2)  # libjpeg decodes at 1/8, 1/4, 1/2 size natively (P
 JPEG_UPSAMPLING = ("fast", "fancy")  # --jpeg_upsampling: chroma upsampling of training crops (_decode_pixels)
 
 
-def _bicubic_aa_interpolate(batch: torch.Tensor, size: tuple[int, int], *_, out: torch.Tensor) -> torch.Tensor:
-    """The op's signature (input, size, align_corners, scale_h, scale_w, out=) through F.interpolate."""
-    return out.copy_(F.interpolate(batch, size=size, mode="bicubic", antialias=True))
-
-
-# F.interpolate(mode="bicubic", antialias=True) is this op behind ~10 us of argument checks (1% of a
-# sample; torch.ops.aten's Python dispatch costs 15 us), and only the op takes `out=`: called directly
-# where torch has it
-_BICUBIC_AA = getattr(torch._C._nn, "_upsample_bicubic2d_aa", _bicubic_aa_interpolate)
+# F.interpolate(mode="bicubic", antialias=True) is this op (in torch since 1.11) behind ~10 us of argument
+# checks (1% of a sample; torch.ops.aten's Python dispatch costs 15 us), and only the op takes `out=`
+_BICUBIC_AA = torch._C._nn._upsample_bicubic2d_aa  # (input, (h, w), align_corners, scale_h, scale_w, out=)
 
 
 def hwc_tensor(height: int, width: int) -> torch.Tensor:
@@ -501,11 +494,8 @@ class RandomResizedCropUint8:
                                                            self.log_ratio, self.ratio)
         flip = self.flip and torch.rand(1).item() < 0.5  # float32 vs 0.5 as torchvision's tensor compare
         pixels, k = _decode_pixels(img, min(width, height) / self.size, self.fast_upsampling)
-        if k == 1:  # full resolution (every crop of a 500x375 image at 224): the box is on whole pixels
-            out = _resize_crop(pixels, top, left, height, width, (self.size, self.size))
-        else:
-            box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
-            out = _resample_box(pixels, box, (self.size, self.size))
+        box = (left / k, top / k, (left + width) / k, (top + height) / k)  # in decoded pixels
+        out = _resample_box(pixels, box, (self.size, self.size))
         return out.flip(-1) if flip else out  # flip: a copy of 150 KB in the same layout (~5 us)
 
     def __repr__(self) -> str:
