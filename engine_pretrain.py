@@ -1,7 +1,6 @@
 """One MAE pre-training epoch with per-sample losses, weights and recording; the forward-only pass."""
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable
 
 import numpy as np
@@ -10,45 +9,12 @@ import torch
 import util.lr_sched as lr_sched
 from d3p import DataPruner
 from util.device_input import DeviceNormalize, Stats
-from util.dist import agree_at_sync_point, all_reduce, all_reduce_mean, all_reduce_sum, get_rank, is_dist, to_collective
+from util.dist import all_reduce, all_reduce_mean, all_reduce_sum, is_dist, to_collective
+from util.engine import (  # noqa: F401  (NonFiniteLossError, nonfinite_loss_error: re-exported for callers)
+    NonFiniteLossError, SyncPoint, accumulation_divisor, autocast, no_sync_unless, nonfinite_loss_error, stoppable,
+    training_mode,
+)
 from util.metrics import MetricLogger
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf: the run stops, checkpoints already written stay intact."""
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _first_nonfinite(step_losses: list[torch.Tensor]) -> tuple[np.ndarray, int | None]:
-    """Copy a chunk of step losses to the host (one sync per chunk) -> (values, offset of the first
-    non-finite one or None)."""
-    values = torch.stack(step_losses).float().cpu().numpy()
-    bad = np.flatnonzero(~np.isfinite(values))
-    return values, (int(bad[0]) if bad.size else None)
-
-
-def nonfinite_loss_error(epoch: int, step: int, rank: int, value: float | None = None) -> NonFiniteLossError:
-    """The error every rank raises once the ranks agreed that `rank` saw a NaN/inf loss at `step`."""
-    seen = f"loss is {value}" if value is not None else "a non-finite loss"
-    return NonFiniteLossError(
-        f"{seen} at epoch {epoch}, step {step} (seen on rank {rank}; all ranks stopped). Training stopped; the "
-        "last checkpoint in --output_dir is intact (nothing was saved after the failure). Fix: lower --blr, use "
-        "--precision bf16/fp32 instead of fp16, add --clip_grad, or check the data for broken images; "
-        "then restart with --auto_resume"
-    )
-
-
-def accumulation_divisor(step: int, num_steps: int, accum_iter: int) -> int:
-    """Micro-batches in the accumulation group of `step`: accum_iter, or fewer in the last, partial
-    group of an epoch, which is then stepped with its loss correctly scaled (a mean over its own
-    micro-batches) instead of being divided by accum_iter."""
-    group_start = step - step % accum_iter
-    return min(accum_iter, num_steps - group_start)
 
 
 def train_one_epoch(
@@ -93,8 +59,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
 
     carried = carried or {}
-    pending: list[torch.Tensor] = []  # step losses not yet copied to the host
-    pending_first = start_step
+    sync = SyncPoint(epoch, start_step, num_steps, print_freq, stop_requested)
     loss_total = float(carried.get("loss_total", 0.0))
     loss_steps = int(carried.get("loss_steps", 0))
     optimizer_steps = int(carried.get("optimizer_steps", 0))
@@ -112,39 +77,32 @@ def train_one_epoch(
         valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
         corrupt += int((~valid).sum())
 
-        sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with sync_ctx:
-            with _autocast(device, amp_dtype):
+        with no_sync_unless(model, update):
+            with autocast(device, amp_dtype):
                 per_sample, _, _ = model(samples, mask_ratio=args.mask_ratio)
             # the method's weights (a replaced image trains with weight 0); records the losses
             loss = per_sample.float().mean() if pruner is None else pruner.batch_loss(per_sample, index)
-            norm = loss_scaler(loss / accumulation_divisor(step, num_steps, accum_iter), optimizer, clip_grad=getattr(args, "clip_grad", None),
-                               parameters=model.parameters(), update_grad=update)
+            norm = loss_scaler(loss / accumulation_divisor(step, num_steps, accum_iter), optimizer,
+                               clip_grad=getattr(args, "clip_grad", None), parameters=model.parameters(),
+                               update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
             optimizer_steps += 1
             if norm is not None:
                 grad_norms.append(norm.detach())
-        pending.append(loss.detach())
+        sync.add(loss)
 
-        if len(pending) == print_freq or step + 1 == num_steps:
-            values, bad = _first_nonfinite(pending)
-            wants_stop = stop_requested is not None and stop_requested()
-            stop_all, bad_step, bad_rank = agree_at_sync_point(
-                wants_stop, None if bad is None else pending_first + bad, num_steps)
-            if bad_step is not None:
-                mine = bad is not None and bad_rank == get_rank()
-                raise nonfinite_loss_error(epoch, bad_step, bad_rank, float(values[bad]) if mine else None)
+        if sync.due(step):
+            values, first, stop_all = sync.check()
             loss_total += float(values.sum())
             loss_steps += values.size
             metric_logger.update(loss=float(values[-1]), lr=lr)
             if log_writer is not None:
                 # MAE's x-axis: epoch_1000x keeps curves of different batch sizes comparable
                 for k, v in enumerate(values):
-                    epoch_1000x = int(((pending_first + k) / num_steps + epoch) * 1000)
+                    epoch_1000x = int(((first + k) / num_steps + epoch) * 1000)
                     log_writer.add_scalar("train_loss", float(v), epoch_1000x)
                 log_writer.add_scalar("lr", lr, int((step / num_steps + epoch) * 1000))
-            pending, pending_first = [], step + 1
             if stop_all and update and step + 1 < num_steps:
                 interrupted_at = step + 1
                 break
@@ -166,14 +124,6 @@ def train_one_epoch(
     return stats
 
 
-def _poll_stop(stop_requested: Callable[[], bool] | None, step: int, num_steps: int, print_freq: int) -> bool:
-    """In the passes without gradient: every `print_freq` batches, all ranks agree on the stop flag
-    (the same collective the training loop uses, so a rank never waits alone)."""
-    if stop_requested is None or (step + 1) % print_freq or step + 1 == num_steps:
-        return False
-    return agree_at_sync_point(stop_requested(), None, num_steps)[0]
-
-
 @torch.no_grad()
 def forward_only_pass(
     model: torch.nn.Module,
@@ -188,26 +138,25 @@ def forward_only_pass(
     print_freq: int = 20,
 ) -> int | None:
     """Loss of samples that were not trained this epoch (D3P's pruned set in recording epochs):
-    same augmentation and random masking, no gradient. Returns the samples this rank processed, or
-    None when the ranks agreed to stop (SIGTERM) before the pass ended: the caller then saves the
-    state from before the pass, which a resume replays."""
-    model.eval()
+    same augmentation and random masking, no gradient, and the model in training mode, as the
+    training losses are recorded (MAE's encoder has no dropout or drop path: the mode changes no
+    number here; it keeps the two passes comparable for models that have them). Returns the samples
+    this rank processed, or None when the ranks agreed to stop (SIGTERM) before the pass ended: the
+    caller then saves the state from before the pass, which a resume replays."""
     to_input = DeviceNormalize(input_stats, device)
-    seen = 0
-    num_steps = len(data_loader)
+    seen, stopped = 0, [False]
     records = []  # handed to the recorder only when the pass completes: a stopped pass leaves no trace
-    for step, (samples, _, index) in enumerate(MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]")):
-        samples = to_input(samples)
-        with _autocast(device, amp_dtype):
-            per_sample, _, _ = model(samples, mask_ratio=mask_ratio)
-        records.append((index, per_sample))
-        seen += int(index.numel())
-        if _poll_stop(stop_requested, step, num_steps, print_freq):
-            model.train(True)
-            return None
+    batches = MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]")
+    with training_mode(model, True):
+        for samples, _, index in stoppable(batches, len(data_loader), stop_requested, print_freq, stopped):
+            with autocast(device, amp_dtype):
+                per_sample, _, _ = model(to_input(samples), mask_ratio=mask_ratio)
+            records.append((index, per_sample))
+            seen += int(index.numel())
+    if stopped[0]:
+        return None
     for index, per_sample in records:
         pruner.record(index, per_sample)
-    model.train(True)
     return seen
 
 
@@ -225,25 +174,22 @@ def compute_embeddings(
     None when the ranks agreed to stop (SIGTERM) before the pass ended.
     """
     net = model.module if hasattr(model, "module") else model
-    net.eval()
     feats = np.zeros((num_samples, net.pos_embed.shape[-1]), dtype=np.float32)
     counts = np.zeros(num_samples, dtype=np.float32)
-    seen = 0
-    num_steps = len(data_loader)
+    seen, stopped = 0, [False]
     to_input = DeviceNormalize(input_stats, device)
-    for step, (samples, _, index) in enumerate(MetricLogger().log_every(data_loader, "Embeddings")):
-        samples = to_input(samples)
-        with _autocast(device, amp_dtype):
-            e = net.embed(samples).float().cpu().numpy()
-        idx = index.numpy()
-        valid = idx >= 0
-        np.add.at(feats, idx[valid], e[valid])
-        np.add.at(counts, idx[valid], 1.0)
-        seen += idx.size
-        if _poll_stop(stop_requested, step, num_steps, print_freq):
-            net.train(True)
-            return None, seen
-    net.train(True)
+    batches = MetricLogger().log_every(data_loader, "Embeddings")
+    with training_mode(net, False):
+        for samples, _, index in stoppable(batches, len(data_loader), stop_requested, print_freq, stopped):
+            with autocast(device, amp_dtype):
+                e = net.embed(to_input(samples)).float().cpu().numpy()
+            idx = index.numpy()
+            valid = idx >= 0
+            np.add.at(feats, idx[valid], e[valid])
+            np.add.at(counts, idx[valid], 1.0)
+            seen += idx.size
+    if stopped[0]:
+        return None, seen
     if is_dist():
         feats = all_reduce(to_collective(torch.from_numpy(feats))).cpu().numpy()
         counts = all_reduce(to_collective(torch.from_numpy(counts))).cpu().numpy()

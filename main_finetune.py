@@ -17,6 +17,7 @@ and OUTPUT_DIR/summary.json is written at the end; both carry the pruning fields
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -30,7 +31,7 @@ import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch; 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 import d3p
 import models_vit
@@ -41,13 +42,13 @@ from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
-from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util import run
+from util.dist import any_rank, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
 
 
-class ConfigError(RuntimeError):
-    """A problem with the flags or inputs; the message names it and the fix."""
+ConfigError = run.ConfigError  # bad flags or inputs (exit code 2); the message names it and the fix
 
 
 # Flags whose default depends on the recipe: None in the parser, filled in by resolve_defaults().
@@ -149,36 +150,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="cifar10/cifar100: download into --data_path")
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
 
-    g = p.add_argument_group("output and run")
-    g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints, log.txt, summary.json")
-    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    g.add_argument("--save_ckpt_freq", default=1, type=int,
-                   help="save a checkpoint every N epochs and at the last one (only the newest is kept)")
-    g.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="resume from this fine-tuning checkpoint")
-    g.add_argument("--auto_resume", action="store_true",
-                   help="resume from the newest complete checkpoint in --output_dir if there is one")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (0-based)")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", default=False,
                    help="shard evaluation across ranks (exact: counts are summed, no sample is duplicated)")
-    g.add_argument("--num_workers", default=None, type=int,
-                   help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
-    g.add_argument("--pin_mem", action="store_true", default=True,
-                   help="pin CPU memory in the DataLoader (CUDA only) for faster host-to-device copies")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     g.add_argument("--jpeg_upsampling", default="fast", choices=data_util.JPEG_UPSAMPLING,
                    help="chroma upsampling for the linear probe's training crops from JPEG folders: fast = "
                         "libjpeg's merged upsampler, fancy = as PIL decodes (fine-tuning's RandAugment and "
                         "evaluation always decode with PIL's default)")
-
-    g = p.add_argument_group("distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)")
-    g.add_argument("--world_size", default=1, type=int, help="number of distributed processes (set by torchrun)")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int,
-                   help="accepted for torch.distributed.launch; the LOCAL_RANK environment variable is used")
     g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--dist_url", default="env://", help="url used to set up distributed training (env:// only)")
+    # output, checkpoints (MAE's --save_ckpt_freq is an alias of --save_every), resume, loader, devices
+    run.add_run_args(p, save_every=1, keep_last=1)
 
     d3p.add_pruning_args(p, methods=PRUNE_METHODS, default="none")
     return p
@@ -237,14 +219,12 @@ def validate_args(args) -> None:
         (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1,
          "--mixup_prob and --mixup_switch_prob must be in [0, 1]"),
         (args.clip_grad is None or args.clip_grad > 0, f"--clip_grad {args.clip_grad} must be > 0 (leave it out to disable)"),
-        (args.save_ckpt_freq >= 1, f"--save_ckpt_freq {args.save_ckpt_freq} must be >= 1"),
         (args.nb_classes is None or args.nb_classes >= 1, f"--nb_classes {args.nb_classes} must be >= 1"),
-        (args.num_workers >= 0, f"--num_workers {args.num_workers} must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    problems = d3p.validate_pruning_args(args, PRUNE_METHODS)
+    problems = run.run_arg_problems(args) + d3p.validate_pruning_args(args, PRUNE_METHODS)
     if args.linprobe and args.prune_method != "none":
         # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
         problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
@@ -322,22 +302,12 @@ def build_loaders(args):
         )
     pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world)
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
-    pin = args.pin_mem and str(args.device).startswith("cuda")
-    common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
-    drop_last = args.linprobe
     # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.datasets.SeededItems)
-    loader_train = DataLoader(
-        data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(pruner.sampler, args.seed, rank, data_util.STREAM_TRAIN),
-        batch_size=args.batch_size, drop_last=drop_last, collate_fn=data_util.collate_indexed,
-        generator=torch.Generator(), **common,
-    )
-    loader_forward = DataLoader(
-        data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(pruner.forward_sampler, args.seed, rank, data_util.STREAM_FORWARD_ONLY),
-        batch_size=args.batch_size, collate_fn=data_util.collate_indexed, generator=torch.Generator(), **common,
-    )
-    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size, drop_last=False, **common)
+    loader_train = run.make_loader(dataset_train, pruner.sampler, args, args.batch_size, data_util.STREAM_TRAIN,
+                                   drop_last=args.linprobe)
+    loader_forward = run.make_loader(dataset_train, pruner.forward_sampler, args, args.batch_size,
+                                     data_util.STREAM_FORWARD_ONLY)
+    loader_val = run.make_eval_loader(dataset_val, sampler_val, args, args.batch_size)
     return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
 
 
@@ -411,28 +381,12 @@ def load_pretrained(model: nn.Module, path: str, global_pool: bool, head_std: fl
     return {"missing_keys": sorted(msg.missing_keys), "unexpected_keys": sorted(msg.unexpected_keys)}
 
 
-def save_checkpoint(args, epoch: int, model_without_ddp, optimizer, loss_scaler, max_accuracy: float, pruner) -> None:
-    rng_states = ckpt_util.gather_rng_states()  # collective: every rank calls it
-    if not is_main_process():
-        return
-    state = {
-        "model": model_without_ddp.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": loss_scaler.state_dict(),
-        "epoch": epoch,
-        "max_accuracy": max_accuracy,
-        "args": dict(vars(args)),
-        "rng_states": rng_states,
-        "pruning": pruner.state_dict(),
-    }
-    ckpt_util.atomic_torch_save(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
-    ckpt_util.prune_old_checkpoints(args.output_dir, keep={epoch})
-
-
-def resume(args, model_without_ddp, optimizer, loss_scaler, pruner) -> float:
-    """Load --resume (or the newest checkpoint with --auto_resume); returns the best accuracy so far."""
+def resume(args, model_without_ddp, optimizer, loss_scaler, pruner) -> tuple[float, dict | None, dict | None]:
+    """Load --resume (set by --auto_resume to the newest checkpoint) -> (best accuracy so far, the mid-epoch
+    record of a checkpoint written on a stop signal or None, the epoch log line still waiting for its
+    evaluation or None). MAE's own checkpoints (args as a Namespace, no pruning state) load too."""
     if not args.resume:
-        return 0.0
+        return 0.0, None, None
     ckpt = _load_foreign_checkpoint(args.resume)
     try:
         model_without_ddp.load_state_dict(ckpt["model"])
@@ -442,46 +396,73 @@ def resume(args, model_without_ddp, optimizer, loss_scaler, pruner) -> float:
             "--nb_classes, --global_pool/--cls_token and --linprobe as the run that wrote it"
         ) from exc
     print(f"Resume checkpoint {args.resume}")
-    if not args.eval and "optimizer" in ckpt and "epoch" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loss_scaler.load_state_dict(ckpt.get("scaler"))
-        args.start_epoch = int(ckpt["epoch"]) + 1
-        if "pruning" in ckpt:
-            try:
-                pruner.load_state_dict(ckpt["pruning"])
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-        elif args.prune_method != "none":
-            raise ConfigError(f"--resume checkpoint {args.resume} has no pruning state (written before pruning was "
-                              f"supported), so --prune_method {args.prune_method} cannot continue it exactly. Fix: "
-                              "resume with --prune_method none, or start a new --output_dir")
-        if "rng_states" in ckpt:
-            ckpt_util.restore_rng_states(ckpt["rng_states"])
-        print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
-    return float(ckpt.get("max_accuracy", 0.0))
+    if args.eval or "optimizer" not in ckpt or "epoch" not in ckpt:
+        return float(ckpt.get("max_accuracy", 0.0)), None, None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loss_scaler.load_state_dict(ckpt.get("scaler"))
+    args.start_epoch = int(ckpt["epoch"]) + 1
+    if "pruning" in ckpt:
+        try:
+            pruner.load_state_dict(ckpt["pruning"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    elif args.prune_method != "none":
+        raise ConfigError(f"--resume checkpoint {args.resume} has no pruning state (written before pruning was "
+                          f"supported), so --prune_method {args.prune_method} cannot continue it exactly. Fix: "
+                          "resume with --prune_method none, or start a new --output_dir")
+    if "rng_states" in ckpt:
+        ckpt_util.restore_rng_states(ckpt["rng_states"])
+    partial = ckpt.get("partial_epoch")
+    if partial is not None:
+        args.start_epoch = int(partial["epoch"])
+        partial = {**partial, "_written_by": {k: ckpt.get(k) for k in ("world_size", "args")}}
+    print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
+    if is_main_process():
+        run.rewrite_log_until(os.path.join(args.output_dir, "log.txt"), args.start_epoch - 1)
+    return float(ckpt.get("max_accuracy", 0.0)), partial, ckpt.get("pending_log")
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main(args) -> dict:
-    t_start = time.time()
-    resolve_defaults(args)
-    validate_args(args)
-    init_distributed_mode(args)
-    mode = "linprobe" if args.linprobe else "finetune"
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print("{}".format(args).replace(", ", ",\n"))
+@dataclasses.dataclass
+class Finetuning:
+    """One fine-tuning (or linear-probing) run's objects (built once by `build`)."""
+    args: argparse.Namespace
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dataset_train: torch.utils.data.Dataset
+    dataset_val: torch.utils.data.Dataset
+    pruner: d3p.DataPruner
+    loader_train: torch.utils.data.DataLoader
+    loader_val: torch.utils.data.DataLoader
+    loader_forward: torch.utils.data.DataLoader
+    input_stats: tuple  # (mean, std): uint8 batches are normalised on the device with these
+    mixup_fn: SeededMixup | None
+    model: nn.Module = None  # DDP-wrapped when distributed
+    model_without_ddp: nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    loss_scaler: ScaledOptimizerStep = None
+    criterion: object = None
+    stop: run.StopSignals = None
+    log_writer: object = None
+    max_accuracy: float = 0.0
+    n_parameters: int = 0
+    last_test: dict | None = None  # the newest evaluation's results
 
+    def state(self, epoch: int, **extra) -> dict:
+        """run.run_state of this run, with the best accuracy so far (a collective: every rank calls it)."""
+        return run.run_state(self.args, epoch, self.model_without_ddp, self.optimizer, self.loss_scaler,
+                             self.pruner, max_accuracy=self.max_accuracy, **extra)
+
+    def evaluate(self) -> dict | None:
+        """Accuracy on the val set; None when a stop signal ended it early."""
+        return evaluate(self.loader_val, self.model_without_ddp, self.device, self.amp_dtype, self.input_stats,
+                        stop_requested=self.stop)
+
+
+def build_data(args) -> Finetuning:
+    """Data, pruner, loaders and Mixup of a run."""
     device = torch.device(args.device)
-    amp_dtype = autocast_dtype(args.precision, args.device)
-    rank = get_rank()
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    configure_cuda_math(device)
-
     dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward = build_loaders(args)
-    input_stats = data_util.dataset_stats(args)  # uint8 batches are normalised on the device with these
     n_data_classes = data_util.num_classes_of(dataset_train)
     if args.nb_classes is None:
         args.nb_classes = n_data_classes
@@ -489,25 +470,20 @@ def main(args) -> dict:
         raise ConfigError(f"--nb_classes {args.nb_classes} is smaller than the dataset's {n_data_classes} classes. "
                           "Fix: leave --nb_classes out (it defaults to the dataset's)")
     print(f"train: {len(dataset_train)} images, val: {len(dataset_val)} images, {args.nb_classes} classes")
-
-    if args.output_dir and is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-    log_writer = None
-    if is_main_process() and args.log_dir and not args.eval:
-        from torch.utils.tensorboard import SummaryWriter
-
-        os.makedirs(args.log_dir, exist_ok=True)
-        log_writer = SummaryWriter(log_dir=args.log_dir)
-
     mixup_fn = None
     if mixup_active(args):
         print("Mixup is activated!")
         mixup_fn = SeededMixup(  # timm's Mixup drawing from (seed, epoch, rank, step): exact after a resume
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing, num_classes=args.nb_classes, seed=args.seed, rank=rank,
+            label_smoothing=args.smoothing, num_classes=args.nb_classes, seed=args.seed, rank=get_rank(),
         )
+    return Finetuning(args, device, autocast_dtype(args.precision, args.device), dataset_train, dataset_val, pruner,
+                      loader_train, loader_val, loader_forward, data_util.dataset_stats(args), mixup_fn)
 
+
+def build_model(args) -> nn.Module:
+    """The ViT of --model, initialised from --finetune (or at random), with the linear probe's head."""
     model = models_vit.MODELS[args.model](
         num_classes=args.nb_classes, drop_path_rate=args.drop_path,
         global_pool="avg" if args.global_pool else "token", img_size=args.input_size,
@@ -515,20 +491,11 @@ def main(args) -> dict:
     patch = model.patch_embed.patch_size[0]
     if args.input_size % patch:
         raise ConfigError(f"--input_size {args.input_size} is not a multiple of {args.model}'s patch size {patch}")
-
-    if args.auto_resume and not args.resume and args.output_dir:
-        found = ckpt_util.find_resume_checkpoint(args.output_dir)  # rank 0 chooses for all ranks
-        if found is not None:
-            args.resume = found[0]
-            print(f"--auto_resume: found {args.resume}")
-    if args.eval and not args.resume:
-        raise ConfigError(f"--eval: no checkpoint to evaluate in {args.output_dir}. Fix: pass --resume PATH")
-
     if args.finetune and not args.resume:
         load_pretrained(model, args.finetune, args.global_pool, head_std=0.01 if args.linprobe else 2e-5)
     elif not args.finetune and not args.resume:
+        mode = "linprobe" if args.linprobe else "finetune"
         print(f"NOTE: no --finetune checkpoint: the encoder starts from random initialisation ({mode} from scratch)")
-
     if args.linprobe:
         # MAE: a BatchNorm without affine before the linear head (a normalising layer, not a trained one)
         if not args.finetune:
@@ -538,113 +505,198 @@ def main(args) -> dict:
             p.requires_grad = False
         for p in model.head.parameters():
             p.requires_grad = True
+    return model
 
+
+def build_training(r: Finetuning, model: nn.Module) -> None:
+    """Device, DDP, optimizer (AdamW with layer decay, LARS for the probe), scaler and criterion of `r`."""
+    args, device = r.args, r.device
     model.to(device)
     maybe_compile(model, args.compile, args.compile_backend)
-    model_without_ddp = model
-    n_parameters = sum(p.numel() for p in model.parameters())
+    r.model = r.model_without_ddp = model
+    r.n_parameters = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"Model {args.model}: {n_parameters / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable")
-
+    print(f"Model {args.model}: {r.n_parameters / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable")
     eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     print(f"base lr: {args.lr * 256 / eff_batch_size:.3e}, actual lr: {args.lr:.3e}, "
           f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
-
     # evaluation uses model_without_ddp: a DDP forward may broadcast buffers (the linear probe's BatchNorm
     # statistics), a collective that would hang when the ranks' val loaders have different lengths
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(device))
-        model_without_ddp = model.module
-
+        r.model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(device))
     if args.linprobe:
-        optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        r.optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
         param_groups = lr_decay.param_groups_lrd(
-            model_without_ddp, args.weight_decay, no_weight_decay_list=model_without_ddp.no_weight_decay(),
-            layer_decay=args.layer_decay,
+            model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=args.layer_decay,
         )
-        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_kwargs(device))
-    print(f"optimizer: {type(optimizer).__name__}")
-    loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
-
+        r.optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_kwargs(device))
+    print(f"optimizer: {type(r.optimizer).__name__}")
+    r.loss_scaler = ScaledOptimizerStep(r.amp_dtype, args.device)
     # per-sample losses (the pruner weighs and records them); their batch mean is timm's SoftTargetCrossEntropy
     # with mixup (smoothing is then part of the mixed targets), LabelSmoothingCrossEntropy, or CrossEntropyLoss
-    smoothing = 0.0 if mixup_fn is not None else args.smoothing
-    criterion = functools.partial(d3p.per_sample_cross_entropy, smoothing=smoothing)
-    print(f"criterion = per-sample cross-entropy ({'soft targets' if mixup_fn is not None else f'smoothing {smoothing}'})"
+    smoothing = 0.0 if r.mixup_fn is not None else args.smoothing
+    r.criterion = functools.partial(d3p.per_sample_cross_entropy, smoothing=smoothing)
+    print(f"criterion = per-sample cross-entropy ({'soft targets' if r.mixup_fn is not None else f'smoothing {smoothing}'})"
           f", pruning: {args.prune_method}")
 
-    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler, pruner)
+
+def main(args) -> dict | int:
+    t_start = time.time()
+    resolve_defaults(args)
+    validate_args(args)
+    init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print("{}".format(args).replace(", ", ",\n"))
+    torch.manual_seed(args.seed + get_rank())
+    random.seed(args.seed + get_rank())
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    configure_cuda_math(torch.device(args.device))
+
+    r = build_data(args)
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.auto_resume and not args.resume:
+        found = ckpt_util.find_resume_checkpoint(args.output_dir)  # rank 0 chooses for all ranks
+        if found is not None:
+            args.resume = found[0]
+            print(f"--auto_resume: found {args.resume}")
+    if args.eval and not args.resume:
+        raise ConfigError(f"--eval: no checkpoint to evaluate in {args.output_dir}. Fix: pass --resume PATH")
+    build_training(r, build_model(args))
+    r.max_accuracy, partial, pending_log = resume(args, r.model_without_ddp, r.optimizer, r.loss_scaler, r.pruner)
+    r.stop = run.StopSignals()
 
     if args.eval:
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        test_stats = r.evaluate()
+        if test_stats is None:
+            return run.stopped(r.stop, "evaluation stopped by signal (nothing to save)")
+        print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return test_stats
 
+    r.log_writer = run.summary_writer(args.log_dir)
+    if pending_log is not None and evaluate_and_log(r, pending_log) is None:
+        return run.stopped(r.stop, f"stopped by signal in the evaluation of epoch {pending_log['epoch']}")
+    mode = "linprobe" if args.linprobe else "finetune"
     print(f"Start training ({mode}) for {args.epochs} epochs from epoch {args.start_epoch}")
-    t_train = time.time()
-    test_stats = None
-    epoch_seconds = []
+    t_train, epoch_seconds = time.time(), []
     for epoch in range(args.start_epoch, args.epochs):
-        t_epoch = time.time()
-        pruner.begin_epoch(epoch)
-        train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-            max_norm=args.clip_grad, mixup_fn=mixup_fn, log_writer=log_writer, args=args, pruner=pruner,
-            input_stats=input_stats,
-        )
-        if pruner.forward_only_indices.size:
-            forward_only_pass(model_without_ddp, criterion, loader_forward, device, epoch, pruner, mixup_fn, amp_dtype,
-                              input_stats)
-        pruning_log = pruner.end_epoch(epoch, optimizer_steps=train_stats.pop("optimizer_steps"),
-                                       data_seconds=train_stats.pop("data_seconds"), started=t_epoch)
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"Max accuracy: {max_accuracy:.2f}%")
-        if args.output_dir and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, max_accuracy, pruner)
-        epoch_seconds.append(time.time() - t_epoch)
+        code = train_epoch(r, epoch, partial if partial is not None and partial["epoch"] == epoch else None,
+                           epoch_seconds)
+        partial = None
+        if code is not None:
+            return code
+    return finish(r, t_start, t_train, epoch_seconds)
 
-        if log_writer is not None:
-            log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
-            log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
-            log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
-        log_stats = {
-            **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"test_{k}": v for k, v in test_stats.items()},
-            "epoch": epoch,
-            "n_parameters": n_parameters,
-            **pruning_log,  # the ledger's fields, as pre-training logs them; epoch_seconds below includes evaluation
-            "epoch_seconds": epoch_seconds[-1],
-        }
-        if args.output_dir and is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-                f.write(json.dumps(log_stats) + "\n")
 
-    if test_stats is None:  # nothing left to train (e.g. --auto_resume of a finished run): report the model
-        test_stats = evaluate(loader_val, model_without_ddp, device, amp_dtype, input_stats)
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
+def train_epoch(r: Finetuning, epoch: int, partial: dict | None, epoch_seconds: list[float]) -> int | None:
+    """One epoch: training, the forward-only pass, the method's decision, evaluation, checkpoint and log.
+    Returns run.EXIT_STOPPED after saving when the ranks agreed to stop, else None."""
+    args, pruner = r.args, r.pruner
+    t_epoch = time.time()
+    pruner.begin_epoch(epoch)
+    start_step, carried = 0, None
+    if partial is not None:
+        start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)
+        t_epoch -= carried["seconds"]
+    train_stats = train_one_epoch(
+        r.model, r.criterion, r.loader_train, r.optimizer, r.device, epoch, r.loss_scaler,
+        max_norm=args.clip_grad, mixup_fn=r.mixup_fn, log_writer=r.log_writer, args=args, pruner=pruner,
+        input_stats=r.input_stats, start_step=start_step, carried=carried, stop_requested=r.stop,
+    )
+    step = train_stats.pop("interrupted_at_step")
+    if step is not None:
+        save_partial(r, epoch, train_stats, step, start_step, t_epoch)
+        return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after step {step}")
+    if pruner.forward_only_indices.size:
+        rng_before_pass = ckpt_util.rng_state()
+        seen = forward_only_pass(r.model_without_ddp, r.criterion, r.loader_forward, r.device, epoch, pruner,
+                                 r.mixup_fn, r.amp_dtype, r.input_stats, stop_requested=r.stop,
+                                 print_freq=args.print_freq)
+        if seen is None:  # the state from before the pass: the resume replays it whole
+            ckpt_util.set_rng_state(rng_before_pass)
+            save_partial(r, epoch, train_stats, start_step + len(r.loader_train), start_step, t_epoch)
+            return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after training, during its "
+                                       "forward-only pass")
+    pruning_log = pruner.end_epoch(epoch, optimizer_steps=train_stats.pop("optimizer_steps"),
+                                   data_seconds=train_stats.pop("data_seconds"), started=t_epoch)
+    train_stats.pop("meter_sums")
+    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                 "n_parameters": r.n_parameters, **pruning_log, "t_epoch": t_epoch}
+    test_stats = evaluate_and_log(r, log_stats, epoch_seconds)
+    stop_now = test_stats is None or any_rank(r.stop())
+    if stop_now or run.is_save_epoch(args, epoch):
+        # a stop during the evaluation saves the epoch with its log line pending: the resume evaluates first
+        extra = {"pending_log": json.loads(json.dumps(log_stats))} if test_stats is None else {}
+        run.save_epoch_checkpoint(args, epoch, r.state(epoch, **extra))
+    if stop_now:
+        return run.stopped(r.stop, f"stopped by signal after epoch {epoch}")
+    return None
+
+
+def evaluate_and_log(r: Finetuning, log_stats: dict, epoch_seconds: list[float] | None = None) -> dict | None:
+    """Evaluate, then write the epoch's log line (`log_stats` + the test results + epoch_seconds, which
+    includes evaluation) -> the test results, or None (nothing written) when a stop signal ended evaluation."""
+    test_stats = r.evaluate()
+    if test_stats is None:
+        return None
+    print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}%")
+    r.max_accuracy = max(r.max_accuracy, test_stats["acc1"])
+    print(f"Max accuracy: {r.max_accuracy:.2f}%")
+    stats = dict(log_stats)
+    seconds = time.time() - stats.pop("t_epoch")
+    if epoch_seconds is not None:
+        epoch_seconds.append(seconds)
+    epoch = stats["epoch"]
+    if r.log_writer is not None:
+        for key in ("acc1", "acc5", "loss"):
+            r.log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
+        r.log_writer.flush()
+    # the ledger's fields, as pre-training logs them; epoch_seconds includes evaluation
+    train = {k: v for k, v in stats.items() if k.startswith("train_")}
+    rest = {k: v for k, v in stats.items() if k not in train}
+    run.append_log(r.args.output_dir, {**train, **{f"test_{k}": v for k, v in test_stats.items()}, **rest,
+                                       "epoch_seconds": seconds})
+    r.last_test = test_stats
+    return test_stats
+
+
+def save_partial(r: Finetuning, epoch: int, train_stats: dict, step: int, start_step: int, t_epoch: float) -> None:
+    """The mid-epoch checkpoint after `step` steps of `epoch` (run.save_partial_epoch), with the meter sums
+    of all ranks so far, so the resumed epoch logs the same averages."""
+    local = min(len(r.pruner.sampler), (step - start_step) * r.args.batch_size)  # this run's samples per rank
+    run.save_partial_epoch(
+        r.args, epoch, r.state(epoch - 1), step, r.pruner.sampler.samples_done(local), time.time() - t_epoch,
+        r.pruner, meters=train_stats["meter_sums"], optimizer_steps=int(train_stats["optimizer_steps"]),
+    )
+
+
+def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[float]) -> dict:
+    """The final evaluation (when no epoch was left to train) and summary.json -> the summary."""
+    args = r.args
+    test_stats = r.last_test or r.evaluate()
+    if test_stats is None:
+        return run.stopped(r.stop, "stopped by signal in the final evaluation (training was complete)")
+    r.max_accuracy = max(r.max_accuracy, test_stats["acc1"])
     train_seconds = time.time() - t_train
     print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")
-    print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}% "
-          f"(top-5 {test_stats['acc5']:.1f}%, best top-1 {max_accuracy:.1f}%)")
-
+    print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}% "
+          f"(top-5 {test_stats['acc5']:.1f}%, best top-1 {r.max_accuracy:.1f}%)")
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
     summary = {
-        "mode": mode,
+        "mode": "linprobe" if args.linprobe else "finetune",
         "model": args.model,
         "epochs": args.epochs,
-        "best_acc1": max_accuracy,
+        "best_acc1": r.max_accuracy,
         "final_acc1": test_stats["acc1"],
         "final_acc5": test_stats["acc5"],
         "final_loss": test_stats["loss"],
         "nb_classes": args.nb_classes,
-        "num_train": len(dataset_train),
-        "num_val": len(dataset_val),
+        "num_train": len(r.dataset_train),
+        "num_val": len(r.dataset_val),
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
         "epoch_seconds": epoch_seconds,
@@ -657,19 +709,18 @@ def main(args) -> dict:
         "blr": args.lr * 256 / eff_batch_size,  # the effective base lr (also when --lr was given)
         "eff_batch_size": eff_batch_size,
         "world_size": get_world_size(),
-        "device": str(device),
+        "device": str(r.device),
         "precision": args.precision,
-        "n_parameters": n_parameters,
-        "n_trainable": n_trainable,
+        "n_parameters": r.n_parameters,
+        "n_trainable": sum(p.numel() for p in r.model_without_ddp.parameters() if p.requires_grad),
         # the pruning method, its options and the cost ledger, as in pre-training's summary.json (epochs: done,
         # wall_seconds: the training epochs)
-        **pruner.summary(),
+        **r.pruner.summary(),
     }
-    if args.output_dir and is_main_process():
-        with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-    if log_writer is not None:
-        log_writer.close()
+    run.write_summary(args.output_dir, summary)
+    if r.log_writer is not None:
+        r.log_writer.close()
+    r.stop.restore()
     return summary
 
 
@@ -677,16 +728,9 @@ def cli(argv=None, linprobe: bool = False) -> None:
     args = get_args_parser().parse_args(argv)
     if linprobe:
         args.linprobe = True
-    try:
-        main(args)
-    except (ConfigError, data_util.DatasetError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
-    except FloatingPointError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
-    finally:
-        cleanup()
+    code = run.run_main(main, args)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

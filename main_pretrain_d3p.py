@@ -6,11 +6,11 @@ Multi-GPU/node:   torchrun --nproc_per_node 8 main_pretrain_d3p.py --data_path /
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import random
-import signal
 import sys
 import time
 
@@ -19,22 +19,21 @@ import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must prece
 import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
-from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 import models_mae
 import d3p
 from d3p.distributed import RankDivergenceError
-from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
+from engine_pretrain import compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
+from util import run
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.datasets import (
     DATA_SETS, JPEG_UPSAMPLING, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset,
-    ItemSeedSampler, SeededItems, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
-    pretrain_transform, resolve_data_set,
+    build_dataset, dataset_stats, default_num_workers, eval_transform, pretrain_transform, resolve_data_set,
 )
-from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.run import make_loader  # noqa: F401  (benchmarks/bench_overhead.py builds its loaders with it)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,7 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
-    g.add_argument("--print_freq", default=20, type=int, help="steps between host syncs for logging and NaN checks")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (in place, before DDP; checkpoint keys unchanged). Off by default")
     g.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
@@ -76,33 +74,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replace unreadable images by a neighbour (counted in log.txt) instead of stopping")
     g.add_argument("--train_subset", default=0, type=int,
                    help="train on the first N training samples only (smoke tests, CPU demos); 0 = all")
-    g.add_argument("--num_workers", default=None, type=int,
-                   help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
-    g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
     g.add_argument("--jpeg_upsampling", default="fast", choices=JPEG_UPSAMPLING,
                    help="chroma upsampling when decoding training crops from JPEG folders: fast = libjpeg's "
                         "merged upsampler (~4%% more images/s per loader core, 0.4 levels mean difference, no "
                         "shift of channel means), fancy = libjpeg's default, pixels as PIL decodes them. "
                         "Evaluation and embedding crops always decode as PIL does")
 
-    g = parser.add_argument_group("output and resume")
-    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, summary.json")
-    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    g.add_argument("--save_every", default=20, type=int, help="checkpoint every N epochs, plus the last")
-    g.add_argument("--keep_last", default=0, type=int,
-                   help="keep only the newest K epoch checkpoints (0: keep all, as MAE; ViT-B: ~1.3 GB each)")
-    g.add_argument("--resume", default="", help="checkpoint to resume from")
-    g.add_argument("--auto_resume", action="store_true", help="resume from the newest complete checkpoint in --output_dir")
-    g.add_argument("--start_epoch", default=0, type=int)
-    g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-
-    g = parser.add_argument_group("distributed")
-    g.add_argument("--world_size", default=1, type=int)
-    g.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by the launcher (either spelling)")
-    g.add_argument("--dist_url", default="env://")
-    g.add_argument("--dist_timeout_min", default=30, type=int, help="collective timeout in minutes")
-
+    run.add_run_args(parser, save_every=20, keep_last=0)  # output, checkpoints, resume, loader, devices
     d3p.add_pruning_args(parser)
     return parser
 
@@ -112,11 +90,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     problems = d3p.validate_pruning_args(args)
     if not 0.0 <= args.mask_ratio < 1.0:
         problems.append(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
-    if args.keep_last < 0:
-        problems.append(f"--keep_last must be >= 0, got {args.keep_last}")
+    problems += run.run_arg_problems(args)
     if args.train_subset < 0:
         problems.append(f"--train_subset must be >= 0, got {args.train_subset}")
-    for name in ("batch_size", "epochs", "accum_iter", "save_every", "print_freq"):
+    for name in ("batch_size", "epochs", "accum_iter"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resume and args.auto_resume:
@@ -147,35 +124,6 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.num_workers = default_num_workers()
 
 
-class _StopRequested(Exception):
-    pass
-
-
-def _install_sigterm_handler() -> dict:
-    """A scheduler's SIGTERM sets a flag; the ranks agree at the next host-sync point, save a
-    mid-epoch checkpoint (or the epoch's, if the epoch was over) and exit non-zero (143)."""
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        flag["stop"] = True
-        print(f"received signal {signum}: will save a checkpoint after this epoch and exit", force=True)
-
-    signal.signal(signal.SIGTERM, handler)
-    return flag
-
-
-def make_loader(dataset, sampler, args, batch_size: int, stream: int) -> DataLoader:
-    """A loader whose augmentation is a function of (seed, stream, epoch, rank, position) in worker
-    processes (util.datasets.SeededItems), so a resume with workers replays it exactly."""
-    return DataLoader(
-        SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
-        batch_size=batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
-        persistent_workers=args.num_workers > 0, collate_fn=collate_indexed,
-        generator=torch.Generator(),  # creating an iterator never draws from the global RNG
-    )
-
-
 def train_split(args, transform):
     """The training set, or its first --train_subset samples."""
     dataset = build_dataset("train", args, transform)
@@ -184,41 +132,43 @@ def train_split(args, transform):
     return dataset
 
 
-def rewrite_log_until(path: str, last_epoch: int) -> None:
-    """On resume, drop log lines of epochs after the checkpoint: they are about to be replayed."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("epoch", -1) <= last_epoch]
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+
+@dataclasses.dataclass
+class Pretraining:
+    """One pre-training run's objects (built once by `build`)."""
+    args: argparse.Namespace
+    device: torch.device
+    dataset: IndexedDataset
+    pruner: d3p.DataPruner
+    train_loader: torch.utils.data.DataLoader
+    forward_loader: torch.utils.data.DataLoader
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    model_without_ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_scaler: ScaledOptimizerStep
+    amp_dtype: torch.dtype | None
+    input_stats: tuple  # (mean, std): uint8 batches are normalised on the device with these
+    stop: run.StopSignals
+    log_writer: object = None
+
+    def state(self, epoch: int, **extra) -> dict:
+        """run.run_state of this run (a collective: every rank calls it)."""
+        return run.run_state(self.args, epoch, self.model_without_ddp, self.optimizer, self.loss_scaler,
+                             self.pruner, **extra)
 
 
-def main(args: argparse.Namespace) -> int:
-    init_distributed_mode(args)
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+def build(args: argparse.Namespace, stop: run.StopSignals) -> Pretraining:
+    """Data, pruner, loaders, model (DDP), AdamW and the loss scaler of a run."""
     device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-
-    # ---------------------------------------------------------------- data
+    world = get_world_size()
     dataset = IndexedDataset(train_split(args, pretrain_transform(args)), skip_corrupt=args.skip_corrupt)
-    num_samples = len(dataset)
-    if num_samples == 0:
+    if len(dataset) == 0:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
-    print(f"dataset: {args.data_set}, {num_samples} training samples")
-    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world)
+    print(f"dataset: {args.data_set}, {len(dataset)} training samples")
+    pruner = d3p.DataPruner.from_args(args, len(dataset), min_kept=args.batch_size * world)
     train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
     forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
-    # --------------------------------------------------------------- model
     model = models_mae.MODELS[args.model](norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
     model.to(device)
     configure_cuda_math(device)
@@ -234,132 +184,154 @@ def main(args: argparse.Namespace) -> int:
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_kwargs(device))
     amp_dtype = autocast_dtype(args.precision, args.device)
-    loss_scaler = ScaledOptimizerStep(amp_dtype, args.device)
+    return Pretraining(args, device, dataset, pruner, train_loader, forward_loader, model, model_without_ddp,
+                       optimizer, ScaledOptimizerStep(amp_dtype, args.device), amp_dtype, dataset_stats(args), stop)
 
-    # -------------------------------------------------------------- resume
+
+def resume(r: Pretraining) -> dict | None:
+    """Restore the newest checkpoint (--auto_resume) or --resume's -> its mid-epoch record, if any."""
+    found = run.find_or_load(r.args)
+    if found is None:
+        return None
+    path, checkpoint = found
+    if "pruning" not in checkpoint:
+        raise ckpt_util.ResumeMismatchError(
+            f"checkpoint {path} has no pruning state: it is not a pre-training checkpoint of this script. "
+            "Fix: pass a checkpoint written by main_pretrain_d3p.py, or start without --resume"
+        )
+    r.args.start_epoch = run.restore_run_state(checkpoint, path, r.model_without_ddp, r.optimizer, r.loss_scaler,
+                                               r.pruner, r.args.model)
+    if is_main_process():
+        run.rewrite_log_until(os.path.join(r.args.output_dir, "log.txt"), r.args.start_epoch - 1)
+    partial = checkpoint.get("partial_epoch")
+    if partial is None:
+        return None
+    return {**partial, "_written_by": {k: checkpoint.get(k) for k in ("world_size", "args")}}
+
+
+def main(args: argparse.Namespace) -> int:
+    init_distributed_mode(args)
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
+    print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    rank = get_rank()
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    stop = run.StopSignals()
+    r = build(args, stop)
     os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "log.txt")
-    resume_path, checkpoint = args.resume, None
-    if args.auto_resume:
-        found = ckpt_util.find_resume_checkpoint(args.output_dir)  # rank 0 chooses for all ranks
-        if found:
-            resume_path, checkpoint = found
-    elif args.resume:
-        checkpoint = ckpt_util.load_checkpoint(args.resume)
-    if checkpoint is not None:
-        load_training_state(checkpoint, resume_path, args, model_without_ddp, optimizer, loss_scaler, pruner)
-        if is_main_process():
-            rewrite_log_until(log_path, args.start_epoch - 1)
-
-    log_writer = SummaryWriter(log_dir=args.log_dir) if is_main_process() else None
-    stop = _install_sigterm_handler()
+    partial = resume(r)
+    r.log_writer = run.summary_writer(args.log_dir)
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch} ({args.prune_method})")
     run_start = time.time()
-    partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
-    input_stats = dataset_stats(args)  # uint8 batches are normalised on the device with these
     for epoch in range(args.start_epoch, args.epochs):
-        epoch_start = time.time()
-        pruner.begin_epoch(epoch)
-        start_step, carried = 0, None
-        if partial is not None and partial["epoch"] == epoch:
-            start_step, carried = resume_partial_epoch(partial, pruner, args)
-            epoch_start -= carried["seconds"]
+        code = train_epoch(r, epoch, partial if partial is not None and partial["epoch"] == epoch else None)
         partial = None
-        train_stats = train_one_epoch(
-            model, train_loader, optimizer, device, epoch, loss_scaler, log_writer=log_writer, args=args,
-            pruner=pruner, amp_dtype=amp_dtype, start_step=start_step, carried=carried,
-            stop_requested=lambda: stop["stop"], input_stats=input_stats,
-        )
-        if train_stats["interrupted_at_step"] is not None:
-            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, model_without_ddp,
-                               optimizer, loss_scaler, pruner)
-            print(f"stopped by signal in epoch {epoch} after step {train_stats['interrupted_at_step']}; "
-                  "checkpoint saved, resume with --auto_resume", force=True)
-            return 143
-        # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
-        # included, and no partial records), so the resume replays them whole
-        stopped_in_pass, rng_before_passes = False, ckpt_util.rng_state()
-        polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq, input_stats=input_stats)
-        embeddings = None
-        if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
-            embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
-                                       pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
-            embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype, **polled)
-            stopped_in_pass = embeddings is None
-        if pruner.forward_only_indices.size and not stopped_in_pass:
-            seen = forward_only_pass(model_without_ddp, forward_loader, device, epoch, pruner, args.mask_ratio,
-                                     amp_dtype, **polled)
-            stopped_in_pass = seen is None
-        if stopped_in_pass:
-            ckpt_util.set_rng_state(rng_before_passes)
-            train_stats["interrupted_at_step"] = start_step + len(train_loader)  # every training step done
-            save_partial_epoch(args, epoch, train_stats, time.time() - epoch_start, model_without_ddp,
-                               optimizer, loss_scaler, pruner)
-            print(f"stopped by signal in epoch {epoch} after training, during its forward-only/embedding pass; "
-                  "checkpoint saved, resume with --auto_resume", force=True)
-            return 143
-        pruning_log = pruner.end_epoch(epoch, embeddings, optimizer_steps=train_stats["optimizer_steps"],
-                                       data_seconds=train_stats["data_seconds"], started=epoch_start)
-        strategy = pruner.strategy
-        subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
-        if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
-            np.save(os.path.join(args.output_dir, "kept_static.npy"), subset)
+        if code is not None:
+            return code
 
-        stop_now = any_rank(stop["stop"])  # every rank must take the same branch (collectives below)
-        save = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or stop_now
-        log_stats = {
-            "epoch": epoch,
-            "train_loss": train_stats["train_loss"],
-            "lr": train_stats["lr"],
-            "grad_norm": train_stats["grad_norm"],
-            **pruning_log,
-            "corrupt_replaced": train_stats["corrupt_replaced"],
-        }
-        if save:
-            log_stats["replica_checksums"] = check_replicas(model_without_ddp, epoch)
-        # log first, checkpoint second: a crash in between replays this epoch, and the resume
-        # drops this line before writing it again (rewrite_log_until)
-        if is_main_process():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            write_tensorboard(log_writer, epoch, log_stats, strategy)
-        if hasattr(strategy, "last_decision"):
-            strategy.last_decision = None  # CLD + density: ~13 bytes per sample, not needed after logging
-        if save:
-            state = training_state(args, epoch, model_without_ddp, optimizer, loss_scaler, pruner)
-            ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch))
-            ckpt_util.remove_superseded_partials(args.output_dir, epoch)
-            if args.keep_last:
-                saved = [e for e in range(epoch + 1) if (e + 1) % args.save_every == 0 or e == epoch]
-                ckpt_util.prune_old_checkpoints(args.output_dir, keep=set(saved[-args.keep_last:]))
-            barrier()
-        if stop_now:
-            print(f"stopped by signal after epoch {epoch}; resume with --auto_resume", force=True)
-            return 143
-
-    total_time = time.time() - run_start
-    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
-    if is_main_process():
-        write_summary(args, pruner)
-        if log_writer is not None:
-            log_writer.close()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - run_start))}")
+    summary = {"mode": "pretrain", "model": args.model, "data_set": args.data_set, **r.pruner.summary()}
+    run.write_summary(args.output_dir, summary)
+    if r.log_writer is not None:
+        r.log_writer.close()
+    stop.restore()
     barrier()
     return 0
 
 
-def training_state(args, epoch, model, optimizer, loss_scaler, pruner) -> dict:
-    """Everything an exact resume needs, as plain data (weights_only=True loads it)."""
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": loss_scaler.state_dict(),
+def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
+    """One epoch: training, the passes without gradient, the method's decision, log and checkpoint.
+    Returns run.EXIT_STOPPED after saving when the ranks agreed to stop, else None."""
+    args, pruner = r.args, r.pruner
+    epoch_start = time.time()
+    pruner.begin_epoch(epoch)
+    start_step, carried = 0, None
+    if partial is not None:
+        start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)
+        epoch_start -= carried["seconds"]
+    train_stats = train_one_epoch(
+        r.model, r.train_loader, r.optimizer, r.device, epoch, r.loss_scaler, log_writer=r.log_writer, args=args,
+        pruner=pruner, amp_dtype=r.amp_dtype, start_step=start_step, carried=carried, stop_requested=r.stop,
+        input_stats=r.input_stats,
+    )
+    step = train_stats["interrupted_at_step"]
+    if step is not None:
+        save_partial(r, epoch, train_stats, step, start_step, epoch_start)
+        return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after step {step}")
+    # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
+    # included, and no partial records), so the resume replays them whole
+    rng_before_passes = ckpt_util.rng_state()
+    embeddings, stopped_in_pass = no_grad_passes(r, epoch)
+    if stopped_in_pass:
+        ckpt_util.set_rng_state(rng_before_passes)
+        step = start_step + len(r.train_loader)  # every training step done
+        save_partial(r, epoch, train_stats, step, start_step, epoch_start)
+        return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after training, during its "
+                                   "forward-only/embedding pass")
+    pruning_log = pruner.end_epoch(epoch, embeddings, optimizer_steps=train_stats["optimizer_steps"],
+                                   data_seconds=train_stats["data_seconds"], started=epoch_start)
+    strategy = pruner.strategy
+    subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
+    if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
+        np.save(os.path.join(args.output_dir, "kept_static.npy"), subset)
+
+    stop_now = any_rank(r.stop())  # every rank must take the same branch (collectives below)
+    save = run.is_save_epoch(args, epoch) or stop_now
+    log_stats = {
         "epoch": epoch,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "rng_states": ckpt_util.gather_rng_states(),
-        "world_size": get_world_size(),
-        "pruning": pruner.state_dict(),
+        "train_loss": train_stats["train_loss"],
+        "lr": train_stats["lr"],
+        "grad_norm": train_stats["grad_norm"],
+        **pruning_log,
+        "corrupt_replaced": train_stats["corrupt_replaced"],
     }
+    if save:
+        log_stats["replica_checksums"] = check_replicas(r.model_without_ddp, epoch)
+    # log first, checkpoint second: a crash in between replays this epoch, and the resume
+    # drops this line before writing it again (run.rewrite_log_until)
+    run.append_log(args.output_dir, log_stats)
+    if is_main_process():
+        write_tensorboard(r.log_writer, epoch, log_stats, strategy)
+    if hasattr(strategy, "last_decision"):
+        strategy.last_decision = None  # CLD + density: ~13 bytes per sample, not needed after logging
+    if save:
+        run.save_epoch_checkpoint(args, epoch, r.state(epoch))
+    if stop_now:
+        return run.stopped(r.stop, f"stopped by signal after epoch {epoch}")
+    return None
+
+
+def no_grad_passes(r: Pretraining, epoch: int) -> tuple[np.ndarray | None, bool]:
+    """D2's embedding pass and the forward-only pass (D3P's pruned samples in recording epochs), when the
+    epoch needs them -> (embeddings or None, whether the ranks agreed to stop during them)."""
+    args, pruner = r.args, r.pruner
+    polled = dict(stop_requested=r.stop, print_freq=args.print_freq, input_stats=r.input_stats)
+    embeddings = None
+    if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
+        embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
+                                   pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
+        embeddings, _ = compute_embeddings(r.model, embed_loader, r.device, pruner.num_samples, r.amp_dtype,
+                                           **polled)
+        if embeddings is None:
+            return None, True
+    if pruner.forward_only_indices.size:
+        seen = forward_only_pass(r.model_without_ddp, r.forward_loader, r.device, epoch, pruner, args.mask_ratio,
+                                 r.amp_dtype, **polled)
+        if seen is None:
+            return None, True
+    return embeddings, False
+
+
+def save_partial(r: Pretraining, epoch: int, train_stats: dict, step: int, start_step: int,
+                 epoch_start: float) -> None:
+    """The mid-epoch checkpoint after `step` steps of `epoch` (run.save_partial_epoch)."""
+    local = min(len(r.pruner.sampler), (step - start_step) * r.args.batch_size)  # this run's samples per rank
+    run.save_partial_epoch(
+        r.args, epoch, r.state(epoch - 1), step, r.pruner.sampler.samples_done(local), time.time() - epoch_start,
+        r.pruner, loss_total=float(train_stats["loss_total"]), loss_steps=int(train_stats["loss_steps"]),
+        optimizer_steps=int(train_stats["optimizer_steps"]),
+    )
 
 
 def check_replicas(model, epoch: int) -> list[str]:
@@ -371,58 +343,6 @@ def check_replicas(model, epoch: int) -> list[str]:
             "diverged weights. Fix: restart from the last checkpoint with --auto_resume"
         )
     return checksums
-
-
-def save_partial_epoch(args, epoch, train_stats, seconds, model, optimizer, loss_scaler, pruner):
-    """Preemption checkpoint: the state after `interrupted_at_step` steps of `epoch`, with the
-    losses recorded so far (reduced over ranks) so the resumed epoch ends with the same totals."""
-    step = int(train_stats["interrupted_at_step"])
-    state = training_state(args, epoch - 1, model, optimizer, loss_scaler, pruner)
-    partial = {"epoch": epoch, "step": step, "seconds": float(seconds),
-               "loss_total": float(train_stats["loss_total"]), "loss_steps": int(train_stats["loss_steps"]),
-               "optimizer_steps": int(train_stats["optimizer_steps"])}
-    losses = pruner.epoch_losses()
-    if losses is not None:
-        partial["loss_sum"] = torch.from_numpy(losses.loss_sum)
-        partial["count"] = torch.from_numpy(losses.count)
-    state["partial_epoch"] = partial
-    ckpt_util.save_on_master(state, ckpt_util.checkpoint_path(args.output_dir, epoch, step=step))
-    barrier()
-
-
-def resume_partial_epoch(partial, pruner, args) -> tuple[int, dict]:
-    """Skip the batches trained before the preemption; rank 0 carries the losses recorded then."""
-    step = int(partial["step"])
-    pruner.sampler.skip(step * args.batch_size)
-    if "loss_sum" in partial and is_main_process():
-        pruner.carry_over(partial["loss_sum"].numpy(), partial["count"].numpy())
-    print(f"resuming epoch {partial['epoch']} after step {step}")
-    return step, partial
-
-
-def load_training_state(checkpoint, path, args, model, optimizer, loss_scaler, pruner) -> None:
-    """Restore model, optimizer, scaler, pruning state and RNG; refuse a checkpoint of another run."""
-    try:
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as exc:
-        saved = checkpoint.get("args", {}).get("model", "?")
-        raise ckpt_util.ResumeMismatchError(
-            f"checkpoint {path} holds a different model ({saved}) than --model {args.model}: {str(exc)[:300]}. "
-            "Fix: resume with the same --model/--input_size, or use a new --output_dir"
-        ) from exc
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    loss_scaler.load_state_dict(checkpoint.get("scaler", {}))
-    if "pruning" not in checkpoint:
-        raise ckpt_util.ResumeMismatchError(
-            f"checkpoint {path} has no pruning state: it is not a pre-training checkpoint of this script. "
-            "Fix: pass a checkpoint written by main_pretrain_d3p.py, or start without --resume"
-        )
-    pruner.load_state_dict(checkpoint["pruning"])
-    args.start_epoch = int(checkpoint["epoch"]) + 1
-    if "partial_epoch" in checkpoint:
-        args.start_epoch = int(checkpoint["partial_epoch"]["epoch"])
-    ckpt_util.restore_rng_states(checkpoint["rng_states"])
-    print(f"resumed from {path} (epoch {checkpoint['epoch']}), continuing at epoch {args.start_epoch}")
 
 
 def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
@@ -440,28 +360,12 @@ def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
     writer.flush()
 
 
-def write_summary(args, pruner) -> None:
-    """OUTPUT_DIR/summary.json: the run's cost ledger and the flags that define the method."""
-    summary = {"mode": "pretrain", "model": args.model, "data_set": args.data_set, **pruner.summary()}
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print("summary: " + json.dumps(summary))
-
-
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     fill_defaults(args)
     validate_args(parser, args)
-    try:
-        return main(args)
-    except (DatasetError, NonFiniteLossError, RankDivergenceError, ValueError) as exc:
-        # not print(): ranks other than 0 are silenced there, and every rank's reason must show
-        sys.stderr.write(f"error (rank {get_rank()}): {exc}\n")
-        sys.stderr.flush()
-        return 1
-    finally:
-        cleanup()
+    return run.run_main(main, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ class PrunedDistributedSampler(Sampler[int]):
         self.shuffle = shuffle
         self.epoch = 0
         self._start = 0  # local samples already consumed this epoch (resume after preemption)
+        self._offset = 0  # global positions done before a resume on another world size
         self._kept = np.arange(self.num_samples, dtype=np.int64)
+        self._order = self._kept
         self._local = self._kept[self.rank :: self.num_replicas]
         self.set_epoch(0)
 
@@ -47,10 +49,18 @@ class PrunedDistributedSampler(Sampler[int]):
         order = self._kept
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, self.epoch]).permutation(order.size)]
-        total = -(-order.size // self.num_replicas) * self.num_replicas
-        if total != order.size:
-            order = np.resize(order, total)  # repeats from the start: padding by repetition
-        self._local = order[self.rank :: self.num_replicas]
+        self._order = order  # the epoch's global order, unpadded: every rank computes the same
+        self._offset = 0
+        self._split()
+
+    def _split(self) -> None:
+        """This rank's list: the global order from `_offset` on, padded by repetition from the start of
+        the epoch's order to a multiple of the world size, split `rank::num_replicas`."""
+        rest = self._order[self._offset :]
+        total = -(-rest.size // self.num_replicas) * self.num_replicas
+        if total != rest.size:
+            rest = np.concatenate([rest, np.resize(self._order, total - rest.size)])  # padding by repetition
+        self._local = rest[self.rank :: self.num_replicas]
         self._start = 0
 
     def skip(self, num_local_samples: int) -> None:
@@ -58,10 +68,34 @@ class PrunedDistributedSampler(Sampler[int]):
         (resuming an epoch that a preemption interrupted); reset by the next `set_epoch`."""
         self._start = int(min(max(num_local_samples, 0), len(self._local)))
 
+    def samples_done(self, num_local_samples: int) -> int:
+        """Positions of the epoch's global order trained once every rank has taken `num_local_samples`
+        more samples of its list (after the skipped ones): rank r's j-th sample is global position
+        offset + j * num_replicas + r, so the ranks together have trained a prefix of the order. What
+        a mid-epoch checkpoint stores; `resume_epoch` takes it on any world size. At most the kept size."""
+        local = self._start + int(num_local_samples)
+        return int(min(self._order.size, self._offset + local * self.num_replicas))
+
+    def resume_epoch(self, samples_done: int) -> None:
+        """Continue this epoch after the first `samples_done` positions of its global order (the value
+        `samples_done` gave before a preemption, with this or another world size or batch size).
+
+        With the world size of the interrupted run this is `skip(samples_done / num_replicas)`: the same
+        list, positions and padding. With another world size the remaining samples are split anew, so
+        every kept sample is still trained exactly once this epoch (padding aside): none is trained twice,
+        none is left out (a left-out sample would get no loss in a recording epoch, and be pruned)."""
+        done = int(min(max(samples_done, 0), self._order.size))
+        whole = done - done % self.num_replicas
+        self._offset = 0 if done == whole else done
+        self._split()
+        if done == whole:
+            self.skip(whole // self.num_replicas)
+
     @property
     def skipped(self) -> int:
-        """Positions of this rank's epoch list skipped by `skip` (their item seeds stay reserved)."""
-        return self._start
+        """Positions of this rank's epoch list skipped by `skip` or `resume_epoch` (their item seeds stay
+        reserved)."""
+        return self._offset // self.num_replicas + self._start
 
     @property
     def kept(self) -> np.ndarray:
@@ -69,8 +103,9 @@ class PrunedDistributedSampler(Sampler[int]):
 
     @property
     def total_size(self) -> int:
-        """Samples of all ranks together in this whole epoch (padding included, skipping not)."""
-        return len(self._local) * self.num_replicas
+        """Samples of all ranks together in this whole epoch (padding included, skipping not; after a
+        `resume_epoch` on another world size: the part done before it plus the padded rest)."""
+        return self._offset + len(self._local) * self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._local[self._start :].tolist())

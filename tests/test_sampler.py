@@ -53,3 +53,54 @@ def test_set_indices_validation():
         s.set_indices(np.array([3, 10]))
     with pytest.raises(ValueError, match="rank"):
         PrunedDistributedSampler(10, 2, 2)
+
+
+def _samplers(n, world, kept, epoch):
+    out = []
+    for r in range(world):
+        s = PrunedDistributedSampler(n, world, r, seed=3)
+        s.set_indices(kept)
+        s.set_epoch(epoch)
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("before,after,local_done", [(2, 1, 5), (1, 2, 7), (3, 2, 4), (2, 3, 11), (4, 4, 6),
+                                                     (3, 5, 0), (2, 1, 51)])
+def test_resume_on_another_world_size_trains_every_kept_sample_once(before, after, local_done):
+    """Preempted after `local_done` samples per rank on `before` ranks, resumed on `after` ranks: what the
+    old ranks trained plus what the new ranks train is the kept set, each sample once (padding aside); the
+    same world size gives exactly the uninterrupted lists' remainders (skip)."""
+    n = 200
+    kept = np.sort(np.random.default_rng(1).choice(n, 101, replace=False))
+    old = _samplers(n, before, kept, epoch=4)
+    trained = [i for s in old for i in list(s)[:local_done]]
+    done = old[0].samples_done(local_done)
+    assert done == min(101, local_done * before) and all(s.samples_done(local_done) == done for s in old)
+    new = _samplers(n, after, kept, epoch=4)
+    for s in new:
+        s.resume_epoch(done)
+    rest = [list(s) for s in new]
+    assert len({len(x) for x in rest}) == 1, "ranks must get the same number of samples"
+    both = trained + [i for x in rest for i in x]
+    assert set(both) == set(kept.tolist())
+    padding_before = max(0, local_done * before - 101)
+    assert len(both) - 101 == padding_before + (-(101 - done)) % after  # nothing twice but the padding
+    # the whole epoch's trained count (the ledger's samples_trained) adds both parts
+    assert new[0].total_size == done + len(rest[0]) * after
+    if before == after:  # the uninterrupted lists, cut after local_done: positions and padding unchanged
+        assert rest == [list(s)[local_done:] for s in _samplers(n, after, kept, epoch=4)]
+        assert all(s.skipped == local_done for s in new)
+
+
+def test_samples_done_counts_across_a_second_resume():
+    """Preempted twice in one epoch (2 ranks, then 1 rank): the second record continues the first."""
+    n, kept = 50, np.arange(50)
+    (a, b) = _samplers(n, 2, kept, epoch=0)
+    done = a.samples_done(7)  # 14
+    (c,) = _samplers(n, 1, kept, epoch=0)
+    c.resume_epoch(done)
+    assert c.samples_done(10) == 24 and len(c) == 36
+    (d,) = _samplers(n, 1, kept, epoch=0)
+    d.resume_epoch(c.samples_done(10))
+    assert list(d) == list(c)[10:]
