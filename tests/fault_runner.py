@@ -1,8 +1,11 @@
-"""Runs main_pretrain_d3p.cli with one injected fault, for the reliability tests only.
+"""Runs main_pretrain_d3p.cli (or main_finetune.cli with FAULT_SCRIPT=finetune) with one injected fault, for
+the reliability tests only.
 
     FAULT=kind:epoch:step[:rank] python tests/fault_runner.py [main_pretrain_d3p flags]
 
-kind: sigterm (the process sends itself SIGTERM, as a scheduler would), sigkill (SIGKILL, only in
+kind: sigterm (the process sends itself SIGTERM, as a scheduler would), sigterm_agent (under torchrun: SIGTERM
+to the torchrun agent, which then signals every rank's whole process group, DataLoader workers included, as
+SLURM and torchrun do; the rank then waits 2 s so that the signal arrives before its next step), sigkill (SIGKILL, only in
 the first torchrun attempt: the elastic restart must then finish the run), nan (the batch's images
 become NaN, so the loss does). The fault fires when `epoch` reaches batch `step` on rank `rank` (0).
 sigterm_forward: SIGTERM at batch `step` of `epoch`'s forward-only pass instead of its training.
@@ -12,6 +15,7 @@ local or lagging storage); `step` is unused.
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -24,6 +28,9 @@ def _faulty_loader(loader, kind: str, at_step: int):
         if step == at_step:
             if kind == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
+            elif kind == "sigterm_agent":
+                os.kill(os.getppid(), signal.SIGTERM)
+                time.sleep(2.0)
             elif kind == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif kind == "nan":
@@ -53,6 +60,20 @@ def main() -> int:
         if ep == int(epoch) and me == rank and (kind != "sigkill" or first_attempt):
             loader = _Sized(loader, kind, int(step))
         return real(model, loader, optimizer, device, ep, *args, **kwargs)
+
+    if os.environ.get("FAULT_SCRIPT") == "finetune":  # (model, criterion, loader, optimizer, device, epoch, ...)
+        import main_finetune
+
+        real_ft = main_finetune.train_one_epoch
+
+        def finetune_epoch(model, criterion, loader, optimizer, device, ep, *args, **kwargs):
+            if ep == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
+                loader = _Sized(loader, kind, int(step))
+            return real_ft(model, criterion, loader, optimizer, device, ep, *args, **kwargs)
+
+        main_finetune.train_one_epoch = finetune_epoch
+        main_finetune.cli(sys.argv[1:])
+        return 0
 
     real_forward = main_pretrain_d3p.forward_only_pass
 

@@ -7,11 +7,13 @@ pre-training, fine-tuning, the linear probe and k-NN.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import json
 import os
 import signal
 import sys
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -140,8 +142,10 @@ class StopSignals:
             raise KeyboardInterrupt
         if not self.requested:
             self.requested, self.signum = True, signum
-            print(f"received signal {signal.Signals(signum).name}: will finish this optimizer step, save a "
-                  "checkpoint at the next sync point (--print_freq) and exit", force=True)
+            # os.write, not print: the handler may interrupt a print of the main thread (a reentrant call
+            # into the same buffered stream raises)
+            os.write(2, f"rank {get_rank()}: received signal {signal.Signals(signum).name}: will finish this "
+                        "optimizer step, save a checkpoint at the next sync point (--print_freq) and exit\n".encode())
 
     def __call__(self) -> bool:
         return self.requested
@@ -181,21 +185,45 @@ def worker_init(then: Callable[[int], None] | None = None) -> Callable[[int], No
 
 
 # ----------------------------------------------------------------------------------------------- loaders
+_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()  # the loaders whose workers ignore stop signals
+
+
+def _release_workers() -> None:
+    """At interpreter exit, before torch's and multiprocessing's exit hooks (atexit runs the newest first):
+    drop the persistent iterators of our loaders, whose __del__ then stops their workers in order.
+
+    Why: at exit torch skips its orderly worker shutdown and multiprocessing ends daemonic workers with
+    terminate() (SIGTERM), which these workers ignore; its join would then wait forever."""
+    for loader in list(_LOADERS):
+        if getattr(loader, "_iterator", None) is not None:
+            loader._iterator = None
+
+
+atexit.register(_release_workers)
+
+
+def _tracked(loader: DataLoader) -> DataLoader:
+    if loader.num_workers > 0:
+        _LOADERS.add(loader)
+    return loader
+
+
 def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int, stream: int,
                 drop_last: bool = False) -> DataLoader:
     """A training-side loader: items come with their dataset index, and their augmentation is a function of
     (seed, stream, epoch, rank, position) in worker processes (util.datasets.SeededItems), so a resume with
     workers replays it exactly. Workers ignore stop signals (ignore_stop_signals_in_worker)."""
-    return DataLoader(
+    return _tracked(DataLoader(
         SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
         batch_size=batch_size, drop_last=drop_last, collate_fn=collate_indexed, generator=torch.Generator(),
         **_worker_options(args),  # creating an iterator never draws from the global RNG (own generator)
-    )
+    ))
 
 
 def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int) -> DataLoader:
     """An evaluation loader (no augmentation to seed); its workers ignore stop signals too."""
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False, **_worker_options(args))
+    return _tracked(DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False,
+                               **_worker_options(args)))
 
 
 def _worker_options(args: argparse.Namespace) -> dict:

@@ -1,0 +1,186 @@
+"""Preemption as schedulers do it (issue 22): a stop signal to every rank's whole process group, DataLoader
+workers included; the run saves mid-epoch and resumes exactly, also on another world size."""
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_log, run_script, run_torchrun
+from util import run
+
+BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "32", "--train_subset", "126",
+        "--warmup_epochs", "1", "--blr", "1e-3", "--print_freq", "1", "--save_every", "1", "--epochs", "4"]
+D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
+PRETRAIN = [*BASE, *D3P]
+# fine-tuning from scratch on the digits (1500 training images): 6 steps per rank and epoch on 2 ranks
+FINETUNE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "128", "--num_workers", "2",
+            "--mixup", "0", "--cutmix", "0", "--aa", "none", "--blr", "2e-3", "--warmup_epochs", "1", "--epochs", "3",
+            "--print_freq", "2", "--keep_last", "0", *D3P]
+
+
+def _load(run_dir, name):
+    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=True)
+
+
+def assert_bit_identical(a_dir, b_dir, name):
+    """Weights, optimizer state, pruning state (decisions, weights, ledger counts) of two checkpoints."""
+    a, b = _load(a_dir, name), _load(b_dir, name)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ"
+    for k, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][k][key]), f"optimizer {k}.{key} differs"
+    sa, sb = a["pruning"]["strategy"], b["pruning"]["strategy"]
+    for key in ("pruned", "weights"):
+        assert torch.equal(sa[key], sb[key]), key
+    assert torch.equal(a["pruning"]["trained_counts"], b["pruning"]["trained_counts"])
+    fields = ("samples_trained", "samples_forward_only", "optimizer_steps", "kept", "pruned")
+    assert [[e[f] for f in fields] for e in a["pruning"]["ledger"]["epochs"]] == \
+        [[e[f] for f in fields] for e in b["pruning"]["ledger"]["epochs"]]
+
+
+# ----------------------------------------------------------------------------------------------- unit
+def test_stop_signal_sets_a_flag_and_hands_over_to_the_previous_handler():
+    """The handler only sets the flag; a handler installed before (submitit's requeue on SIGUSR2) is called
+    once the run has saved (hand_over), not at signal time."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        stop = run.StopSignals([signal.SIGUSR2])
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop() and stop.signum == signal.SIGUSR2 and calls == []
+        stop.hand_over()
+        assert calls == [signal.SIGUSR2]
+        stop.restore()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2, signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+LOADER_SCRIPT = """
+import os, signal, sys, argparse
+import util
+import torch
+from torch.utils.data import TensorDataset
+from d3p.sampler import PrunedDistributedSampler
+from util import run
+from util.datasets import IndexedDataset
+args = argparse.Namespace(seed=0, num_workers=2, pin_mem=False, device="cpu")
+data = IndexedDataset(TensorDataset(torch.arange(64).float().view(64, 1), torch.zeros(64, dtype=torch.long)))
+stop = run.StopSignals()
+loader = run.make_loader(data, PrunedDistributedSampler(64, shuffle=False), args, batch_size=4, stream=0)
+seen = []
+for step, (x, _, index) in enumerate(loader):
+    if step == 1:
+        os.killpg(os.getpgid(0), signal.SIGTERM)  # the whole group: this process and its 2 workers
+    seen += index.tolist()
+print("flag", stop(), "seen", sorted(seen) == list(range(64)))
+"""
+
+
+def test_loader_workers_outlive_a_sigterm_to_the_process_group():
+    """Without the workers ignoring it, torch's worker handler dies on a SIGTERM from a process other than
+    its parent, and the loop raises "DataLoader worker (pid N) is killed by signal: Terminated"."""
+    res = run_script(["-c", LOADER_SCRIPT], timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "flag True seen True" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "killed by signal" not in res.stderr
+
+
+# ------------------------------------------------------------------------------------ pre-training
+@pytest.fixture(scope="module")
+def pretrain_ref(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("pre_ref"))
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", ref])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return ref
+
+
+@pytest.fixture(scope="module")
+def pretrain_stopped(tmp_path_factory):
+    """2 ranks with 2 workers each, SIGTERM to both ranks' process groups (through torchrun's agent) in
+    epoch 2 (a recording epoch after the first decision: pruned samples, a forward-only pass)."""
+    out = str(tmp_path_factory.mktemp("pre_stopped"))
+    res = run_torchrun(2, ["tests/fault_runner.py", *PRETRAIN, "--output_dir", out],
+                       env_extra={"FAULT": "sigterm_agent:2:0:0"})
+    text = res.stdout + res.stderr
+    assert "killed by signal" not in text and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "stopped by signal in epoch 2 after step 1; checkpoint saved" in text, text[-3000:]
+    assert os.path.exists(os.path.join(out, "checkpoint-2-step1.pth")), os.listdir(out)
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    assert read_log(out)[1]["pruned"] > 0
+    return out
+
+
+def test_pretrain_sigterm_to_every_process_group_saves_and_resumes_bit_identical(tmp_path, pretrain_ref,
+                                                                                 pretrain_stopped):
+    out = str(tmp_path / "run")
+    shutil.copytree(pretrain_stopped, out)
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming epoch 2 after step 1" in res.stdout and "split anew" not in res.stdout
+    for epoch in (2, 3):
+        assert_bit_identical(pretrain_ref, out, f"checkpoint-{epoch}.pth")
+    ref_log, log = read_log(pretrain_ref), read_log(out)
+    assert [r["samples_trained"] for r in log] == [r["samples_trained"] for r in ref_log]
+    assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in ref_log], rel=1e-6)
+
+
+def test_pretrain_resumed_on_one_rank_trains_each_kept_sample_once(tmp_path, pretrain_stopped):
+    """Preempted on 2 ranks, requeued on 1: the epoch continues with the samples the 2 ranks had not
+    trained, split anew; every kept sample gets its loss in this recording epoch, none is pruned unseen."""
+    out = str(tmp_path / "run")
+    shutil.copytree(pretrain_stopped, out)
+    res = run_script(["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming epoch 2 after step 1 (64 of" in res.stdout, res.stdout[-3000:]
+    assert "written by 2 rank(s), this run has 1" in res.stdout
+    log = read_log(out)
+    assert log[2]["samples_trained"] == log[2]["kept"]  # 64 by 2 ranks, the rest by 1: each kept one once
+    assert log[3]["d3p_unscored"] == 0  # the decision after the recording epochs 2-3: every sample scored
+
+
+def test_pretrain_resumed_on_two_ranks_after_one(tmp_path):
+    """The reverse: 1 process stopped after 2 steps of epoch 2 (64 samples), 2 ranks continue it."""
+    out = str(tmp_path / "run")
+    one = [*PRETRAIN, "--num_workers", "0", "--output_dir", out]
+    res = run_script(["tests/fault_runner.py", *one], env_extra={"FAULT": "sigterm:2:1"})
+    assert res.returncode == run.EXIT_STOPPED, res.stderr[-2000:]
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *one, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming epoch 2 after step 2 (64 of" in res.stdout and "this run has 2" in res.stdout
+    log = read_log(out)
+    rest = log[2]["kept"] - 64
+    assert log[2]["samples_trained"] == 64 + rest + rest % 2  # the 2 ranks' rest, padded to equal shares
+    assert log[3]["d3p_unscored"] == 0
+
+
+# ------------------------------------------------------------------------------------- fine-tuning
+def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical(tmp_path):
+    """Fine-tuning with D3P on 2 ranks with 2 workers each: SIGTERM to both process groups in epoch 2 (a
+    recording epoch with pruned samples); the mid-epoch checkpoint resumes to the uninterrupted run's
+    weights, optimizer, pruning state and ledger."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    res = run_torchrun(2, ["main_finetune.py", *FINETUNE, "--output_dir", ref])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_torchrun(2, ["tests/fault_runner.py", *FINETUNE, "--output_dir", out],
+                       env_extra={"FAULT": "sigterm_agent:2:1:0", "FAULT_SCRIPT": "finetune"})
+    text = res.stdout + res.stderr
+    assert "killed by signal" not in text and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "stopped by signal in epoch 2 after step 2; checkpoint saved" in text, text[-3000:]
+    assert os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), os.listdir(out)
+    assert read_log(out)[1]["pruned"] > 0
+    res = run_torchrun(2, ["main_finetune.py", *FINETUNE, "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming epoch 2 after step 2" in res.stdout
+    assert not os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), "superseded partial checkpoint kept"
+    assert_bit_identical(ref, out, "checkpoint-2.pth")
+    ref_log, log = read_log(ref), read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    for key in ("samples_trained", "samples_forward_only", "test_acc1", "kept"):
+        assert [r[key] for r in log] == [r[key] for r in ref_log], key
+    assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in ref_log], rel=1e-6)
