@@ -30,12 +30,12 @@ import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must prece
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import models_mae
 from d3p.sampler import PrunedDistributedSampler
 from engine_pretrain import compute_embeddings
 from util import checkpoint as ckpt_util
+from util import run
 from util.amp import autocast_dtype
 from util.datasets import (
     DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, dataset_stats, default_num_workers,
@@ -162,9 +162,7 @@ def split_features(model, split: str, args, device, amp_dtype) -> tuple[torch.Te
     if labels is None:
         raise DatasetError(f"the {split} split has no 'targets' (labels). Fix: use a labelled dataset")
     sampler = PrunedDistributedSampler(n, get_world_size(), get_rank(), shuffle=False)
-    loader = DataLoader(IndexedDataset(base), sampler=sampler, batch_size=args.batch_size,
-                        num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                        collate_fn=collate_indexed)
+    loader = run.make_eval_loader(IndexedDataset(base), sampler, args, args.batch_size, collate_fn=collate_indexed)
     feats, _ = compute_embeddings(model, loader, device, n, amp_dtype, input_stats=dataset_stats(args))
     return torch.from_numpy(feats), torch.as_tensor(np.asarray(labels), dtype=torch.long), num_classes_of(base)
 
@@ -213,12 +211,7 @@ def cli(argv: list[str] | None = None) -> int:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.batch_size < 1 or args.query_chunk < 1:
         parser.error("--batch_size and --query_chunk must be >= 1")
-    try:
-        main(args)
-    except (DatasetError, ValueError) as exc:
-        print(f"error (rank {get_rank()}): {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run.run_main(main, args)  # bad input (DatasetError): exit code 2, as every entry script
 
 
 if __name__ == "__main__":

@@ -105,9 +105,9 @@ def test_main_knn_deterministic_and_two_processes_equal_one(tmp_path):
 
 def test_main_knn_rejects_bad_input(tmp_path):
     missing = run_script(["main_knn.py", "--checkpoint", str(tmp_path / "nope.pth"), "--output_dir", str(tmp_path)])
-    assert missing.returncode == 1 and "does not exist" in missing.stderr and "Fix:" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Fix:" in missing.stderr
     ckpt = _checkpoint(tmp_path)
     wrong = run_script(["main_knn.py", "--checkpoint", ckpt, "--input_size", "32", "--output_dir", str(tmp_path)])
-    assert wrong.returncode == 1 and "does not fit" in wrong.stderr
+    assert wrong.returncode == 2 and "does not fit" in wrong.stderr
     bad_k = run_script(["main_knn.py", "--checkpoint", ckpt, "--k", "0"])
     assert bad_k.returncode == 2 and "--k must be >= 1" in bad_k.stderr

@@ -108,8 +108,9 @@ def pretrain_stopped(tmp_path_factory):
     res = run_torchrun(2, ["tests/fault_runner.py", *PRETRAIN, "--output_dir", out],
                        env_extra={"FAULT": "sigterm_agent:2:0:0"})
     text = res.stdout + res.stderr
-    assert "killed by signal" not in text and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert "stopped by signal in epoch 2 after step 1; checkpoint saved" in text, text[-3000:]
+    # (torchrun's agent itself ends with a traceback of the SignalException it raises on SIGTERM)
+    assert "DataLoader worker" not in text and "main_pretrain_d3p.py\", line" not in text, text[-3000:]
+    assert text.count("stopped by signal in epoch 2 after step 1; checkpoint saved") == 2, text[-3000:]
     assert os.path.exists(os.path.join(out, "checkpoint-2-step1.pth")), os.listdir(out)
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
     assert read_log(out)[1]["pruned"] > 0
@@ -170,8 +171,8 @@ def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     res = run_torchrun(2, ["tests/fault_runner.py", *FINETUNE, "--output_dir", out],
                        env_extra={"FAULT": "sigterm_agent:2:1:0", "FAULT_SCRIPT": "finetune"})
     text = res.stdout + res.stderr
-    assert "killed by signal" not in text and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert "stopped by signal in epoch 2 after step 2; checkpoint saved" in text, text[-3000:]
+    assert "DataLoader worker" not in text and "main_finetune.py\", line" not in text, text[-3000:]
+    assert text.count("stopped by signal in epoch 2 after step 2; checkpoint saved") == 2, text[-3000:]
     assert os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), os.listdir(out)
     assert read_log(out)[1]["pruned"] > 0
     res = run_torchrun(2, ["main_finetune.py", *FINETUNE, "--output_dir", out, "--auto_resume"])

@@ -88,7 +88,7 @@ def test_resume_from_another_run_is_refused(tmp_path, straight_run, change, mess
     os.makedirs(out)
     shutil.copy(os.path.join(straight_run, "checkpoint-1.pth"), out)
     args = [*BASE, *D3P, "--epochs", "4", "--output_dir", out, "--auto_resume", *change]
-    assert main_pretrain_d3p.cli(args) == 1
+    assert main_pretrain_d3p.cli(args) == 2  # bad input (util.run.EXIT_USAGE), as in every entry script
     assert message in capsys.readouterr().err
     assert os.path.exists(os.path.join(out, "checkpoint-1.pth"))
 
@@ -121,11 +121,11 @@ def test_bad_data_paths_name_the_problem(tmp_path, capsys):
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main_pretrain_d3p.cli([*FOLDER, "--data_path", str(empty), "--output_dir", str(tmp_path / "o")]) == 1
+    assert main_pretrain_d3p.cli([*FOLDER, "--data_path", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
     assert "train/ and val/" in capsys.readouterr().err
     root = str(tmp_path / "data")
     _image_folder(root, empty_class=True)
-    assert main_pretrain_d3p.cli([*FOLDER, "--data_path", root, "--output_dir", str(tmp_path / "o2")]) == 1
+    assert main_pretrain_d3p.cli([*FOLDER, "--data_path", root, "--output_dir", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "class1 has no images" in err and "Fix" in err
 
@@ -133,7 +133,7 @@ def test_bad_data_paths_name_the_problem(tmp_path, capsys):
 def test_corrupt_image_stops_or_is_skipped_and_counted(tmp_path, capsys):
     root = str(tmp_path / "data")
     bad = _image_folder(root, corrupt=True)
-    assert main_pretrain_d3p.cli([*FOLDER, "--data_path", root, "--output_dir", str(tmp_path / "o")]) == 1
+    assert main_pretrain_d3p.cli([*FOLDER, "--data_path", root, "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert bad in err and "--skip_corrupt" in err
     out = str(tmp_path / "o2")

@@ -220,10 +220,11 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, ba
     ))
 
 
-def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int) -> DataLoader:
+def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int,
+                     collate_fn: Callable | None = None) -> DataLoader:
     """An evaluation loader (no augmentation to seed); its workers ignore stop signals too."""
     return _tracked(DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False,
-                               **_worker_options(args)))
+                               collate_fn=collate_fn, **_worker_options(args)))
 
 
 def _worker_options(args: argparse.Namespace) -> dict:
