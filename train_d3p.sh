@@ -6,7 +6,8 @@
 #
 # Cluster variables: NPROC (GPUs per node, 8), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1 on one
 # node; required with NNODES > 1), MASTER_PORT (29500), RDZV_ID (job id), MAX_RESTARTS (3: a killed worker
-# restarts the job from its last checkpoint). Batch: EFF_BATCH (4096) and FT_EFF_BATCH (1024) are kept for
+# restarts the job from its last checkpoint), SHUTDOWN_TIMEOUT (120: seconds torchrun lets the ranks save a
+# mid-epoch checkpoint after a stop signal before SIGKILL; see docs/preemption.md). Batch: EFF_BATCH (4096) and FT_EFF_BATCH (1024) are kept for
 # any GPU count; BATCH and FT_BATCH (128) are the most samples per GPU per step (gradient accumulation
 # makes up the rest). Run variables: METHOD (d3p | none | infobatch | seta | random | dynunc | d2),
 # OUTPUT_DIR, EPOCHS, FT_EPOCHS, SEED, PRETRAIN_ARGS and FINETUNE_ARGS (extra flags), SKIP_FINETUNE=1.
@@ -59,7 +60,8 @@ if [[ -n "${DATA_PATH:-}" ]]; then
   split_batch FINETUNE fine-tuning "${FT_EFF_BATCH:-1024}" "${FT_BATCH:-128}" "$GPUS"
   LAUNCH=(torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK"
           --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RDZV_ID"
-          --max_restarts="$MAX_RESTARTS")
+          --max_restarts="$MAX_RESTARTS" --shutdown_timeout="${SHUTDOWN_TIMEOUT:-120}"
+          --signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2)  # SLURM's --signal warning too
   run "${LAUNCH[@]}" main_pretrain_d3p.py \
     --data_path "$DATA_PATH" --model mae_vit_base_patch16 --norm_pix_loss --mask_ratio 0.75 \
     --batch_size "$PRETRAIN_BATCH" --accum_iter "$PRETRAIN_ACCUM" --epochs "$EPOCHS" --warmup_epochs 40 \

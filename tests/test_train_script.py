@@ -96,3 +96,13 @@ def test_cpu_demo_commands(tmp_path):
     lines = [shlex.split(line) for line in res.stdout.splitlines() if line.startswith("python ")]
     assert [argv[1] for argv in lines] == ["main_pretrain_d3p.py", "main_finetune.py"]
     assert _flag(lines[1], "--finetune").endswith("pretrain/checkpoint-29.pth")
+
+
+def test_torchrun_gives_the_ranks_time_to_save_and_forwards_slurm_warnings(tmp_path):
+    """docs/preemption.md: the agent forwards SLURM's USR1/USR2 warning to the ranks (by default it would die of
+    it) and waits SHUTDOWN_TIMEOUT (120 s) for their mid-epoch checkpoint before SIGKILL."""
+    res = _train_script(tmp_path, DATA_PATH="/data/imagenet", NPROC="8")
+    assert res.returncode == 0, res.stderr
+    argv = _commands(res.stdout)["main_pretrain_d3p.py"]
+    assert _flag(argv, "--shutdown_timeout") == "120"
+    assert set(_flag(argv, "--signals_to_handle").split(",")) >= {"SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"}
