@@ -9,6 +9,7 @@ SLURM and torchrun do; the rank then waits 2 s so that the signal arrives before
 the first torchrun attempt: the elastic restart must then finish the run), nan (the batch's images
 become NaN, so the loss does). The fault fires when `epoch` reaches batch `step` on rank `rank` (0).
 sigterm_forward: SIGTERM at batch `step` of `epoch`'s forward-only pass instead of its training.
+sigterm_embed: SIGTERM at batch `step` of `epoch`'s embedding pass (D2).
 stale_listing: rank `rank` sees no checkpoint of epoch >= `epoch` when it lists --output_dir (node-
 local or lagging storage); `step` is unused.
 """
@@ -82,6 +83,13 @@ def main() -> int:
             loader = _Sized(loader, "sigterm", int(step))
         return real_forward(model, loader, device, ep, *args, **kwargs)
 
+    real_embed = main_pretrain_d3p.compute_embeddings
+
+    def compute_embeddings(model, loader, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == rank:
+            loader = _Sized(loader, "sigterm", int(step))
+        return real_embed(model, loader, *args, **kwargs)
+
     real_find = ckpt_util.find_latest_checkpoint
 
     def find_latest_checkpoint(output_dir):
@@ -96,6 +104,8 @@ def main() -> int:
 
     if kind == "sigterm_forward":
         main_pretrain_d3p.forward_only_pass = forward_only_pass
+    elif kind == "sigterm_embed":
+        main_pretrain_d3p.compute_embeddings = compute_embeddings
     elif kind == "stale_listing":
         if int(os.environ.get("RANK", "0")) == rank:
             ckpt_util.find_latest_checkpoint = find_latest_checkpoint

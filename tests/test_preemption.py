@@ -113,7 +113,6 @@ def pretrain_stopped(tmp_path_factory):
     assert text.count("stopped by signal in epoch 2 after step 1; checkpoint saved") == 2, text[-3000:]
     assert os.path.exists(os.path.join(out, "checkpoint-2-step1.pth")), os.listdir(out)
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
-    assert read_log(out)[1]["pruned"] > 0
     return out
 
 
@@ -127,6 +126,7 @@ def test_pretrain_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     for epoch in (2, 3):
         assert_bit_identical(pretrain_ref, out, f"checkpoint-{epoch}.pth")
     ref_log, log = read_log(pretrain_ref), read_log(out)
+    assert ref_log[2]["pruned"] > 0 and ref_log[2]["samples_forward_only"] > 0  # the stop hit such an epoch
     assert [r["samples_trained"] for r in log] == [r["samples_trained"] for r in ref_log]
     assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in ref_log], rel=1e-6)
 
@@ -174,14 +174,34 @@ def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     assert "DataLoader worker" not in text and "main_finetune.py\", line" not in text, text[-3000:]
     assert text.count("stopped by signal in epoch 2 after step 2; checkpoint saved") == 2, text[-3000:]
     assert os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), os.listdir(out)
-    assert read_log(out)[1]["pruned"] > 0
     res = run_torchrun(2, ["main_finetune.py", *FINETUNE, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming epoch 2 after step 2" in res.stdout
     assert not os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), "superseded partial checkpoint kept"
     assert_bit_identical(ref, out, "checkpoint-2.pth")
     ref_log, log = read_log(ref), read_log(out)
+    assert ref_log[2]["pruned"] > 0 and ref_log[2]["samples_forward_only"] > 0  # the stop hit such an epoch
     assert [r["epoch"] for r in log] == [0, 1, 2]
     for key in ("samples_trained", "samples_forward_only", "test_acc1", "kept"):
         assert [r[key] for r in log] == [r[key] for r in ref_log], key
     assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in ref_log], rel=1e-6)
+
+
+def test_pretrain_sigterm_in_d2_embedding_pass_saves_and_resume_is_exact(tmp_path):
+    """SIGTERM during D2's embedding pass (the end of its warm-up epoch 0): the ranks stop at the pass's next
+    sync point, save the state from before the pass and exit 143; the resume replays the pass and selects the
+    same coreset as the uninterrupted run, with the same weights."""
+    common = [*BASE, "--num_workers", "0", "--batch_size", "16", "--prune_method", "d2", "--static_warmup_epochs",
+              "1", "--prune_ratio", "0.5", "--epochs", "2"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    res = run_script(["main_pretrain_d3p.py", *common, "--output_dir", ref])
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_script(["tests/fault_runner.py", *common, "--output_dir", out], env_extra={"FAULT": "sigterm_embed:0:1"})
+    assert res.returncode == run.EXIT_STOPPED, res.stderr[-2000:]
+    assert "stopped by signal in epoch 0 after training, during its forward-only/embedding pass" in res.stdout
+    assert not os.path.exists(os.path.join(out, "kept_static.npy"))
+    res = run_script(["main_pretrain_d3p.py", *common, "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert np.array_equal(np.load(os.path.join(ref, "kept_static.npy")), np.load(os.path.join(out, "kept_static.npy")))
+    a, b = _load(ref, "checkpoint-1.pth"), _load(out, "checkpoint-1.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
