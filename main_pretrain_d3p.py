@@ -32,7 +32,9 @@ from util.datasets import (
     DATA_SETS, JPEG_UPSAMPLING, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset,
     build_dataset, dataset_stats, default_num_workers, eval_transform, pretrain_transform, resolve_data_set,
 )
-from util.dist import any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import (
+    all_gather_object, any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process,
+)
 from util.run import make_loader  # noqa: F401  (benchmarks/bench_overhead.py builds its loaders with it)
 
 
@@ -249,6 +251,7 @@ def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
     start_step, carried = 0, None
     if partial is not None:
         start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)
+        carried = carried_of_this_rank(carried)
         epoch_start -= carried["seconds"]
     train_stats = train_one_epoch(
         r.model, r.train_loader, r.optimizer, r.device, epoch, r.loss_scaler, log_writer=r.log_writer, args=args,
@@ -327,11 +330,29 @@ def save_partial(r: Pretraining, epoch: int, train_stats: dict, step: int, start
                  epoch_start: float) -> None:
     """The mid-epoch checkpoint after `step` steps of `epoch` (run.save_partial_epoch)."""
     local = min(len(r.pruner.sampler), (step - start_step) * r.args.batch_size)  # this run's samples per rank
+    # every rank's running loss sum (the epoch's train_loss is the mean of the ranks' means): a collective
+    totals = all_gather_object((float(train_stats["loss_total"]), int(train_stats["loss_steps"])))
     run.save_partial_epoch(
         r.args, epoch, r.state(epoch - 1), step, r.pruner.sampler.samples_done(local), time.time() - epoch_start,
         r.pruner, loss_total=float(train_stats["loss_total"]), loss_steps=int(train_stats["loss_steps"]),
-        optimizer_steps=int(train_stats["optimizer_steps"]),
+        rank_losses=[list(t) for t in totals], optimizer_steps=int(train_stats["optimizer_steps"]),
     )
+
+
+def carried_of_this_rank(partial: dict) -> dict:
+    """The interrupted part's statistics as this rank continues them: its own loss sum when the world size
+    is the same (rank_losses), else rank 0 carries all ranks' sums and the others none."""
+    carried = dict(partial)
+    per_rank = partial.get("rank_losses")
+    if per_rank is None:
+        return carried
+    if len(per_rank) == get_world_size():
+        carried["loss_total"], carried["loss_steps"] = per_rank[get_rank()]
+    else:
+        mine = is_main_process()
+        carried["loss_total"] = sum(t for t, _ in per_rank) if mine else 0.0
+        carried["loss_steps"] = sum(n for _, n in per_rank) if mine else 0
+    return carried
 
 
 def check_replicas(model, epoch: int) -> list[str]:

@@ -1,0 +1,59 @@
+"""util/run.py, the run layer the entry scripts share: one spelling of the common flags, one exit code per kind
+of failure, stop signals ignored by loader workers (issue 18's run layer, issue 22)."""
+import signal
+
+import pytest
+
+import main_finetune
+import main_pretrain_d3p
+from d3p.distributed import RankDivergenceError
+from util import run
+from util.datasets import DatasetError
+from util.engine import NonFiniteLossError
+
+
+@pytest.mark.parametrize("parser", [main_pretrain_d3p.get_args_parser, main_finetune.get_args_parser])
+def test_common_flags_have_one_spelling_and_mae_aliases(parser):
+    args = parser().parse_args(["--save_ckpt_freq", "3", "--no_pin_mem", "--keep_last", "2", "--print_freq", "5"])
+    assert (args.save_every, args.pin_mem, args.keep_last, args.print_freq) == (3, False, 2, 5)
+    args = parser().parse_args(["--save_every", "4", "--no-pin_mem", "--local-rank", "1"])
+    assert (args.save_every, args.pin_mem, args.local_rank) == (4, False, 1)
+
+
+def test_checkpoint_defaults_keep_each_recipe():
+    pre = main_pretrain_d3p.get_args_parser().parse_args([])
+    ft = main_finetune.get_args_parser().parse_args([])
+    assert (pre.save_every, pre.keep_last) == (20, 0)  # MAE pre-training: every 20 epochs, all kept
+    assert (ft.save_every, ft.keep_last) == (1, 1)  # fine-tuning: every epoch, the newest kept
+
+
+@pytest.mark.parametrize("error,code", [
+    (run.ConfigError("bad flag. Fix: x"), run.EXIT_USAGE),
+    (DatasetError("no images. Fix: y"), run.EXIT_USAGE),
+    (NonFiniteLossError("loss is nan"), run.EXIT_FAILED),
+    (RankDivergenceError("replicas differ"), run.EXIT_FAILED),
+])
+def test_one_exit_code_per_kind_of_failure(error, code, capsys):
+    def main(args):
+        raise error
+
+    assert run.run_main(main, None) == code
+    assert f"error (rank 0): {error}" in capsys.readouterr().err
+
+
+def test_a_stopped_run_returns_its_code():
+    assert run.run_main(lambda args: run.EXIT_STOPPED, None) == 143
+    assert run.run_main(lambda args: {"acc1": 1.0}, None) == 0
+
+
+def test_workers_ignore_the_stop_signals_then_run_the_loader_init():
+    seen = []
+    previous = {sig: signal.getsignal(sig) for sig in run.stop_signals()}
+    try:
+        run.worker_init(then=seen.append)(3)  # what a worker runs first
+        assert seen == [3]
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in run.stop_signals())
+        assert {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2} <= set(run.stop_signals())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
