@@ -63,9 +63,19 @@ def _check_outputs(out_dir, mode, ckpt, proc):
 def test_finetune_one_epoch(pretrain_ckpt, tmp_path):
     out = tmp_path / "ft"
     proc = _run("main_finetune.py", "--finetune", pretrain_ckpt, "--epochs", "1", "--input_size", "16",
-                "--output_dir", str(out))
+                "--accum_iter", "2", "--output_dir", str(out))
     saved = _check_outputs(out, "finetune", pretrain_ckpt, proc)
     assert "fc_norm.weight" in saved["model"] and saved["model"]["head.weight"].shape == (10, 192)
+    # lr = blr x batch x accum x world / 256 with the fine-tuning recipe's blr 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr"] == pytest.approx(1e-3 * 64 * 2 * 1 / 256, rel=1e-12) and summary["eff_batch_size"] == 128
+    # the optimizer stepped once per accumulation group: 1500 // 64 = 23 batches (drop_last) -> 12 groups, and
+    # every encoder weight moved away from the pre-trained one
+    steps = {int(st["step"]) for st in saved["optimizer"]["state"].values()}
+    assert steps == {12}, steps
+    pre = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)["model"]
+    for k in ("blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "cls_token"):
+        assert not torch.equal(saved["model"][k], pre[k]), f"{k} did not train"
 
 
 def test_linprobe_one_epoch(pretrain_ckpt, tmp_path):
