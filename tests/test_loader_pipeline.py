@@ -456,3 +456,36 @@ def test_num_workers_default_shares_this_process_cpus(monkeypatch):
     args = main_pretrain_d3p.get_args_parser().parse_args(["--num_workers", "0"])
     main_pretrain_d3p.fill_defaults(args)
     assert args.num_workers == 0
+
+
+def _coordinate_image(width: int = 32, height: int = 32) -> Image.Image:
+    """R = 8 x, G = 8 y (x, y < 32): any crop's R grows left to right unless it was flipped."""
+    ramp = np.zeros((height, width, 3), np.uint8)
+    ramp[..., 0] = (np.arange(width) * (256 // width))[None, :]
+    ramp[..., 1] = (np.arange(height) * (256 // height))[:, None]
+    return Image.fromarray(ramp)
+
+
+def _flipped(out: torch.Tensor) -> bool:
+    """A crop [3, S, S] of the coordinate image (uint8, or float normalised per channel) -> flipped?"""
+    size = out.shape[-1]
+    r = out[0].double()
+    return bool(r[size // 2, 3 * size // 4] < r[size // 2, size // 4])
+
+
+@pytest.mark.parametrize("data_set, expected", [("cifar10", 0.5), ("cifar100", 0.5), ("digits", 0.0),
+                                                 ("folder", 0.5)])
+def test_every_pretraining_pipeline_flips_half_the_crops(data_set, expected):
+    """MAE's pre-training augmentation flips each crop with probability 1/2 (the in-memory CIFAR pipeline and
+    the uint8 JPEG one alike); digits are never flipped (a mirrored digit is another shape). 400 crops of the
+    coordinate image under a fixed seed: the flip rate of a correct pipeline lies within 0.5 +- 0.1 (4 sd)."""
+    args = SimpleNamespace(data_set=data_set, data_path=None, input_size=16)
+    transform = pretrain_transform(args)
+    image = _coordinate_image()
+    torch.manual_seed(0)
+    flips = [_flipped(transform(image)) for _ in range(400)]
+    rate = float(np.mean(flips))
+    if expected == 0.0:
+        assert rate == 0.0
+    else:
+        assert abs(rate - expected) < 0.1, rate
