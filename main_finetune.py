@@ -37,6 +37,10 @@ import models_vit
 from engine_finetune import evaluate, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
+from util import image_transforms
+from util.data_errors import DatasetError
+from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler, SeededItems
+from util.loader import collate_indexed, default_num_workers
 from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
@@ -168,7 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin CPU memory in the DataLoader (CUDA only) for faster host-to-device copies")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    g.add_argument("--jpeg_upsampling", default="fast", choices=data_util.JPEG_UPSAMPLING,
+    g.add_argument("--jpeg_upsampling", default="fast", choices=image_transforms.JPEG_UPSAMPLING,
                    help="chroma upsampling for the linear probe's training crops from JPEG folders: fast = "
                         "libjpeg's merged upsampler, fancy = as PIL decodes (fine-tuning's RandAugment and "
                         "evaluation always decode with PIL's default)")
@@ -208,10 +212,11 @@ def resolve_defaults(args) -> None:
             setattr(args, k, v)
     if args.aa is not None and str(args.aa).lower() in ("none", ""):
         args.aa = None
+    args.data_set = data_util.resolve_data_set(args.data_set, args.data_path)
     if args.input_size is None:
         args.input_size = NATIVE_INPUT_SIZE.get(args.model, 224)
     if args.num_workers is None:
-        args.num_workers = data_util.default_num_workers()
+        args.num_workers = default_num_workers()
     if args.log_dir is None:
         args.log_dir = args.output_dir
 
@@ -298,8 +303,18 @@ class EvalShardSampler(Sampler):
 def linprobe_transform(is_train: bool, args):
     """MAE's linear-probe augmentation: RandomResizedCrop (0.08-1) + horizontal flip (no flip on digits), uint8."""
     if not is_train:
-        return data_util.eval_transform(args)
-    return data_util.train_crop_transform(args, scale=(0.08, 1.0))
+        return image_transforms.eval_transform(args.data_set, args.input_size)
+    return image_transforms.crop_transform(args.data_set, args.input_size, (0.08, 1.0), args.jpeg_upsampling)
+
+
+def finetune_transform(is_train: bool, args):
+    """MAE's fine-tuning augmentation: timm's RandAugment (--aa) + random erasing (--reprob), float32; uint8 centre
+    crop for evaluation."""
+    if not is_train:
+        return image_transforms.eval_transform(args.data_set, args.input_size)
+    return image_transforms.finetune_train_transform(
+        args.data_set, args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter, reprob=args.reprob,
+        remode=args.remode, recount=args.recount)
 
 
 def build_loaders(args):
@@ -311,9 +326,10 @@ def build_loaders(args):
     if args.linprobe:
         tf = linprobe_transform
     else:
-        tf = data_util.finetune_transform
-    dataset_train = data_util.IndexedDataset(data_util.build_dataset("train", args, tf(True, args)))
-    dataset_val = data_util.build_dataset("val", args, tf(False, args))
+        tf = finetune_transform
+    dataset_train = data_util.IndexedDataset(
+        data_util.build_dataset("train", args.data_set, args.data_path, tf(True, args), args.download))
+    dataset_val = data_util.build_dataset("val", args.data_set, args.data_path, tf(False, args), args.download)
     world, rank = get_world_size(), get_rank()
     if len(dataset_train) // world < args.batch_size:
         raise ConfigError(
@@ -325,17 +341,17 @@ def build_loaders(args):
     pin = args.pin_mem and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
     drop_last = args.linprobe
-    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.datasets.SeededItems)
+    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.item_seeding.SeededItems)
     loader_train = DataLoader(
-        data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(pruner.sampler, args.seed, rank, data_util.STREAM_TRAIN),
-        batch_size=args.batch_size, drop_last=drop_last, collate_fn=data_util.collate_indexed,
+        SeededItems(dataset_train),
+        sampler=ItemSeedSampler(pruner.sampler, args.seed, rank, STREAM_TRAIN),
+        batch_size=args.batch_size, drop_last=drop_last, collate_fn=collate_indexed,
         generator=torch.Generator(), **common,
     )
     loader_forward = DataLoader(
-        data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(pruner.forward_sampler, args.seed, rank, data_util.STREAM_FORWARD_ONLY),
-        batch_size=args.batch_size, collate_fn=data_util.collate_indexed, generator=torch.Generator(), **common,
+        SeededItems(dataset_train),
+        sampler=ItemSeedSampler(pruner.forward_sampler, args.seed, rank, STREAM_FORWARD_ONLY),
+        batch_size=args.batch_size, collate_fn=collate_indexed, generator=torch.Generator(), **common,
     )
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size, drop_last=False, **common)
     return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
@@ -481,7 +497,7 @@ def main(args) -> dict:
     configure_cuda_math(device)
 
     dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward = build_loaders(args)
-    input_stats = data_util.dataset_stats(args)  # uint8 batches are normalised on the device with these
+    input_stats = data_util.dataset_stats(args.data_set)  # uint8 batches are normalised on the device with these
     n_data_classes = data_util.num_classes_of(dataset_train)
     if args.nb_classes is None:
         args.nb_classes = n_data_classes
@@ -650,7 +666,7 @@ def main(args) -> dict:
         "epoch_seconds": epoch_seconds,
         "finetune": args.finetune,
         "resumed_from": args.resume or None,
-        "data_set": data_util.resolve_data_set(args),
+        "data_set": args.data_set,
         "input_size": args.input_size,
         "global_pool": args.global_pool,
         "lr": args.lr,
@@ -679,7 +695,7 @@ def cli(argv=None, linprobe: bool = False) -> None:
         args.linprobe = True
     try:
         main(args)
-    except (ConfigError, data_util.DatasetError) as exc:
+    except (ConfigError, DatasetError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
     except FloatingPointError as exc:
