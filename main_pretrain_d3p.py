@@ -35,6 +35,7 @@ from util.datasets import (
     pretrain_transform, resolve_data_set,
 )
 from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.run_folder import pruning_inputs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -214,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     if num_samples == 0:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
     print(f"dataset: {args.data_set}, {num_samples} training samples")
-    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world)
+    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world, **pruning_inputs(args))
     train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
     forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
@@ -449,6 +450,7 @@ def write_summary(args, pruner) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     parser = get_args_parser()
     args = parser.parse_args(argv)
     fill_defaults(args)
