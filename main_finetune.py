@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 import d3p
 import models_vit
 from d3p.checkpoints import CheckpointFormatError, load_plain
+from d3p.collectives import get_rank, get_world_size
 from engine_finetune import evaluate, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
@@ -42,7 +43,7 @@ from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
-from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util.dist import cleanup, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
 from util.run_folder import pruning_inputs

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import models_mae
 import d3p
+from d3p.collectives import get_rank, get_world_size
 from d3p.distributed import RankDivergenceError
 from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
@@ -34,7 +35,7 @@ from util.datasets import (
     ItemSeedSampler, SeededItems, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
     pretrain_transform, resolve_data_set,
 )
-from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import any_rank, barrier, cleanup, init_distributed_mode, is_main_process
 from util.run_folder import pruning_inputs
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from d3p.checkpoints import load_plain
-from util.dist import all_gather_object, get_rank, get_world_size, is_main_process
+from d3p.collectives import all_gather_object, get_rank, get_world_size
+from util.dist import is_main_process
 
 # checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
