@@ -89,3 +89,40 @@ def test_prune_plugin_on_the_command_line_trains_with_it(tmp_path):
     assert [(r["kept"], r["keep_hardest_seen"]) for r in read_log(out)] == [(64, 64), (32, 32)]
     res = run_script(["main_pretrain_d3p.py", "--prune_method", "keep_hardest", "--output_dir", out], timeout=120)
     assert res.returncode == 2 and "invalid choice: 'keep_hardest'" in res.stderr  # without the plugin: unknown
+
+
+def test_the_builtins_keep_their_names_kinds_flags_and_defaults():
+    """The registry reproduces what the lists held before it: every built-in, its kind, and every option's name
+    and default (the flags of earlier runs parse to the same values)."""
+    from d3p.options import defaults
+
+    builtins = ("d3p", "none", "infobatch", "seta", "random", "dynunc", "d2")
+    assert d3p.method_names()[:7] == builtins
+    assert d3p.method_names("static")[:2] == ("dynunc", "d2")
+    assert defaults(builtins) == {
+        "d3p_start": 3, "d3p_period": 10, "d3p_window": 3, "d3p_bins": 128, "d3p_quantile": 0.999,
+        "d3p_anneal_epochs": 0, "prune_ratio": 0.5, "delta": 0.875, "seta_groups": 10, "seta_window_scale": 0.5,
+        "random_match": None, "static_warmup_epochs": 10, "dynunc_window": 3, "d2_neighbors": 10, "d2_gamma": None,
+        "d2_mode": "sum", "d2_sampling": "absolute", "d2_knn": "auto", "d2_knn_index": "auto", "d2_nprobe": 8,
+    }
+    assert {m: d3p.get_method(m).option_names() for m in builtins} == {
+        "d3p": ["d3p_start", "d3p_period", "d3p_window", "d3p_bins", "d3p_quantile", "d3p_anneal_epochs"],
+        "none": [], "infobatch": ["prune_ratio", "delta"],
+        "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
+        "random": ["prune_ratio", "random_match"], "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],
+        "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling", "d2_knn",
+               "d2_knn_index", "d2_nprobe"],
+    }
+    parser = argparse.ArgumentParser()
+    d3p.add_pruning_args(parser)
+    old_spellings = parser.parse_args(["--s", "4", "--p", "5", "--n", "2", "--bin_num", "64"])
+    assert (old_spellings.d3p_start, old_spellings.d3p_period, old_spellings.d3p_window, old_spellings.d3p_bins) == \
+        (4, 5, 2, 64)
+
+
+def test_random_match_takes_kept_counts_and_refuses_a_path():
+    """The package reads no run folder: DataPruner takes the counts (util.run_folder reads them from a run)."""
+    pruner = d3p.DataPruner(10, "random", epochs=2, random_match=[7, 3])
+    assert [pruner.begin_epoch(e).kept.size for e in range(2)] == [7, 3]
+    with pytest.raises(TypeError, match="kept counts per epoch"):
+        d3p.DataPruner(10, "random", epochs=2, random_match="runs/d3p_seed0")
