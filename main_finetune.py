@@ -7,7 +7,7 @@ MAE's main_finetune.py and main_linprobe.py in one script (facebookresearch/mae 
                   --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
   linprobe    python main_finetune.py --linprobe --finetune OUT/checkpoint-799.pth ...   (or main_linprobe.py)
   CPU demo    python main_finetune.py --finetune OUT/checkpoint-N.pth --model vit_tiny_patch4   (embedded digits)
-  pruning     python main_finetune.py --prune_method d3p ...   (none, d3p, infobatch, seta, random; without
+  pruning     python main_finetune.py --prune_method d3p ...   (the dynamic methods: d3p, none, infobatch, seta, random, and those of a --prune_plugin; without
               --finetune this is supervised training from scratch with pruning)
 
 Epochs count from 0 (as in MAE); checkpoint-E.pth holds epoch E. Per-epoch JSON lines go to OUTPUT_DIR/log.txt
@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Sampler
 
 import d3p
 import models_vit
+from d3p.checkpoints import CheckpointFormatError, load_plain
+from d3p.collectives import get_rank, get_world_size
 from engine_finetune import evaluate, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
@@ -45,9 +47,10 @@ from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
-from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util.dist import cleanup, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
+from util.run_folder import pruning_inputs
 
 
 class ConfigError(RuntimeError):
@@ -69,8 +72,7 @@ LINPROBE_DEFAULTS = dict(
 _FT_ONLY = ("layer_decay", "drop_path", "smoothing", "reprob", "mixup", "cutmix", "aa", "cutmix_minmax", "color_jitter")
 # Native input size of each model (img_size its constructor defaults to); others use 224.
 NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
-# dynamic methods only: the static selectors (dynunc, d2) pick a coreset during pre-training
-PRUNE_METHODS = ("none", "d3p", "infobatch", "seta", "random")
+# dynamic methods only (the registry's kind "dynamic"): the static selectors pick a coreset during pre-training
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -184,7 +186,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training (env:// only)")
 
-    d3p.add_pruning_args(p, methods=PRUNE_METHODS, default="none")
+    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), default="none")
     return p
 
 
@@ -249,7 +251,7 @@ def validate_args(args) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    problems = d3p.validate_pruning_args(args, PRUNE_METHODS)
+    problems = d3p.validate_pruning_args(args, d3p.method_names("dynamic"))
     if args.linprobe and args.prune_method != "none":
         # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
         problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
@@ -336,7 +338,8 @@ def build_loaders(args):
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
-    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world)
+    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world,
+                                      **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     pin = args.pin_mem and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
@@ -360,10 +363,10 @@ def build_loaders(args):
 # ----------------------------------------------------------------------------------------- checkpoint
 def _load_foreign_checkpoint(path: str):
     """Load a checkpoint as plain data (weights_only=True); MAE's own checkpoints, whose `args` is an
-    argparse.Namespace, load too (util.checkpoint.load_plain)."""
+    argparse.Namespace, load too (d3p.checkpoints.load_plain)."""
     try:
-        return ckpt_util.load_plain(path)
-    except ckpt_util.CheckpointFormatError as exc:
+        return load_plain(path)
+    except CheckpointFormatError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:
         raise ConfigError(
@@ -690,6 +693,7 @@ def main(args) -> dict:
 
 
 def cli(argv=None, linprobe: bool = False) -> None:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     args = get_args_parser().parse_args(argv)
     if linprobe:
         args.linprobe = True

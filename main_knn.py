@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import models_mae
+from d3p.collectives import get_rank, get_world_size
 from d3p.sampler import PrunedDistributedSampler
 from engine_pretrain import compute_embeddings
 from util import checkpoint as ckpt_util
@@ -41,7 +42,7 @@ from util.data_errors import DatasetError
 from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, num_classes_of, resolve_data_set
 from util.image_transforms import eval_transform
 from util.loader import collate_indexed, default_num_workers
-from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import barrier, init_distributed_mode, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import models_mae
 import d3p
+from d3p.collectives import get_rank, get_world_size
 from d3p.distributed import RankDivergenceError
 from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
@@ -34,7 +35,8 @@ from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stat
 from util.image_transforms import JPEG_UPSAMPLING, eval_transform, pretrain_transform
 from util.item_seeding import STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler, SeededItems
 from util.loader import collate_indexed, default_num_workers
-from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.dist import any_rank, barrier, cleanup, init_distributed_mode, is_main_process
+from util.run_folder import pruning_inputs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -215,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     if num_samples == 0:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
     print(f"dataset: {args.data_set}, {num_samples} training samples")
-    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world)
+    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world, **pruning_inputs(args))
     train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
     forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
@@ -450,6 +452,7 @@ def write_summary(args, pruner) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     parser = get_args_parser()
     args = parser.parse_args(argv)
     fill_defaults(args)
