@@ -16,6 +16,9 @@ PruningStrategy protocol and EpochPlan), registry.py (methods by name, their kin
 the rank guard), ledger.py, options.py, integration.py (the API), losses.py, checkpoints.py; one module per
 method in d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py
 (d3p-static), plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
+
+"spec §N" (or "spec section N") in this package's comments is section N of the method's specification, docs/spec.md
+of the source repository.
 """
 from __future__ import annotations
 
