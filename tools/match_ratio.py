@@ -36,8 +36,19 @@ from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from d3p.methods.common import anneal_start as anneal_epoch, kept_size  # noqa: E402  (the strategies' own rules)
+from d3p.registry import methods  # noqa: E402
 
-METHODS = ("infobatch", "seta", "random", "dynunc", "d2")
+# methods with a model of their own below; every static method of the registry shares the static one
+DYNAMIC_MODELS = ("infobatch", "seta", "random")
+
+
+def static_methods() -> tuple[str, ...]:
+    """The registry's static selectors with the warm-up frame's options (J full epochs, then round((1-r) N))."""
+    return tuple(m.name for m in methods("static") if {"prune_ratio", "static_warmup_epochs"} <= set(m.option_names()))
+
+
+def solvable_methods() -> tuple[str, ...]:
+    return DYNAMIC_MODELS + static_methods()
 
 
 class RatioError(ValueError):
@@ -175,7 +186,7 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
             kept = [1.0 if (e == 0 or e >= a) else (1.0 - r) * window_share(w, scale, scale0)
                     for e, w in enumerate(shares[:n_ep])]
             out["predicted_ratio"] = 1.0 - sum(kept) / n_ep
-    elif method in ("dynunc", "d2"):
+    elif method in static_methods():
         n_ep = int(epochs or target_summary["epochs"])
         r = static_ratio(target, n_ep, warmup)
         out["flags"] = {"prune_ratio": r, "static_warmup_epochs": warmup}
@@ -184,13 +195,13 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
         out["flags"] = {"prune_ratio": target}
         out["predicted_ratio"] = target
     else:
-        raise RatioError(f"unknown method {method}; choose one of {', '.join(METHODS)}")
+        raise RatioError(f"unknown method {method}; choose one of {', '.join(solvable_methods())}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Flags that make a fixed-ratio baseline realise a D3P run's prune ratio")
-    p.add_argument("method", choices=METHODS)
+    p.add_argument("method", choices=solvable_methods())
     p.add_argument("--target", required=True, metavar="RUN_DIR", help="finished D3P pre-training folder")
     p.add_argument("--calibration", default=None, metavar="RUN_DIR",
                    help="infobatch/seta: a finished run of that method with the same --epochs/--delta")
