@@ -470,8 +470,7 @@ def test_every_pretraining_pipeline_flips_half_the_crops(data_set, expected):
     """MAE's pre-training augmentation flips each crop with probability 1/2 (the in-memory CIFAR pipeline and
     the uint8 JPEG one alike); digits are never flipped (a mirrored digit is another shape). 400 crops of the
     coordinate image under a fixed seed: the flip rate of a correct pipeline lies within 0.5 +- 0.1 (4 sd)."""
-    args = SimpleNamespace(data_set=data_set, data_path=None, input_size=16)
-    transform = pretrain_transform(args)
+    transform = pretrain_transform(data_set, 16)
     image = _coordinate_image()
     torch.manual_seed(0)
     flips = [_flipped(transform(image)) for _ in range(400)]
