@@ -66,7 +66,7 @@ _FT_ONLY = ("layer_decay", "drop_path", "smoothing", "reprob", "mixup", "cutmix"
 # Native input size of each model (img_size its constructor defaults to); others use 224.
 NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
 # dynamic methods only: the static selectors (dynunc, d2) pick a coreset during pre-training
-PRUNE_METHODS = ("none", "d3p", "infobatch", "seta", "random")
+PRUNE_METHODS = ("none", "d3p", "infobatch", "seta", "random", "rs2")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

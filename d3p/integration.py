@@ -78,6 +78,10 @@ def build_strategy(method: str, num_samples: int, epochs: int | None = None, see
 
         counts = read_kept_counts(o["random_match"]) if o["random_match"] else None
         return RandomDynamic(num_samples, o["prune_ratio"], seed=seed, kept_counts=counts)
+    if method == "rs2":
+        from d3p.methods.rs2 import RS2
+
+        return RS2(num_samples, o["prune_ratio"], seed=seed)
     if method == "dynunc":
         from d3p.methods.dynunc import DynUnc
 

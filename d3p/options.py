@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from d3p.schedule import validate_schedule
 
-PRUNE_METHODS = ("d3p", "none", "infobatch", "seta", "random", "dynunc", "d2")
+PRUNE_METHODS = ("d3p", "none", "infobatch", "seta", "random", "rs2", "dynunc", "d2")
 
 # option name (= flag dest) -> default; DataPruner(**options) takes the same names
 DEFAULTS: dict[str, Any] = {
@@ -43,6 +43,7 @@ METHOD_OPTIONS: dict[str, list[str]] = {
     "infobatch": ["prune_ratio", "delta"],
     "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
     "random": ["prune_ratio", "random_match"],
+    "rs2": ["prune_ratio"],
     "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],
     "d2": ["prune_ratio", "static_warmup_epochs", "d2_neighbors", "d2_gamma", "d2_mode", "d2_sampling",
            "d2_knn", "d2_knn_index", "d2_nprobe"],
@@ -69,7 +70,7 @@ def add_pruning_args(
     g.add_argument("--d3p_bins", "--bin_num", dest="d3p_bins", default=d["d3p_bins"], type=int, help="histogram bins")
     g.add_argument("--d3p_quantile", default=d["d3p_quantile"], type=float, help="grid end of the ideal density")
     g.add_argument("--d3p_anneal_epochs", default=d["d3p_anneal_epochs"], type=int, help="full data in the last K epochs")
-    g.add_argument("--prune_ratio", default=d["prune_ratio"], type=float, help="r of InfoBatch/SeTa/random/static methods")
+    g.add_argument("--prune_ratio", default=d["prune_ratio"], type=float, help="r of InfoBatch/SeTa/random/RS2/static methods")
     g.add_argument("--delta", default=d["delta"], type=float,
                    help="InfoBatch/SeTa: full data from 0-based epoch floor(delta*epochs)")
     g.add_argument("--seta_groups", default=d["seta_groups"], type=int)
