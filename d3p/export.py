@@ -11,7 +11,7 @@ Kept set (without --counts), from checkpoint['pruning']['strategy']:
   d3p           ~pruned of the last decision (all samples before the first decision);
   dynunc, d2    the selected subset (all samples while still in warm-up); OUTPUT_DIR/kept_static.npy if the
                 checkpoint lacks it;
-  none, infobatch, seta, random: no persistent kept set (each epoch draws its own) -> error; use --counts.
+  none, infobatch, seta, random, rs2: no persistent kept set (each epoch draws its own) -> error; use --counts.
 
 Trained counts (--counts): counts[i] = the number of epochs in which sample i was in the epoch's kept set, i.e.
 trained with gradient (epochs 0..E of checkpoint-E.pth). Distributed padding duplicates are not counted twice, so
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-NO_KEPT_SET = ("none", "infobatch", "seta", "random")
+NO_KEPT_SET = ("none", "infobatch", "seta", "random", "rs2")
 STATIC = ("dynunc", "d2")
 ENGINE_CHANGE = (
     "exact per-sample counts need checkpoint['pruning']['trained_counts'], which this checkpoint predates "

@@ -114,8 +114,8 @@ def test_any_image_folder_recipe(tmp_path):
 
 def test_digits_converged_plan_rs2_and_equal_compute(tmp_path):
     out = tmp_path / "out"
-    res = run_recipe(out, PLAN="converged", ARMS="none d3p rs2 whole_eqc", SEEDS="0", EPOCHS=5, LP_EPOCHS=1,
-                     PRETRAIN_ARGS="--train_subset 192")
+    res = run_recipe(out, timeout=1800, PLAN="converged", ARMS="none d3p rs2 whole_eqc", SEEDS="0", EPOCHS=5,
+                     LP_EPOCHS=1, PRETRAIN_ARGS="--train_subset 192")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     d3p = _summary(out / "d3p_seed0" / "pretrain" / "summary.json")
     assert d3p["prune_ratio"] > 0
@@ -135,8 +135,8 @@ def test_digits_converged_plan_rs2_and_equal_compute(tmp_path):
 
 def test_sweep_plan_skips_a_ratio_out_of_reach(tmp_path):
     out = tmp_path / "out"
-    res = run_recipe(out, PLAN="sweep", SWEEP_RATIOS="70", SWEEP_METHODS="infobatch whole_eqc", SEEDS="0",
-                     EPOCHS=4, LP_EPOCHS=1, PRETRAIN_ARGS="--train_subset 192")
+    res = run_recipe(out, timeout=1800, PLAN="sweep", SWEEP_RATIOS="70", SWEEP_METHODS="infobatch whole_eqc",
+                     SEEDS="0", EPOCHS=4, LP_EPOCHS=1, PRETRAIN_ARGS="--train_subset 192")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # InfoBatch prunes at most (its below-mean fraction x the pruned epochs) / E: 70% is out of reach -> skipped
     assert "SKIP infobatch_p70_seed0" in res.stdout and not (out / "infobatch_p70_seed0" / "pretrain").exists()
