@@ -1,41 +1,59 @@
 #!/usr/bin/env bash
-# Reproduce Table 1 of the D3P paper: every arm pre-trains with the same epochs and seeds, then is evaluated by
-# a k-NN probe (main_knn.py), a linear probe and fine-tuning; tools/make_table.py prints the table.
+# Reproduce Table 1 of the D3P paper and ask whether pruning pays: every arm pre-trains with the same seeds, then
+# is evaluated by a k-NN probe (main_knn.py), a linear probe and fine-tuning; tools/make_table.py prints the table,
+# the paired differences by seed (95% t-intervals) and OUT/figure.png. docs/does_pruning_pay.md explains the plans.
 #
-#   tools/reproduce_table1.sh                                  CPU: the embedded digits, 3 seeds, default and
-#                                                              equal ratios (~35 min on an idle 2-core machine)
-#   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh the paper's ImageNet-1K recipe
+#   tools/reproduce_table1.sh [converged]        digits: the converged regime (80 epochs, 5 seeds): Whole, D3P,
+#                                                Random matched, RS2 / InfoBatch at D3P's ratio, Train less
+#   tools/reproduce_table1.sh sweep              digits: random, RS2, InfoBatch, Dyn-Unc, D2, Train less at
+#                                                30/50/70% pruned (3 seeds, 80 epochs)
+#   tools/reproduce_table1.sh table1             digits: the 20-epoch table of every method (under-trained regime)
+#   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh the paper's ImageNet-1K recipe (PLAN table1)
 #   DATA_SET=cifar10 DATA_PATH=/data/cifar NPROC=1 tools/reproduce_table1.sh      the paper's CIFAR-10 block
 #   DATA_SET=folder DATA_PATH=/data/mine MODEL=mae_vit_base_patch16 INPUT_SIZE=224 EPOCHS=100 tools/reproduce_table1.sh
 #
-# Variables: OUT (./output_table1), SEEDS (digits "0 1 2", else "0"), ARMS (none infobatch seta d3p random
-# dynunc d2, plus scratch on the digits), RATIO (default | match | both; digits: both, else default), DATA_SET
-# (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS, FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds
-# that are fine-tuned; digits "0", else all), FT_EQUAL (1: fine-tune the equal-ratio arms too; digits 0),
-# LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
+# Variables: PLAN (or the first argument: converged | table1 | sweep; digits: converged, else table1), PLAN_ONLY=1
+# (print the jobs and flags, run nothing), OUT (./output_table1), SEEDS (digits: converged "0 1 2 3 4", sweep and
+# table1 "0 1 2"; else "0"), ARMS (table1: none infobatch seta d3p random dynunc d2, plus scratch on the digits;
+# converged: none d3p random rs2 infobatch whole_eqc), RATIO (default | match | both; digits table1: both,
+# converged and sweep: match, else default), SWEEP_RATIOS ("30 50 70", percent pruned), SWEEP_METHODS (random rs2
+# infobatch dynunc d2 whole_eqc), DATA_SET (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS,
+# FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds that are fine-tuned; digits table1 "0", converged/sweep none, else all),
+# LP_SEEDS (seeds that get a linear probe; digits converged/sweep none, else all), FT_EQUAL (1: fine-tune the
+# equal-ratio arms too; digits 0), LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
 # Multi-GPU: NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (3). Extra flags:
 # PRETRAIN_ARGS, FINETUNE_ARGS, LINPROBE_ARGS, KNN_ARGS. Folder mode: MODEL (the MAE model; the fine-tuned ViT is
 # its encoder: mae_vit_base_patch16 -> vit_base_patch16), INPUT_SIZE, BATCH (per GPU), EPOCHS; ACCUM (default:
-# effective batch 4096), LP_BATCH, LP_ACCUM (default: effective 16384), NUM_WORKERS, STATIC_WARMUP (J).
+# effective batch 4096), LP_BATCH, LP_ACCUM (default: effective 16384; both capped for a small folder, see
+# fit_batches), NUM_WORKERS, STATIC_WARMUP (J).
 # CIFAR-10: DATA_PATH holds cifar-10-batches-py/ (python version), CIFAR100_PATH (default DATA_PATH) holds
 # cifar-100-python/ for the second fine-tuning; no download.
 #
 # Arms: none = Whole dataset, infobatch, seta, d3p, random = random dynamic matched epoch by epoch to the D3P run of
-# the same seed, dynunc, d2; scratch (digits) = linear probe / fine-tune of a randomly initialised ViT. Equal ratio
-# (RATIO=match|both): infobatch_eq, seta_eq, dynunc_eq, d2_eq run at the prune ratio the D3P arm of the same seed
-# realised, with flags from tools/match_ratio.py (InfoBatch and SeTa are calibrated on their default-ratio arm of
-# the same seed, which therefore also runs); random is the matched arm. One folder per arm and seed:
-# OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for equal-ratio arms.
-# Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with --auto_resume. The
-# table (OUT/table1.md, OUT/table1.json) is printed at the end from whatever has finished; stage wall times are
-# in OUT/timings.txt.
+# the same seed, rs2 (RS2: random subsets without replacement), dynunc, d2; scratch (digits) = linear probe /
+# fine-tune of a randomly initialised ViT. Equal ratio (RATIO=match|both): infobatch_eq, seta_eq, rs2_eq, dynunc_eq,
+# d2_eq run at the prune ratio the D3P arm of the same seed realised, with flags from tools/match_ratio.py
+# (InfoBatch and SeTa are calibrated on their default-ratio arm of the same seed, which therefore also runs);
+# random is the matched arm. whole_eqc = Train less: the whole data for the epochs that cost what the D3P arm of
+# the seed cost (warm-up and cosine compressed; tools/match_ratio.py whole_eqc). Sweep arms <method>_p<PCT> run at
+# PCT% pruned (whole_eqc_p<PCT>: at that compute); a ratio out of a method's reach is logged as SKIP. One folder
+# per arm and seed: OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for
+# matched arms. Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with
+# --auto_resume. The table (OUT/table1.md, OUT/table1.json, OUT/figure.png) is printed at the end from whatever
+# has finished; stage wall times are in OUT/timings.txt.
 #
 # Digits sizing (this 2-core machine, one thread per process, 16x16 inputs, idle: ~4 s per whole-data epoch,
-# k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included):
-# 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
+# k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included).
+# converged: 5 seeds x 7 pre-trainings (Whole, D3P, Random, RS2, Train less, InfoBatch at D3P's ratio and its
+# calibration run) of 80 epochs, each pruned arm ~85% of Whole's samples: ~6 x 80 whole-data epochs per seed,
+# ~9,600 s, + 35 k-NN (~280 s) + process starts (~180 s): ~10,000 single-core seconds, ~85 min with 2 lanes
+# (LP_SEEDS="0 1 2 3 4" adds 35 linear probes, ~9 min). 80 epochs: the Whole arm's k-NN rises from 76% at 20 epochs
+# to 89% at 40 (docs/does_pruning_pay.md); 80 is the longest run 5 seeds of 7 arms fit in 90 minutes.
+# sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs, ~100 min.
+# table1: 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
 # (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
-# FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: 20 pre-training epochs
-# (D3P decides at epochs 3, 8, 13, 18: s=3, p=5, n=2; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875;
+# FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: D3P s=3, p=5, n=2 (decisions at
+# epochs 3, 8, 13, ...; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875, lr warm-up 3 epochs;
 # fine-tune 10 epochs (blr 5e-3, no mixup/cutmix/RandAugment); linear probe 10 epochs, LARS, blr 16 (MAE's blr 0.1
 # is tuned for batch 16384 and leaves a batch-64 probe at chance). With 297 validation images (1 image = 0.34
 # points) the k-NN column (no training, no seed of its own) separates methods best.
@@ -100,6 +118,7 @@ case $DATA_SET in
       ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2 scratch"}
     else  # converged: 5 seeds of the equal-compute table; sweep: 3 seeds; k-NN and linear probe, no fine-tuning
       EPOCHS=${EPOCHS:-$CONVERGED_EPOCHS}; FT_SEEDS=${FT_SEEDS:-none}; RATIO=${RATIO:-match}; ARMS=${ARMS:-}
+      LP_SEEDS=${LP_SEEDS:-none}  # k-NN only: the linear probes (~30 s each) would take the table past 90 min
       [[ $PLAN == converged ]] && SEEDS=${SEEDS:-"0 1 2 3 4"} || SEEDS=${SEEDS:-"0 1 2"}
     fi
     FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}; J=${STATIC_WARMUP:-5}; FT_EQUAL=${FT_EQUAL:-0}
@@ -186,6 +205,7 @@ case $PLAN in
            || die "SWEEP_METHODS: $m is not one of random rs2 infobatch seta dynunc d2 whole_eqc"; done;;
 esac
 case $RATIO in default|match|both) ;; *) die "RATIO=$RATIO: choose default, match or both";; esac
+LP_SEEDS=${LP_SEEDS:-$SEEDS}
 
 # launch NAME SCRIPT ARGS...: one process, or torchrun over NPROC x NNODES (elastic restarts resume the stage)
 launch() {
@@ -293,9 +313,11 @@ run_arm() {
     run_stage "${arm}_seed$seed/knn" "$dir/knn" main_knn.py "${DATA[@]}" --checkpoint "$ckpt" "${KNN[@]}" \
       --output_dir "$dir/knn" ${KNN_ARGS:-} || status=1
   fi
-  run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" main_finetune.py --linprobe "${DATA[@]}" "${LP[@]}" \
-    "${init[@]}" --epochs "$LP_EPOCHS" --seed "$seed" --output_dir "$dir/linprobe" --auto_resume \
-    ${LINPROBE_ARGS:-} || status=1
+  if [[ $arm == scratch || " $LP_SEEDS " == *" $seed "* ]]; then
+    run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" main_finetune.py --linprobe "${DATA[@]}" "${LP[@]}" \
+      "${init[@]}" --epochs "$LP_EPOCHS" --seed "$seed" --output_dir "$dir/linprobe" --auto_resume \
+      ${LINPROBE_ARGS:-} || status=1
+  fi
   if [[ " $FT_SEEDS " == *" $seed "* && ( $arm != *_eq || $FT_EQUAL == 1 ) ]]; then
     run_stage "${arm}_seed$seed/finetune" "$dir/finetune" main_finetune.py "${DATA[@]}" "${FT[@]}" "${init[@]}" \
       --epochs "$FT_EPOCHS" --seed "$seed" --output_dir "$dir/finetune" --auto_resume ${FINETUNE_ARGS:-} || status=1
@@ -336,7 +358,8 @@ for seed in $SEEDS; do
   for arm in "${arms[@]}"; do JOBS+=("$arm:$seed"); done
 done
 if [[ ${PLAN_ONLY:-0} == 1 ]]; then  # print the plan and the flags, run nothing
-  echo "plan: $PLAN, $DATA_SET, $EPOCHS epochs (warm-up $WARMUP), seeds [$SEEDS], ratio $RATIO, $LANES lane(s)"
+  echo "plan: $PLAN, $DATA_SET, $EPOCHS epochs (warm-up $WARMUP), seeds [$SEEDS], ratio $RATIO, $LANES lane(s)," \
+       "linear probe seeds [$LP_SEEDS], fine-tune seeds [$FT_SEEDS]"
   echo "jobs: ${JOBS[*]}"
   echo "pretrain: ${PRE[*]}"
   echo "linprobe: ${LP[*]}"
