@@ -291,8 +291,13 @@ pretrain_flags() {
     log "FAILED ${arm}_seed$seed: tools/match_ratio.py found no flags (see above)"; return 1
   fi
   cat "$err" >> "$TIMES"
-  log "${arm}_seed$seed at $( [[ $target == "$d3p" ]] && echo "D3P's" || echo "$target" ) $( [[ $solver == whole_eqc ]] \
-      && echo compute || echo ratio): $solved"
+  local what
+  if [[ $solver == whole_eqc ]]; then
+    [[ $target == "$d3p" ]] && what="D3P's compute" || what="the compute of prune ratio $target"
+  else
+    [[ $target == "$d3p" ]] && what="D3P's ratio" || what="prune ratio $target"
+  fi
+  log "${arm}_seed$seed at $what: $solved"
   read -r -a more <<< "$solved"
   if [[ $solver == whole_eqc ]]; then  # --epochs E' --warmup_epochs W'
     ARM_EPOCHS=${more[1]}; ARM_FLAGS+=("${more[@]:2}")
