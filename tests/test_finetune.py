@@ -156,15 +156,15 @@ def test_posterize_fix_gives_black_image_at_zero_bits():
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
 
-    from util.datasets import _posterize_keeping_zero_bits, finetune_transform
+    from util.image_transforms import _posterize_keeping_zero_bits, finetune_train_transform
 
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert _posterize_keeping_zero_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert _posterize_keeping_zero_bits(img, 8) is img
     assert _posterize_keeping_zero_bits(img, 1).getpixel((0, 0)) == (128, 0, 0)
     # MAE's RandAugment recipe gets the safe op
-    args = argparse.Namespace(data_set=None, data_path=None, input_size=32, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-    ops = [op for t in finetune_transform(True, args).transforms for op in getattr(t, "ops", [])]
+    tf = finetune_train_transform("digits", 32, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", [])]
     posterize_ops = [op for op in ops if isinstance(op, AugmentOp) and "Posterize" in op.name]
     assert posterize_ops and all(op.aug_fn is _posterize_keeping_zero_bits for op in posterize_ops)
 
@@ -353,10 +353,9 @@ def test_finetune_transform_uses_python_random_only():
     from timm.data.auto_augment import RandAugment
 
     from util.augment import SeededRandAugment
-    from util.datasets import finetune_transform
+    from util.image_transforms import finetune_train_transform
 
-    args = argparse.Namespace(data_set=None, data_path=None, input_size=16, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-    tf = finetune_transform(True, args)
+    tf = finetune_train_transform("digits", 16, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     augments = [t for t in tf.transforms if isinstance(t, RandAugment)]
     assert len(augments) == 1 and type(augments[0]) is SeededRandAugment
     assert augments[0].num_layers == 2 and len(augments[0].ops) == 15

@@ -231,7 +231,7 @@ def test_resume_with_workers_equals_straight_run(tmp_path):
 
 def test_item_seeds_depend_on_position_epoch_rank_and_stream_only():
     from d3p.sampler import PrunedDistributedSampler
-    from util.datasets import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler
+    from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler
 
     base = PrunedDistributedSampler(10, 2, 1, seed=3)
     seeds = ItemSeedSampler(base, seed=3, rank=1, stream=STREAM_TRAIN)

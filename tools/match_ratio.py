@@ -49,8 +49,19 @@ from typing import Any, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from d3p.ledger import FORWARD_ONLY_COST  # noqa: E402
 from d3p.methods.common import anneal_start as anneal_epoch, kept_size  # noqa: E402  (the strategies' own rules)
+from d3p.registry import methods  # noqa: E402
 
-METHODS = ("infobatch", "seta", "random", "rs2", "dynunc", "d2", "whole_eqc")
+# methods with a model of their own below; every static method of the registry shares the static one
+DYNAMIC_MODELS = ("infobatch", "seta", "random", "rs2")
+
+
+def static_methods() -> tuple[str, ...]:
+    """The registry's static selectors with the warm-up frame's options (J full epochs, then round((1-r) N))."""
+    return tuple(m.name for m in methods("static") if {"prune_ratio", "static_warmup_epochs"} <= set(m.option_names()))
+
+
+def solvable_methods() -> tuple[str, ...]:
+    return DYNAMIC_MODELS + static_methods() + ("whole_eqc",)
 
 
 class RatioError(ValueError):
@@ -239,7 +250,7 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
             kept = [1.0 if (e == 0 or e >= a) else (1.0 - r) * window_share(w, scale, scale0)
                     for e, w in enumerate(shares[:n_ep])]
             out["predicted_ratio"] = 1.0 - sum(kept) / n_ep
-    elif method in ("dynunc", "d2"):
+    elif method in static_methods():
         n_ep = tgt["epochs"]
         r = static_ratio(target, n_ep, warmup)
         out["flags"] = {"prune_ratio": r, "static_warmup_epochs": warmup}
@@ -262,13 +273,13 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
         out["predicted_ratio"] = 0.0  # no pruning: the saving is in the epochs
         out["predicted_compute_saved"] = 1.0 - new_epochs / n_ep
     else:
-        raise RatioError(f"unknown method {method}; choose one of {', '.join(METHODS)}")
+        raise RatioError(f"unknown method {method}; choose one of {', '.join(solvable_methods())}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Flags that make a fixed-ratio baseline realise a D3P run's prune ratio")
-    p.add_argument("method", choices=METHODS)
+    p.add_argument("method", choices=solvable_methods())
     p.add_argument("--target", required=True, metavar="RUN_DIR|RATIO",
                    help="finished D3P pre-training folder, or a prune ratio in [0, 1) (then --epochs)")
     p.add_argument("--calibration", default=None, metavar="RUN_DIR",

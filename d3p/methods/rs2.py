@@ -23,13 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from d3p.methods.common import _Base, _check_ratio, kept_size, sorted_unique_int64
+from d3p.methods.common import PRUNE_RATIO, BaseStrategy, check_ratio, kept_size, sorted_unique_int64
+from d3p.registry import register_method
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 _PURPOSE_RS2 = 37
 
 
-class RS2(_Base):
+@register_method("rs2", "dynamic", (PRUNE_RATIO,),
+                 help="RS2: each epoch the next chunk of a shuffled permutation, reshuffled when used up")
+class RS2(BaseStrategy):
     """Per-epoch random subsets without replacement: consecutive chunks of one permutation per pass.
 
     num_samples: N. prune_ratio: r in [0, 1); the chunk size is k = round((1 - r) N) (the published
@@ -41,7 +44,7 @@ class RS2(_Base):
     def __init__(self, num_samples: int, prune_ratio: float = 0.5, seed: int = 0) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        _check_ratio(prune_ratio)
+        check_ratio(prune_ratio)
         self.num_samples = int(num_samples)
         self.prune_ratio = float(prune_ratio)
         self.seed = int(seed)
@@ -96,7 +99,7 @@ class RS2(_Base):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Stateless apart from its config: the pass structure depends on r and the permutations on the seed, so a
         resume with another --prune_ratio or --seed would silently train a different sequence; it is refused."""
-        self._check_state(state)
+        self.check_state(state)
         for key in ("prune_ratio", "seed"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict was saved with {key}={state[key]}, this run has {getattr(self, key)}. "
