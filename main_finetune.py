@@ -338,6 +338,14 @@ def build_loaders(args):
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
+    eff_batch = args.batch_size * args.accum_iter * world
+    if eff_batch > len(dataset_train):  # at most one optimizer step per epoch, its lr scaled for eff_batch samples
+        raise ConfigError(
+            f"the effective batch (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {world} rank(s) "
+            f"= {eff_batch}) is larger than the training set ({len(dataset_train)} images): each epoch would make at "
+            f"most one optimizer step, with a learning rate scaled for {eff_batch} samples. Fix: lower --batch_size "
+            f"or --accum_iter (e.g. an effective batch of at most {len(dataset_train)} // 32)"
+        )
     pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world,
                                       **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)

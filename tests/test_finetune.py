@@ -426,3 +426,11 @@ def test_seeded_mixup_is_a_function_of_seed_epoch_rank_step():
     m.reseed(0, 0)
     (yl, yh, xl, xh), lam = m.cutmix_bbox_and_lam((3, 16, 16), 0.75)
     assert 0 <= yl <= yh <= 16 and 0 <= xl <= xh <= 16 and lam == 1 - (yh - yl) * (xh - xl) / 256
+
+
+def test_effective_batch_above_the_training_set_is_refused():
+    """A linear probe whose effective batch exceeds the training set would make one optimizer step per epoch."""
+    args = _args("--linprobe", "--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "64",
+                 "--accum_iter", "32", "--num_workers", "0")
+    with pytest.raises(main_finetune.ConfigError, match=r"= 2048\) is larger than the training set \(1500 images\)"):
+        main_finetune.build_loaders(args)
