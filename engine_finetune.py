@@ -17,10 +17,10 @@ import torch
 from timm.data.mixup import mixup_target
 from timm.utils import accuracy
 
+from d3p.collectives import all_reduce, is_dist, to_collective
 from util import lr_sched
 from util.amp import autocast_dtype
 from util.device_input import DeviceNormalize, Stats
-from util.dist import all_reduce, is_dist, to_collective
 from util.engine import (  # noqa: F401  (NonFiniteLossError: the engine's error, re-exported for callers)
     NonFiniteLossError, SyncPoint, accumulation_divisor, autocast, no_sync_unless, stoppable, training_mode,
 )

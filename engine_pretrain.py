@@ -8,8 +8,9 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p import DataPruner
+from d3p.collectives import all_reduce, is_dist, to_collective
 from util.device_input import DeviceNormalize, Stats
-from util.dist import all_reduce, all_reduce_mean, all_reduce_sum, is_dist, to_collective
+from util.dist import all_reduce_mean, all_reduce_sum
 from util.engine import (  # noqa: F401  (NonFiniteLossError, nonfinite_loss_error: re-exported for callers)
     NonFiniteLossError, SyncPoint, accumulation_divisor, autocast, no_sync_unless, nonfinite_loss_error, stoppable,
     training_mode,

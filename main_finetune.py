@@ -7,7 +7,7 @@ MAE's main_finetune.py and main_linprobe.py in one script (facebookresearch/mae 
                   --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
   linprobe    python main_finetune.py --linprobe --finetune OUT/checkpoint-799.pth ...   (or main_linprobe.py)
   CPU demo    python main_finetune.py --finetune OUT/checkpoint-N.pth --model vit_tiny_patch4   (embedded digits)
-  pruning     python main_finetune.py --prune_method d3p ...   (none, d3p, infobatch, seta, random; without
+  pruning     python main_finetune.py --prune_method d3p ...   (the dynamic methods: d3p, none, infobatch, seta, random, and those of a --prune_plugin; without
               --finetune this is supervised training from scratch with pruning)
 
 Epochs count from 0 (as in MAE); checkpoint-E.pth holds epoch E. Per-epoch JSON lines go to OUTPUT_DIR/log.txt
@@ -35,17 +35,23 @@ from torch.utils.data import Sampler
 
 import d3p
 import models_vit
+from d3p.checkpoints import CheckpointFormatError, load_plain
+from d3p.collectives import get_rank, get_world_size
 from engine_finetune import evaluate, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
+from util import image_transforms
+from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN
+from util.loader import default_num_workers
 from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
 from util import run
-from util.dist import any_rank, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util.dist import any_rank, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
+from util.run_folder import pruning_inputs
 
 
 ConfigError = run.ConfigError  # bad flags or inputs (exit code 2); the message names it and the fix
@@ -66,8 +72,7 @@ LINPROBE_DEFAULTS = dict(
 _FT_ONLY = ("layer_decay", "drop_path", "smoothing", "reprob", "mixup", "cutmix", "aa", "cutmix_minmax", "color_jitter")
 # Native input size of each model (img_size its constructor defaults to); others use 224.
 NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
-# dynamic methods only: the static selectors (dynunc, d2) pick a coreset during pre-training
-PRUNE_METHODS = ("none", "d3p", "infobatch", "seta", "random")
+# dynamic methods only (the registry's kind "dynamic"): the static selectors pick a coreset during pre-training
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -154,7 +159,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", default=False,
                    help="shard evaluation across ranks (exact: counts are summed, no sample is duplicated)")
-    g.add_argument("--jpeg_upsampling", default="fast", choices=data_util.JPEG_UPSAMPLING,
+    g.add_argument("--jpeg_upsampling", default="fast", choices=image_transforms.JPEG_UPSAMPLING,
                    help="chroma upsampling for the linear probe's training crops from JPEG folders: fast = "
                         "libjpeg's merged upsampler, fancy = as PIL decodes (fine-tuning's RandAugment and "
                         "evaluation always decode with PIL's default)")
@@ -162,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # output, checkpoints (MAE's --save_ckpt_freq is an alias of --save_every), resume, loader, devices
     run.add_run_args(p, save_every=1, keep_last=1)
 
-    d3p.add_pruning_args(p, methods=PRUNE_METHODS, default="none")
+    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), default="none")
     return p
 
 
@@ -190,10 +195,11 @@ def resolve_defaults(args) -> None:
             setattr(args, k, v)
     if args.aa is not None and str(args.aa).lower() in ("none", ""):
         args.aa = None
+    args.data_set = data_util.resolve_data_set(args.data_set, args.data_path)
     if args.input_size is None:
         args.input_size = NATIVE_INPUT_SIZE.get(args.model, 224)
     if args.num_workers is None:
-        args.num_workers = data_util.default_num_workers()
+        args.num_workers = default_num_workers()
     if args.log_dir is None:
         args.log_dir = args.output_dir
 
@@ -224,7 +230,7 @@ def validate_args(args) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    problems = run.run_arg_problems(args) + d3p.validate_pruning_args(args, PRUNE_METHODS)
+    problems = run.run_arg_problems(args) + d3p.validate_pruning_args(args, d3p.method_names("dynamic"))
     if args.linprobe and args.prune_method != "none":
         # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
         problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
@@ -278,8 +284,18 @@ class EvalShardSampler(Sampler):
 def linprobe_transform(is_train: bool, args):
     """MAE's linear-probe augmentation: RandomResizedCrop (0.08-1) + horizontal flip (no flip on digits), uint8."""
     if not is_train:
-        return data_util.eval_transform(args)
-    return data_util.train_crop_transform(args, scale=(0.08, 1.0))
+        return image_transforms.eval_transform(args.data_set, args.input_size)
+    return image_transforms.crop_transform(args.data_set, args.input_size, (0.08, 1.0), args.jpeg_upsampling)
+
+
+def finetune_transform(is_train: bool, args):
+    """MAE's fine-tuning augmentation: timm's RandAugment (--aa) + random erasing (--reprob), float32; uint8 centre
+    crop for evaluation."""
+    if not is_train:
+        return image_transforms.eval_transform(args.data_set, args.input_size)
+    return image_transforms.finetune_train_transform(
+        args.data_set, args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter, reprob=args.reprob,
+        remode=args.remode, recount=args.recount)
 
 
 def build_loaders(args):
@@ -291,22 +307,24 @@ def build_loaders(args):
     if args.linprobe:
         tf = linprobe_transform
     else:
-        tf = data_util.finetune_transform
-    dataset_train = data_util.IndexedDataset(data_util.build_dataset("train", args, tf(True, args)))
-    dataset_val = data_util.build_dataset("val", args, tf(False, args))
+        tf = finetune_transform
+    dataset_train = data_util.IndexedDataset(
+        data_util.build_dataset("train", args.data_set, args.data_path, tf(True, args), args.download))
+    dataset_val = data_util.build_dataset("val", args.data_set, args.data_path, tf(False, args), args.download)
     world, rank = get_world_size(), get_rank()
     if len(dataset_train) // world < args.batch_size:
         raise ConfigError(
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
-    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world)
+    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world,
+                                      **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
-    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.datasets.SeededItems)
-    loader_train = run.make_loader(dataset_train, pruner.sampler, args, args.batch_size, data_util.STREAM_TRAIN,
+    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.item_seeding.SeededItems)
+    loader_train = run.make_loader(dataset_train, pruner.sampler, args, args.batch_size, STREAM_TRAIN,
                                    drop_last=args.linprobe)
     loader_forward = run.make_loader(dataset_train, pruner.forward_sampler, args, args.batch_size,
-                                     data_util.STREAM_FORWARD_ONLY)
+                                     STREAM_FORWARD_ONLY)
     loader_val = run.make_eval_loader(dataset_val, sampler_val, args, args.batch_size)
     return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
 
@@ -314,10 +332,10 @@ def build_loaders(args):
 # ----------------------------------------------------------------------------------------- checkpoint
 def _load_foreign_checkpoint(path: str):
     """Load a checkpoint as plain data (weights_only=True); MAE's own checkpoints, whose `args` is an
-    argparse.Namespace, load too (util.checkpoint.load_plain)."""
+    argparse.Namespace, load too (d3p.checkpoints.load_plain)."""
     try:
-        return ckpt_util.load_plain(path)
-    except ckpt_util.CheckpointFormatError as exc:
+        return load_plain(path)
+    except CheckpointFormatError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:
         raise ConfigError(
@@ -479,7 +497,8 @@ def build_data(args) -> Finetuning:
             label_smoothing=args.smoothing, num_classes=args.nb_classes, seed=args.seed, rank=get_rank(),
         )
     return Finetuning(args, device, autocast_dtype(args.precision, args.device), dataset_train, dataset_val, pruner,
-                      loader_train, loader_val, loader_forward, data_util.dataset_stats(args), mixup_fn)
+                      loader_train, loader_val, loader_forward, data_util.dataset_stats(args.data_set),
+                      mixup_fn)
 
 
 def build_model(args) -> nn.Module:
@@ -702,7 +721,7 @@ def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[fl
         "epoch_seconds": epoch_seconds,
         "finetune": args.finetune,
         "resumed_from": args.resume or None,
-        "data_set": data_util.resolve_data_set(args),
+        "data_set": args.data_set,
         "input_size": args.input_size,
         "global_pool": args.global_pool,
         "lr": args.lr,
@@ -725,6 +744,7 @@ def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[fl
 
 
 def cli(argv=None, linprobe: bool = False) -> None:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     args = get_args_parser().parse_args(argv)
     if linprobe:
         args.linprobe = True

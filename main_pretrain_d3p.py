@@ -28,13 +28,14 @@ from util import checkpoint as ckpt_util
 from util import run
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
-from util.datasets import (
-    DATA_SETS, JPEG_UPSAMPLING, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset,
-    build_dataset, dataset_stats, default_num_workers, eval_transform, pretrain_transform, resolve_data_set,
-)
-from util.dist import (
-    all_gather_object, any_rank, barrier, get_rank, get_world_size, init_distributed_mode, is_main_process,
-)
+from d3p.collectives import all_gather_object, get_rank, get_world_size
+from util.data_errors import DatasetError
+from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, resolve_data_set
+from util.image_transforms import JPEG_UPSAMPLING, eval_transform, pretrain_transform
+from util.item_seeding import STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN
+from util.loader import default_num_workers
+from util.dist import any_rank, barrier, init_distributed_mode, is_main_process
+from util.run_folder import pruning_inputs
 from util.run import make_loader  # noqa: F401  (benchmarks/bench_overhead.py builds its loaders with it)
 
 
@@ -114,7 +115,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def fill_defaults(args: argparse.Namespace) -> None:
     """Defaults that depend on the data: small models and inputs for the 32x32 data sets."""
-    args.data_set = resolve_data_set(args)
+    args.data_set = resolve_data_set(args.data_set, args.data_path)
     small = args.data_set in ("digits", "cifar10", "cifar100")
     if args.input_size is None:
         args.input_size = 32 if small else 224
@@ -128,7 +129,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 def train_split(args, transform):
     """The training set, or its first --train_subset samples."""
-    dataset = build_dataset("train", args, transform)
+    dataset = build_dataset("train", args.data_set, args.data_path, transform, args.download)
     if args.train_subset:
         dataset = torch.utils.data.Subset(dataset, range(min(args.train_subset, len(dataset))))
     return dataset
@@ -163,11 +164,12 @@ def build(args: argparse.Namespace, stop: run.StopSignals) -> Pretraining:
     """Data, pruner, loaders, model (DDP), AdamW and the loss scaler of a run."""
     device = torch.device(args.device)
     world = get_world_size()
-    dataset = IndexedDataset(train_split(args, pretrain_transform(args)), skip_corrupt=args.skip_corrupt)
+    transform = pretrain_transform(args.data_set, args.input_size, args.jpeg_upsampling)
+    dataset = IndexedDataset(train_split(args, transform), skip_corrupt=args.skip_corrupt)
     if len(dataset) == 0:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
     print(f"dataset: {args.data_set}, {len(dataset)} training samples")
-    pruner = d3p.DataPruner.from_args(args, len(dataset), min_kept=args.batch_size * world)
+    pruner = d3p.DataPruner.from_args(args, len(dataset), min_kept=args.batch_size * world, **pruning_inputs(args))
     train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
     forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
@@ -187,7 +189,8 @@ def build(args: argparse.Namespace, stop: run.StopSignals) -> Pretraining:
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_kwargs(device))
     amp_dtype = autocast_dtype(args.precision, args.device)
     return Pretraining(args, device, dataset, pruner, train_loader, forward_loader, model, model_without_ddp,
-                       optimizer, ScaledOptimizerStep(amp_dtype, args.device), amp_dtype, dataset_stats(args), stop)
+                       optimizer, ScaledOptimizerStep(amp_dtype, args.device), amp_dtype, dataset_stats(args.data_set),
+                       stop)
 
 
 def resume(r: Pretraining) -> dict | None:
@@ -312,8 +315,8 @@ def no_grad_passes(r: Pretraining, epoch: int) -> tuple[np.ndarray | None, bool]
     polled = dict(stop_requested=r.stop, print_freq=args.print_freq, input_stats=r.input_stats)
     embeddings = None
     if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
-        embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
-                                   pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
+        embed_set = IndexedDataset(train_split(args, eval_transform(args.data_set, args.input_size)))
+        embed_loader = make_loader(embed_set, pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
         embeddings, _ = compute_embeddings(r.model, embed_loader, r.device, pruner.num_samples, r.amp_dtype,
                                            **polled)
         if embeddings is None:
@@ -382,6 +385,7 @@ def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     parser = get_args_parser()
     args = parser.parse_args(argv)
     fill_defaults(args)

@@ -84,7 +84,7 @@ def _python(args: list[str], timeout: int, env: dict | None = None) -> subproces
 
 # ------------------------------------------------------------------------------------------------ checks
 def check_collectives(out: str) -> Row:
-    from util.dist import STRICT_COLLECTIVES_ENV
+    from d3p.collectives import STRICT_COLLECTIVES_ENV
 
     ranks = min(2, torch.cuda.device_count())
     run_dir = os.path.join(out, "collectives")
@@ -123,8 +123,8 @@ def check_bf16() -> Row:
 def check_pinned() -> Row:
     from torch.utils.data import DataLoader
 
-    from util.datasets import collate_indexed
     from util.device_input import DeviceNormalize
+    from util.loader import collate_indexed
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):
@@ -192,7 +192,10 @@ def check_loader(out: str, results: dict) -> Row:
 
     from benchmarks.bench_loader import build_folder
     from d3p.sampler import PrunedDistributedSampler
-    from util.datasets import STREAM_TRAIN, IndexedDataset, build_dataset, default_num_workers, pretrain_transform
+    from util.datasets import IndexedDataset, build_dataset
+    from util.image_transforms import pretrain_transform
+    from util.item_seeding import STREAM_TRAIN
+    from util.loader import default_num_workers
     from util.run import make_loader
 
     root = os.path.join(out, "jpegs")
@@ -202,7 +205,7 @@ def check_loader(out: str, results: dict) -> Row:
     args = _argparse.Namespace(data_path=root, data_set="folder", input_size=224, jpeg_upsampling="fast", seed=0,
                                num_workers=default_num_workers(), pin_mem=True, device="cuda", download=False,
                                skip_corrupt=False)
-    dataset = IndexedDataset(build_dataset("train", args, pretrain_transform(args)))
+    dataset = IndexedDataset(build_dataset("train", "folder", root, pretrain_transform("folder", 224, "fast")))
     sampler = PrunedDistributedSampler(len(dataset))
     loader = make_loader(dataset, sampler, args, 128, STREAM_TRAIN)
     seen, start = 0, None

@@ -11,7 +11,7 @@ from api_loop import D3P_OPTIONS, N, train
 from conftest import run_torchrun
 
 METHODS = {
-    "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {},
+    "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {}, "rs2": {},
     "dynunc": dict(static_warmup_epochs=2, dynunc_window=2), "d2": dict(static_warmup_epochs=2, d2_neighbors=5),
 }
 _TIMES = ("epoch_seconds", "wall_seconds", "data_seconds", "total_data_seconds", "seconds_per_trained_sample",

@@ -8,7 +8,7 @@ import main_finetune
 import main_pretrain_d3p
 from d3p.distributed import RankDivergenceError
 from util import run
-from util.datasets import DatasetError
+from util.data_errors import DatasetError
 from util.engine import NonFiniteLossError
 
 

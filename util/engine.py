@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from util.dist import agree_at_sync_point, get_rank
+from d3p.collectives import get_rank
+from util.dist import agree_at_sync_point
 
 StopPoll = Callable[[], bool]
 

@@ -20,10 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from d3p.checkpoints import CheckpointFormatError
+from d3p.collectives import get_rank, get_world_size
 from d3p.distributed import RankDivergenceError
 from util import checkpoint as ckpt_util
-from util.datasets import ItemSeedSampler, SeededItems, collate_indexed
-from util.dist import barrier, cleanup, get_rank, get_world_size, is_main_process
+from util.dist import barrier, cleanup, is_main_process
+from util.item_seeding import ItemSeedSampler, SeededItems
+from util.loader import collate_indexed
 from util.engine import NonFiniteLossError
 
 # ------------------------------------------------------------------------------------------ exit codes
@@ -37,7 +39,7 @@ class ConfigError(RuntimeError):
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
-    from util.datasets import DatasetError
+    from util.data_errors import DatasetError
 
     return (ConfigError, DatasetError, ckpt_util.ResumeMismatchError, CheckpointFormatError, FileNotFoundError)
 
@@ -211,7 +213,7 @@ def _tracked(loader: DataLoader) -> DataLoader:
 def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int, stream: int,
                 drop_last: bool = False) -> DataLoader:
     """A training-side loader: items come with their dataset index, and their augmentation is a function of
-    (seed, stream, epoch, rank, position) in worker processes (util.datasets.SeededItems), so a resume with
+    (seed, stream, epoch, rank, position) in worker processes (util.item_seeding.SeededItems), so a resume with
     workers replays it exactly. Workers ignore stop signals (ignore_stop_signals_in_worker)."""
     return _tracked(DataLoader(
         SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
