@@ -32,6 +32,13 @@ class PrunedDistributedSampler(Sampler[int]):
         self._local = self._kept[self.rank :: self.num_replicas]
         self.set_epoch(0)
 
+    def set_replicas(self, num_replicas: int, rank: int) -> None:
+        """Split across `num_replicas` ranks as `rank` from the next `set_epoch` on (the pruner reads them from
+        torch.distributed at each epoch when it was not given them)."""
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+
     def set_indices(self, kept: np.ndarray) -> None:
         """The dataset indices to iterate from the next `set_epoch` on (int array, any order)."""
         kept = np.asarray(kept, dtype=np.int64)
