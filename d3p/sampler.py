@@ -29,6 +29,8 @@ class PrunedDistributedSampler(Sampler[int]):
         self.epoch = 0
         self._start = 0  # local samples already consumed this epoch (resume after preemption)
         self._kept = np.arange(self.num_samples, dtype=np.int64)
+        self._version = 0  # bumped by set_indices / set_replicas: which plan an iteration drew from
+        self._iterated: tuple[int, int] | None = None  # (epoch, version) of the last __iter__
         self._local = self._kept[self.rank :: self.num_replicas]
         self.set_epoch(0)
 
@@ -38,6 +40,7 @@ class PrunedDistributedSampler(Sampler[int]):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self._version += 1
 
     def set_indices(self, kept: np.ndarray) -> None:
         """The dataset indices to iterate from the next `set_epoch` on (int array, any order)."""
@@ -47,6 +50,7 @@ class PrunedDistributedSampler(Sampler[int]):
         if kept.min() < 0 or kept.max() >= self.num_samples:
             raise ValueError(f"kept indices outside [0, {self.num_samples})")
         self._kept = kept
+        self._version += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Rebuild this rank's index list for `epoch`."""
@@ -79,7 +83,14 @@ class PrunedDistributedSampler(Sampler[int]):
         """Samples of all ranks together in this whole epoch (padding included, skipping not)."""
         return len(self._local) * self.num_replicas
 
+    @property
+    def iterated_current(self) -> bool:
+        """True when the last iteration began after the current epoch's `set_indices`/`set_epoch` (a loader
+        whose iteration started earlier, e.g. workers prefetching, draws the previous plan)."""
+        return self._iterated == (self.epoch, self._version)
+
     def __iter__(self) -> Iterator[int]:
+        self._iterated = (self.epoch, self._version)
         return iter(self._local[self._start :].tolist())
 
     def __len__(self) -> int:
