@@ -46,7 +46,7 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def main():
+def main(argv: list[str] | None = None) -> d3p.DataPruner:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", default=8, type=int)
     parser.add_argument("--stop_after", default=0, type=int, help="end fit after this many epochs (resume tests)")
@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--output_dir", default="./output_lightning")
     d3p.add_pruning_args(parser, methods=("none", "d3p", "infobatch", "seta", "random"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     train_set, val_set, _ = digit_images(args.input_size, args.subset)
@@ -86,6 +86,7 @@ def main():
         summary = pruner.summary()
         print(json.dumps({"summary": summary, "top1": top1}), flush=True)
         print(f"prune ratio {summary['prune_ratio']:.3f}, compute saved {summary['compute_saved']:.3f}", flush=True)
+    return pruner
 
 
 if __name__ == "__main__":

@@ -8,36 +8,12 @@ import torch
 
 import d3p
 from api_loop import D3P_OPTIONS, N, train
-from conftest import run_torchrun
+from conftest import TIMES as _TIMES, assert_state_equal as _equal, run_torchrun
 
 METHODS = {
     "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {},
     "dynunc": dict(static_warmup_epochs=2, dynunc_window=2), "d2": dict(static_warmup_epochs=2, d2_neighbors=5),
 }
-_TIMES = ("epoch_seconds", "wall_seconds", "data_seconds", "total_data_seconds", "seconds_per_trained_sample",
-          "run_seconds_per_trained_sample", "d3p_seconds", "d2_seconds", "dynunc_seconds")
-
-
-def _equal(a, b, path="state"):
-    """Exact equality of nested plain data (NaN == NaN)."""
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            if k not in _TIMES:
-                _equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), path
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_through_the_api_and_resumes_exactly(method):
     straight, logs = train(method, 6, **METHODS[method])
