@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -115,14 +115,20 @@ class PruningTrainer(Trainer):
         return self._train_loader
 
     def _check_loader(self, train_dataloader: Any) -> None:
-        sampler = getattr(getattr(train_dataloader, "batch_sampler", None), "sampler", None)
-        inner = getattr(getattr(train_dataloader, "batch_sampler", None), "batch_sampler", None)
-        if sampler is not self.pruner.sampler and getattr(inner, "sampler", None) is not self.pruner.sampler:
+        """The loader must draw batches from the pruner's sampler as they are: a plain DataLoader whose
+        BatchSampler reads `pruner.sampler` (accelerate's SkipBatchSampler of a resumed epoch allowed). Anything
+        else (accelerate's BatchSamplerShard after `prepare`, a custom sampler) re-splits or replaces it."""
+        batch_sampler = getattr(train_dataloader, "batch_sampler", None)
+        if type(batch_sampler).__name__ == "SkipBatchSampler":
+            batch_sampler = batch_sampler.batch_sampler
+        if type(batch_sampler) is not BatchSampler or batch_sampler.sampler is not self.pruner.sampler:
+            inner = getattr(batch_sampler, "sampler", batch_sampler)
             raise RuntimeError(
-                "the Trainer's training DataLoader does not draw from DataPruner.sampler (something replaced "
-                f"it: {type(sampler or inner).__name__}), and the pruned samples would be trained anyway. Fix: "
-                "do not override get_train_dataloader / _get_train_sampler in a PruningTrainer subclass, or "
-                "build the DataLoader with sampler=pruner.sampler and do not pass it to accelerator.prepare")
+                "the Trainer's training DataLoader does not draw from DataPruner.sampler as it is (found "
+                f"{type(train_dataloader).__name__} with {type(batch_sampler).__name__} over "
+                f"{type(inner).__name__}): something replaced or re-split it, and each rank would train the wrong "
+                "samples. Fix: do not override get_train_dataloader / pass the loader to accelerator.prepare in a "
+                "PruningTrainer subclass (the pruner's sampler is already split across ranks)")
 
     # ------------------------------------------------------------------ epochs
     def _run_epoch(self, *, epoch: int, train_dataloader: Any, steps_in_epoch: int,
@@ -141,7 +147,9 @@ class PruningTrainer(Trainer):
                                   num_update_steps_per_epoch=steps, **kwargs)
 
     def _end_epoch(self) -> None:
-        if not self._epoch_open:
+        """After the epoch's last batch (not when training stopped inside it, e.g. at max_steps)."""
+        batches = len(self.pruner.sampler) and math.ceil(len(self.pruner.sampler) / self._train_batch_size)
+        if not self._epoch_open or self.pruner._batches < batches:
             return
         self._epoch_open = False
         epoch = self.pruner._epoch

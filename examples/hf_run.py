@@ -6,7 +6,7 @@ import json
 import os
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import d3p
 
@@ -26,7 +26,20 @@ def parser(description: str, output_dir: str) -> argparse.ArgumentParser:
     return p
 
 
-def train(args, model: torch.nn.Module, train_set, loss_fn) -> d3p.DataPruner:
+class StopAt(TrainerCallback):
+    """Save and stop at a given step (a preemption, for the resume tests); the LR schedule stays the full run's."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def train(args, model: torch.nn.Module, train_set, loss_fn, trainer_class=None) -> d3p.DataPruner:
     """Train `model` on `train_set` (dict items with "labels") with a PruningTrainer; print the ledger."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     pruner = d3p.DataPruner.from_args(args, len(train_set), min_kept=args.batch_size * world,  # d3p
@@ -36,9 +49,11 @@ def train(args, model: torch.nn.Module, train_set, loss_fn) -> d3p.DataPruner:
         learning_rate=args.lr, seed=args.seed, data_seed=args.seed, report_to=[], disable_tqdm=True,
         logging_strategy="no", use_cpu=not torch.cuda.is_available(),
         save_strategy="steps" if args.save_steps else "epoch", save_steps=args.save_steps or 500,
-        max_steps=args.stop_after_steps or -1,
     )
-    trainer = d3p.PruningTrainer(model=model, args=training_args, train_dataset=train_set, pruner=pruner)  # d3p
+    trainer_class = trainer_class or d3p.PruningTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train_set, pruner=pruner)  # d3p
+    if args.stop_after_steps:
+        trainer.add_callback(StopAt(args.stop_after_steps))
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     rank = training_args.process_index
     torch.save(pruner.state_dict(), os.path.join(args.output_dir, f"pruning-rank{rank}.pt"))

@@ -41,7 +41,8 @@ def main(argv=None) -> d3p.DataPruner:
     torch.manual_seed(args.seed)
     tokens, vocab = digit_sequences(args.subset)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=tokens.shape[1], n_embd=32, n_layer=2,
-                                       n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                       n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=0, eos_token_id=0))
     return train(args, model, Sequences(tokens), per_sequence_token_loss)
 
 

@@ -36,14 +36,14 @@ class PixelsAndLabels(Dataset):
         return {"pixel_values": x, "labels": y}
 
 
-def main(argv=None) -> d3p.DataPruner:
+def main(argv=None, trainer_class=None) -> d3p.DataPruner:
     args = parser(__doc__.split("\n")[0], "./output_hf_classifier").parse_args(argv)
     torch.manual_seed(args.seed)
     train_images, _, classes = digit_images(8, args.subset)
     model = ViTForImageClassification(ViTConfig(
         image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, num_labels=classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    return train(args, model, PixelsAndLabels(train_images), d3p.per_sample_cross_entropy)
+    return train(args, model, PixelsAndLabels(train_images), d3p.per_sample_cross_entropy, trainer_class)
 
 
 if __name__ == "__main__":
