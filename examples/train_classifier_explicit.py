@@ -9,7 +9,6 @@ OUTPUT_DIR/checkpoint.pth when it exists. One JSON line per epoch: the pruner's 
 examples/train_classifier.py is the same run in the short form (pruner.epoch / pruner.loss).
 """
 import argparse
-import functools
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ import util  # noqa: F401,E402  (this repository's torchvision shim for CPU-only
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import d3p  # noqa: E402
@@ -62,7 +62,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     # one per-sample loss for both passes: recorded training and forward-only losses then cannot differ
     pruner = d3p.DataPruner.from_args(args, len(train_set), min_kept=args.batch_size * world,
-                                      loss_fn=functools.partial(d3p.per_sample_cross_entropy, smoothing=args.smoothing))
+                                      loss_fn=nn.CrossEntropyLoss(label_smoothing=args.smoothing, reduction="none"))
     ckpt_path, start = os.path.join(args.output_dir, "checkpoint.pth"), 0
     if os.path.isfile(ckpt_path):  # resume: model, optimizer and the pruning state (plain data)
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
