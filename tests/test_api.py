@@ -9,7 +9,7 @@ import torch
 
 import d3p
 from api_loop import D3P_OPTIONS, N, train
-from conftest import TIMES as _TIMES, assert_state_equal as _equal, run_torchrun
+from conftest import TIMES as _TIMES, assert_state_equal as _equal, run_script, run_torchrun
 
 METHODS = {
     "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {},
@@ -228,3 +228,14 @@ def test_cluster_traps_under_two_ranks(tmp_path):
     # 3. rank 0 gives up after sync_timeout, naming the call and the fix
     assert "DataPruner.end_epoch(1)" in r0["timeout"] and "every rank" in r0["timeout"], r0["timeout"]
     assert 3.5 < r0["waited"] < 8
+
+
+def test_import_d3p_does_not_import_the_frameworks():
+    """The integrations import lightning / transformers only when used."""
+    code = ("import sys, d3p, torch; "
+            "p = d3p.DataPruner(8, 'none', loss_fn=torch.nn.CrossEntropyLoss(reduction='none')); "
+            "d3p.IndexedDataset([(1, 2)]); p.begin_epoch(0); "
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules];"
+            "assert not bad, bad")
+    res = run_script(["-c", code], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
