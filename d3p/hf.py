@@ -182,12 +182,12 @@ class PruningTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if not model.training:  # evaluation (prediction_step): the plain mean loss, nothing recorded
+            per_sample = self._per_sample(model, inputs)
+            return (per_sample.mean(), None) if return_outputs else per_sample.mean()
         if INDEX_KEY not in inputs:
             raise ValueError(f"the batch has no {INDEX_KEY!r}: it was not drawn by PruningTrainer's training "
                              "DataLoader. Fix: do not override get_train_dataloader in a PruningTrainer subclass")
-        if not model.training:  # evaluation (prediction_step): the plain loss, nothing recorded
-            per_sample = self._per_sample(model, inputs)
-            return (per_sample.mean(), None) if return_outputs else per_sample.mean()
         indices = inputs[INDEX_KEY].cpu()
         loss = self.pruner.batch_loss(self._per_sample(model, inputs), indices)
         return (loss, None) if return_outputs else loss
