@@ -18,11 +18,12 @@ import torch
 from timm.data.mixup import mixup_target
 from timm.utils import accuracy
 
+from d3p.collectives import all_reduce, is_dist, to_collective
 from engine_pretrain import accumulation_divisor
 from util import lr_sched
 from util.amp import autocast_dtype
 from util.device_input import DeviceNormalize, Stats
-from util.dist import agree_at_sync_point, all_reduce, is_dist, to_collective
+from util.dist import agree_at_sync_point
 from util.metrics import MetricLogger, SmoothedValue
 
 

@@ -9,8 +9,9 @@ import torch
 
 import util.lr_sched as lr_sched
 from d3p import DataPruner
+from d3p.collectives import all_reduce, get_rank, is_dist, to_collective
 from util.device_input import DeviceNormalize, Stats
-from util.dist import agree_at_sync_point, all_reduce, all_reduce_mean, all_reduce_sum, get_rank, is_dist, to_collective
+from util.dist import agree_at_sync_point, all_reduce_mean, all_reduce_sum
 from util.metrics import MetricLogger
 
 

@@ -7,7 +7,7 @@ MAE's main_finetune.py and main_linprobe.py in one script (facebookresearch/mae 
                   --layer_decay 0.65 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
   linprobe    python main_finetune.py --linprobe --finetune OUT/checkpoint-799.pth ...   (or main_linprobe.py)
   CPU demo    python main_finetune.py --finetune OUT/checkpoint-N.pth --model vit_tiny_patch4   (embedded digits)
-  pruning     python main_finetune.py --prune_method d3p ...   (none, d3p, infobatch, seta, random; without
+  pruning     python main_finetune.py --prune_method d3p ...   (the dynamic methods: d3p, none, infobatch, seta, random, and those of a --prune_plugin; without
               --finetune this is supervised training from scratch with pruning)
 
 Epochs count from 0 (as in MAE); checkpoint-E.pth holds epoch E. Per-epoch JSON lines go to OUTPUT_DIR/log.txt
@@ -34,16 +34,23 @@ from torch.utils.data import DataLoader, Sampler
 
 import d3p
 import models_vit
+from d3p.checkpoints import CheckpointFormatError, load_plain
+from d3p.collectives import get_rank, get_world_size
 from engine_finetune import evaluate, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util import datasets as data_util
+from util import image_transforms
+from util.data_errors import DatasetError
+from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler, SeededItems
+from util.loader import collate_indexed, default_num_workers
 from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
-from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process, resolve_device
+from util.dist import cleanup, init_distributed_mode, is_main_process, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
+from util.run_folder import pruning_inputs
 
 
 class ConfigError(RuntimeError):
@@ -65,8 +72,7 @@ LINPROBE_DEFAULTS = dict(
 _FT_ONLY = ("layer_decay", "drop_path", "smoothing", "reprob", "mixup", "cutmix", "aa", "cutmix_minmax", "color_jitter")
 # Native input size of each model (img_size its constructor defaults to); others use 224.
 NATIVE_INPUT_SIZE = {"vit_tiny_patch4": 32}
-# dynamic methods only: the static selectors (dynunc, d2) pick a coreset during pre-training
-PRUNE_METHODS = ("none", "d3p", "infobatch", "seta", "random")
+# dynamic methods only (the registry's kind "dynamic"): the static selectors pick a coreset during pre-training
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -168,7 +174,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin CPU memory in the DataLoader (CUDA only) for faster host-to-device copies")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    g.add_argument("--jpeg_upsampling", default="fast", choices=data_util.JPEG_UPSAMPLING,
+    g.add_argument("--jpeg_upsampling", default="fast", choices=image_transforms.JPEG_UPSAMPLING,
                    help="chroma upsampling for the linear probe's training crops from JPEG folders: fast = "
                         "libjpeg's merged upsampler, fancy = as PIL decodes (fine-tuning's RandAugment and "
                         "evaluation always decode with PIL's default)")
@@ -180,7 +186,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training (env:// only)")
 
-    d3p.add_pruning_args(p, methods=PRUNE_METHODS, default="none")
+    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), default="none")
     return p
 
 
@@ -208,10 +214,11 @@ def resolve_defaults(args) -> None:
             setattr(args, k, v)
     if args.aa is not None and str(args.aa).lower() in ("none", ""):
         args.aa = None
+    args.data_set = data_util.resolve_data_set(args.data_set, args.data_path)
     if args.input_size is None:
         args.input_size = NATIVE_INPUT_SIZE.get(args.model, 224)
     if args.num_workers is None:
-        args.num_workers = data_util.default_num_workers()
+        args.num_workers = default_num_workers()
     if args.log_dir is None:
         args.log_dir = args.output_dir
 
@@ -244,7 +251,7 @@ def validate_args(args) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    problems = d3p.validate_pruning_args(args, PRUNE_METHODS)
+    problems = d3p.validate_pruning_args(args, d3p.method_names("dynamic"))
     if args.linprobe and args.prune_method != "none":
         # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
         problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
@@ -298,8 +305,18 @@ class EvalShardSampler(Sampler):
 def linprobe_transform(is_train: bool, args):
     """MAE's linear-probe augmentation: RandomResizedCrop (0.08-1) + horizontal flip (no flip on digits), uint8."""
     if not is_train:
-        return data_util.eval_transform(args)
-    return data_util.train_crop_transform(args, scale=(0.08, 1.0))
+        return image_transforms.eval_transform(args.data_set, args.input_size)
+    return image_transforms.crop_transform(args.data_set, args.input_size, (0.08, 1.0), args.jpeg_upsampling)
+
+
+def finetune_transform(is_train: bool, args):
+    """MAE's fine-tuning augmentation: timm's RandAugment (--aa) + random erasing (--reprob), float32; uint8 centre
+    crop for evaluation."""
+    if not is_train:
+        return image_transforms.eval_transform(args.data_set, args.input_size)
+    return image_transforms.finetune_train_transform(
+        args.data_set, args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter, reprob=args.reprob,
+        remode=args.remode, recount=args.recount)
 
 
 def build_loaders(args):
@@ -311,31 +328,41 @@ def build_loaders(args):
     if args.linprobe:
         tf = linprobe_transform
     else:
-        tf = data_util.finetune_transform
-    dataset_train = data_util.IndexedDataset(data_util.build_dataset("train", args, tf(True, args)))
-    dataset_val = data_util.build_dataset("val", args, tf(False, args))
+        tf = finetune_transform
+    dataset_train = data_util.IndexedDataset(
+        data_util.build_dataset("train", args.data_set, args.data_path, tf(True, args), args.download))
+    dataset_val = data_util.build_dataset("val", args.data_set, args.data_path, tf(False, args), args.download)
     world, rank = get_world_size(), get_rank()
     if len(dataset_train) // world < args.batch_size:
         raise ConfigError(
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
-    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world)
+    eff_batch = args.batch_size * args.accum_iter * world
+    if eff_batch > len(dataset_train):  # at most one optimizer step per epoch, its lr scaled for eff_batch samples
+        raise ConfigError(
+            f"the effective batch (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {world} rank(s) "
+            f"= {eff_batch}) is larger than the training set ({len(dataset_train)} images): each epoch would make at "
+            f"most one optimizer step, with a learning rate scaled for {eff_batch} samples. Fix: lower --batch_size "
+            f"or --accum_iter (e.g. an effective batch of at most {len(dataset_train)} // 32)"
+        )
+    pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world,
+                                      **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     pin = args.pin_mem and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
     drop_last = args.linprobe
-    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.datasets.SeededItems)
+    # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.item_seeding.SeededItems)
     loader_train = DataLoader(
-        data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(pruner.sampler, args.seed, rank, data_util.STREAM_TRAIN),
-        batch_size=args.batch_size, drop_last=drop_last, collate_fn=data_util.collate_indexed,
+        SeededItems(dataset_train),
+        sampler=ItemSeedSampler(pruner.sampler, args.seed, rank, STREAM_TRAIN),
+        batch_size=args.batch_size, drop_last=drop_last, collate_fn=collate_indexed,
         generator=torch.Generator(), **common,
     )
     loader_forward = DataLoader(
-        data_util.SeededItems(dataset_train),
-        sampler=data_util.ItemSeedSampler(pruner.forward_sampler, args.seed, rank, data_util.STREAM_FORWARD_ONLY),
-        batch_size=args.batch_size, collate_fn=data_util.collate_indexed, generator=torch.Generator(), **common,
+        SeededItems(dataset_train),
+        sampler=ItemSeedSampler(pruner.forward_sampler, args.seed, rank, STREAM_FORWARD_ONLY),
+        batch_size=args.batch_size, collate_fn=collate_indexed, generator=torch.Generator(), **common,
     )
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size, drop_last=False, **common)
     return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
@@ -344,10 +371,10 @@ def build_loaders(args):
 # ----------------------------------------------------------------------------------------- checkpoint
 def _load_foreign_checkpoint(path: str):
     """Load a checkpoint as plain data (weights_only=True); MAE's own checkpoints, whose `args` is an
-    argparse.Namespace, load too (util.checkpoint.load_plain)."""
+    argparse.Namespace, load too (d3p.checkpoints.load_plain)."""
     try:
-        return ckpt_util.load_plain(path)
-    except ckpt_util.CheckpointFormatError as exc:
+        return load_plain(path)
+    except CheckpointFormatError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:
         raise ConfigError(
@@ -481,7 +508,7 @@ def main(args) -> dict:
     configure_cuda_math(device)
 
     dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward = build_loaders(args)
-    input_stats = data_util.dataset_stats(args)  # uint8 batches are normalised on the device with these
+    input_stats = data_util.dataset_stats(args.data_set)  # uint8 batches are normalised on the device with these
     n_data_classes = data_util.num_classes_of(dataset_train)
     if args.nb_classes is None:
         args.nb_classes = n_data_classes
@@ -650,7 +677,7 @@ def main(args) -> dict:
         "epoch_seconds": epoch_seconds,
         "finetune": args.finetune,
         "resumed_from": args.resume or None,
-        "data_set": data_util.resolve_data_set(args),
+        "data_set": args.data_set,
         "input_size": args.input_size,
         "global_pool": args.global_pool,
         "lr": args.lr,
@@ -674,12 +701,13 @@ def main(args) -> dict:
 
 
 def cli(argv=None, linprobe: bool = False) -> None:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     args = get_args_parser().parse_args(argv)
     if linprobe:
         args.linprobe = True
     try:
         main(args)
-    except (ConfigError, data_util.DatasetError) as exc:
+    except (ConfigError, DatasetError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
     except FloatingPointError as exc:

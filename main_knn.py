@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import models_mae
+from d3p.collectives import get_rank, get_world_size
 from d3p.sampler import PrunedDistributedSampler
 from engine_pretrain import compute_embeddings
 from util import checkpoint as ckpt_util
 from util.amp import autocast_dtype
-from util.datasets import (
-    DATA_SETS, DatasetError, IndexedDataset, build_dataset, collate_indexed, dataset_stats, default_num_workers,
-    eval_transform, num_classes_of, resolve_data_set,
-)
-from util.dist import barrier, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.data_errors import DatasetError
+from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, num_classes_of, resolve_data_set
+from util.image_transforms import eval_transform
+from util.loader import collate_indexed, default_num_workers
+from util.dist import barrier, init_distributed_mode, is_main_process
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -154,7 +155,7 @@ def load_encoder(args) -> torch.nn.Module:
 
 def split_features(model, split: str, args, device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(features float32 [n, D] on every rank, labels int64 [n], classes) of the eval-transformed split."""
-    base = build_dataset(split, args, eval_transform(args))
+    base = build_dataset(split, args.data_set, args.data_path, eval_transform(args.data_set, args.input_size))
     n = len(base)
     if n == 0:
         raise DatasetError(f"the {split} split under {args.data_path} is empty. Fix: check --data_path")
@@ -165,14 +166,14 @@ def split_features(model, split: str, args, device, amp_dtype) -> tuple[torch.Te
     loader = DataLoader(IndexedDataset(base), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                         collate_fn=collate_indexed)
-    feats, _ = compute_embeddings(model, loader, device, n, amp_dtype, input_stats=dataset_stats(args))
+    feats, _ = compute_embeddings(model, loader, device, n, amp_dtype, input_stats=dataset_stats(args.data_set))
     return torch.from_numpy(feats), torch.as_tensor(np.asarray(labels), dtype=torch.long), num_classes_of(base)
 
 
 def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
     init_distributed_mode(args)
-    args.data_set = resolve_data_set(args)
+    args.data_set = resolve_data_set(args.data_set, args.data_path)
     device = torch.device(args.device)
     amp_dtype = autocast_dtype(args.precision, args.device)
     model = load_encoder(args).to(device)

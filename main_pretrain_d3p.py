@@ -24,17 +24,19 @@ from torch.utils.tensorboard import SummaryWriter
 
 import models_mae
 import d3p
+from d3p.collectives import get_rank, get_world_size
 from d3p.distributed import RankDivergenceError
 from engine_pretrain import NonFiniteLossError, compute_embeddings, forward_only_pass, train_one_epoch
 from util import checkpoint as ckpt_util
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
-from util.datasets import (
-    DATA_SETS, JPEG_UPSAMPLING, STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, DatasetError, IndexedDataset,
-    ItemSeedSampler, SeededItems, build_dataset, collate_indexed, dataset_stats, default_num_workers, eval_transform,
-    pretrain_transform, resolve_data_set,
-)
-from util.dist import any_rank, barrier, cleanup, get_rank, get_world_size, init_distributed_mode, is_main_process
+from util.data_errors import DatasetError
+from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, resolve_data_set
+from util.image_transforms import JPEG_UPSAMPLING, eval_transform, pretrain_transform
+from util.item_seeding import STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler, SeededItems
+from util.loader import collate_indexed, default_num_workers
+from util.dist import any_rank, barrier, cleanup, init_distributed_mode, is_main_process
+from util.run_folder import pruning_inputs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -135,7 +137,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def fill_defaults(args: argparse.Namespace) -> None:
     """Defaults that depend on the data: small models and inputs for the 32x32 data sets."""
-    args.data_set = resolve_data_set(args)
+    args.data_set = resolve_data_set(args.data_set, args.data_path)
     small = args.data_set in ("digits", "cifar10", "cifar100")
     if args.input_size is None:
         args.input_size = 32 if small else 224
@@ -166,7 +168,7 @@ def _install_sigterm_handler() -> dict:
 
 def make_loader(dataset, sampler, args, batch_size: int, stream: int) -> DataLoader:
     """A loader whose augmentation is a function of (seed, stream, epoch, rank, position) in worker
-    processes (util.datasets.SeededItems), so a resume with workers replays it exactly."""
+    processes (util.item_seeding.SeededItems), so a resume with workers replays it exactly."""
     return DataLoader(
         SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
         batch_size=batch_size, num_workers=args.num_workers,
@@ -178,7 +180,7 @@ def make_loader(dataset, sampler, args, batch_size: int, stream: int) -> DataLoa
 
 def train_split(args, transform):
     """The training set, or its first --train_subset samples."""
-    dataset = build_dataset("train", args, transform)
+    dataset = build_dataset("train", args.data_set, args.data_path, transform, args.download)
     if args.train_subset:
         dataset = torch.utils.data.Subset(dataset, range(min(args.train_subset, len(dataset))))
     return dataset
@@ -209,12 +211,13 @@ def main(args: argparse.Namespace) -> int:
     random.seed(args.seed + rank)
 
     # ---------------------------------------------------------------- data
-    dataset = IndexedDataset(train_split(args, pretrain_transform(args)), skip_corrupt=args.skip_corrupt)
+    transform = pretrain_transform(args.data_set, args.input_size, args.jpeg_upsampling)
+    dataset = IndexedDataset(train_split(args, transform), skip_corrupt=args.skip_corrupt)
     num_samples = len(dataset)
     if num_samples == 0:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
     print(f"dataset: {args.data_set}, {num_samples} training samples")
-    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world)
+    pruner = d3p.DataPruner.from_args(args, num_samples, min_kept=args.batch_size * world, **pruning_inputs(args))
     train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
     forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
@@ -257,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch} ({args.prune_method})")
     run_start = time.time()
     partial = checkpoint.get("partial_epoch") if checkpoint is not None else None
-    input_stats = dataset_stats(args)  # uint8 batches are normalised on the device with these
+    input_stats = dataset_stats(args.data_set)  # uint8 batches are normalised on the device with these
     for epoch in range(args.start_epoch, args.epochs):
         epoch_start = time.time()
         pruner.begin_epoch(epoch)
@@ -283,8 +286,8 @@ def main(args: argparse.Namespace) -> int:
         polled = dict(stop_requested=lambda: stop["stop"], print_freq=args.print_freq, input_stats=input_stats)
         embeddings = None
         if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
-            embed_loader = make_loader(IndexedDataset(train_split(args, eval_transform(args))),
-                                       pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
+            embed_set = IndexedDataset(train_split(args, eval_transform(args.data_set, args.input_size)))
+            embed_loader = make_loader(embed_set, pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
             embeddings, _ = compute_embeddings(model, embed_loader, device, num_samples, amp_dtype, **polled)
             stopped_in_pass = embeddings is None
         if pruner.forward_only_indices.size and not stopped_in_pass:
@@ -449,6 +452,7 @@ def write_summary(args, pruner) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
     parser = get_args_parser()
     args = parser.parse_args(argv)
     fill_defaults(args)

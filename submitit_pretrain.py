@@ -12,10 +12,12 @@ import sys
 import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
 
 import main_pretrain_d3p
+from d3p.registry import import_prune_plugins
 from util.submitit_job import submit
 
 
 def main(argv: list[str] | None = None) -> int:
+    import_prune_plugins(argv)  # a --prune_plugin's options must be flags of the parser built next
     return submit("main_pretrain_d3p", main_pretrain_d3p.get_args_parser(),
                   "Submitit for MAE + D3P pre-training", argv, job_name="mae_d3p_pretrain")
 

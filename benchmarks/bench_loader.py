@@ -9,7 +9,7 @@ time of this process (images/s per core; robust to other processes on the machin
 
   old     the former pre-training pipeline: full decode + convert('RGB'), torchvision
           RandomResizedCrop(bicubic) + flip on the PIL image, ToTensor, Normalize (float32 out)
-  new     util.datasets.pretrain_transform with its defaults (--jpeg_upsampling fast): lazy open (a JPEG: bytes
+  new     util.image_transforms.pretrain_transform with its defaults (--jpeg_upsampling fast): lazy open (a JPEG: bytes
           + header), box drawn by the same rule, decode with simplejpeg (PIL without it; at 1/2..1/8 size
           where the box allows; libjpeg's merged chroma upsampler), crop view, torch's uint8 bicubic
           resize into channels-last memory, flip (uint8 out)
@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 # one thread per library, as in a DataLoader worker (torch sets 1 there; OpenMP/BLAS pools would
 # otherwise start with the machine's core count): set before numpy and torch load
@@ -55,10 +54,10 @@ from torchvision import transforms  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
 
-from util.datasets import (  # noqa: E402
-    IMAGENET_MEAN, IMAGENET_STD, IndexedDataset, _checked_loader, build_dataset, collate_indexed, eval_transform,
-    pretrain_transform,
-)
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, IndexedDataset, build_dataset  # noqa: E402
+from util.image_io import checked_loader  # noqa: E402
+from util.image_transforms import eval_transform, pretrain_transform  # noqa: E402
+from util.loader import collate_indexed  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle")
@@ -158,19 +157,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         n = build_folder(root)
-        data_args = SimpleNamespace(data_set="folder", data_path=root, input_size=args.input_size)
-        old = build_dataset("train", data_args, old_pretrain_transform(args.input_size))
-        new = build_dataset("train", data_args, pretrain_transform(data_args))
-        new_fancy = build_dataset("train", data_args,
-                                  pretrain_transform(SimpleNamespace(**vars(data_args), jpeg_upsampling="fancy")))
-        old_eval = build_dataset("train", data_args, old_eval_transform(args.input_size))
-        new_eval = build_dataset("train", data_args, eval_transform(data_args))
+        size = args.input_size
+        old = build_dataset("train", "folder", root, old_pretrain_transform(size))
+        new = build_dataset("train", "folder", root, pretrain_transform("folder", size))
+        new_fancy = build_dataset("train", "folder", root, pretrain_transform("folder", size, "fancy"))
+        old_eval = build_dataset("train", "folder", root, old_eval_transform(size))
+        new_eval = build_dataset("train", "folder", root, eval_transform("folder", size))
         paths = [path for path, _ in old.samples]
         pipelines = {
             "old (float32)": lambda i: old[i][0],
             "new (uint8)": lambda i: new[i][0],
             "new fancy (uint8)": lambda i: new_fancy[i][0],
-            "decode PIL (floor)": lambda i: _checked_loader(paths[i]),
+            "decode PIL (floor)": lambda i: checked_loader(paths[i]),
             "decode simplejpeg": lambda i: decode_simplejpeg(paths[i]),
             "eval old (float32)": lambda i: old_eval[i][0],
             "eval new (uint8)": lambda i: new_eval[i][0],

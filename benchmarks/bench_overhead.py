@@ -29,7 +29,9 @@ import models_mae  # noqa: E402
 import d3p  # noqa: E402
 from engine_pretrain import forward_only_pass, train_one_epoch  # noqa: E402
 from util.amp import ScaledOptimizerStep  # noqa: E402
-from util.datasets import STREAM_FORWARD_ONLY, STREAM_TRAIN, IndexedDataset, dataset_stats, pretrain_transform  # noqa: E402
+from util.datasets import IndexedDataset, dataset_stats  # noqa: E402
+from util.image_transforms import pretrain_transform  # noqa: E402
+from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN  # noqa: E402
 
 
 class Arm:
@@ -46,7 +48,7 @@ class Arm:
         self.train_loader = mp.make_loader(dataset, self.pruner.sampler, self.args, args.batch_size, STREAM_TRAIN)
         self.forward_loader = mp.make_loader(dataset, self.pruner.forward_sampler, self.args, args.batch_size,
                                              STREAM_FORWARD_ONLY)
-        self.stats = dataset_stats(self.args)
+        self.stats = dataset_stats(args.data_set)
         self.seconds, self.trained, self.forward_seconds = [], [], []
 
     def epoch(self, epoch: int) -> None:
@@ -83,7 +85,7 @@ def main() -> None:
     mp.fill_defaults(args)
     args.device, args.distributed = "cpu", False
     args.lr = args.blr * args.batch_size / 256
-    dataset = IndexedDataset(mp.train_split(args, pretrain_transform(args)))
+    dataset = IndexedDataset(mp.train_split(args, pretrain_transform(args.data_set, args.input_size, args.jpeg_upsampling)))
     torch.manual_seed(0)
     state = models_mae.MODELS[args.model](norm_pix_loss=True, img_size=args.input_size).state_dict()
     arms = [Arm("none", args, dataset, state), Arm(cli.method, args, dataset, state)]

@@ -1,18 +1,24 @@
 """D3P — Distribution-aware Dynamic Data Pruning — and its baselines, for any PyTorch training loop.
 
-The public API (see README, "Use D3P in your own training loop", and examples/train_classifier.py):
+The public API (see docs/api.md and examples/train_classifier.py):
 
     DataPruner            the one object a loop uses: sampler, batch loss, recording, end-of-epoch decision,
                           cost ledger, state_dict / load_state_dict        (d3p/integration.py)
     add_pruning_args      the "pruning" flag group of an argparse parser   (d3p/options.py)
     validate_pruning_args messages for forbidden flag values / combinations
     per_sample_cross_entropy  cross-entropy per sample (label smoothing, soft Mixup/CutMix targets)
+    register_method, Option   add a method of your own (d3p/registry.py; docs/methods_api.md), on the bases
+    BaseStrategy, LossScoredStrategy, StaticSelector, implementing PruningStrategy with EpochPlan
+    import_prune_plugins  import the --prune_plugin modules named in argv (before the parser is built)
 
 Layout — shared machinery: stats.py (CLD, ideal density, decision), schedule.py, strategy.py (the
-PruningStrategy protocol and EpochPlan), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
+PruningStrategy protocol and EpochPlan), registry.py (methods by name, their kinds and options), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
 the rank guard), ledger.py, options.py, integration.py (the API), losses.py, checkpoints.py; one module per
 method in d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py
 (d3p-static), plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
+
+"spec §N" (or "spec section N") in this package's comments is section N of the method's specification, docs/spec.md
+of the source repository.
 """
 from __future__ import annotations
 
@@ -26,6 +32,15 @@ _EXPORTS = {
     "build_strategy": "d3p.integration",
     "weighted_batch_loss": "d3p.integration",
     "PRUNE_METHODS": "d3p.options",
+    "Option": "d3p.registry",
+    "MethodSpec": "d3p.registry",
+    "register_method": "d3p.registry",
+    "get_method": "d3p.registry",
+    "method_names": "d3p.registry",
+    "import_prune_plugins": "d3p.registry",
+    "BaseStrategy": "d3p.methods.common",
+    "LossScoredStrategy": "d3p.methods.common",
+    "StaticSelector": "d3p.methods.static_base",
     "add_pruning_args": "d3p.options",
     "validate_pruning_args": "d3p.options",
     "per_sample_cross_entropy": "d3p.losses",

@@ -1,7 +1,8 @@
-"""Collectives of the pruning library and of the training scripts, in one place (util.dist re-exports them).
+"""The collectives of the pruning library: thin wrappers over torch.distributed that check where each tensor lives.
 
-Kept inside d3p so the installed package needs nothing of this repository; the training scripts' own
-helpers (util.dist) build on these.
+Any training code may call them too (this fork's util.dist builds its helpers on them). Strict mode
+(D3P_STRICT_COLLECTIVES=1) is the library's way to prove on CPU/gloo that every tensor reaching a wrapper was
+placed for NCCL; it knows nothing of any training script, it only tags what `to_collective` placed.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def collective_device() -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------ collectives
-# Every collective of this project goes through the wrappers below (a test greps for direct calls), and
+# Every collective of the library goes through the wrappers below (a test greps for direct calls), and
 # every tensor they get must be placed with `to_collective`. NCCL accepts only tensors on this rank's GPU;
 # gloo on CPU accepts anything, so a CPU-only test could never see the bug "a CPU tensor passed to an NCCL
 # collective". Strict mode (D3P_STRICT_COLLECTIVES=1, set by the tests' torchrun runs) makes it visible:
@@ -91,7 +92,7 @@ def _check_placed(op: str, tensors: list[torch.Tensor]) -> None:
         if t.device != want:
             raise CollectiveDeviceError(
                 f"{op}: a tensor on {t.device}, but the {dist.get_backend()} backend needs {want}. "
-                "Fix: place it with to_collective(tensor) (d3p.collectives / util.dist)"
+                "Fix: place it with d3p.collectives.to_collective(tensor)"
             )
         if strict_collectives() and not isinstance(t, _OnCollectiveDevice):
             raise CollectiveDeviceError(

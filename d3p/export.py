@@ -1,97 +1,80 @@
-"""Export a pre-training run's kept set, or its per-sample trained counts, as a .npy file.
+"""Export the kept set, or the per-sample trained counts, of a checkpoint holding a `DataPruner` state, as .npy.
 
-    python -m d3p.export RUN_DIR --out kept.npy            sorted int64 indices kept at the last decision
-    python -m d3p.export RUN_DIR --out counts.npy --counts int64 [N]: in how many epochs each sample was trained
+    d3p-export CHECKPOINT --out kept.npy              sorted int64 indices kept at the last decision
+    d3p-export CHECKPOINT --out counts.npy --counts   int64 [N]: in how many epochs each sample was trained
 
-RUN_DIR is a pre-training --output_dir (checkpoint-E.pth, log.txt), an arm folder holding it as RUN_DIR/pretrain
-(the layout of train_d3p.sh and tools/reproduce_table1.sh), or a checkpoint file. The newest checkpoint that loads
-completely is used (a torn one is skipped, as --auto_resume does).
+CHECKPOINT is a torch file (plain data) holding checkpoint['pruning'] = pruner.state_dict(), or the state itself.
+Finding the newest checkpoint of a training run is the training scripts' business: `main(argv, resolve=...)`
+takes their finder.
 
-Kept set (without --counts), from checkpoint['pruning']['strategy']:
-  d3p           ~pruned of the last decision (all samples before the first decision);
-  dynunc, d2    the selected subset (all samples while still in warm-up); OUTPUT_DIR/kept_static.npy if the
-                checkpoint lacks it;
-  none, infobatch, seta, random: no persistent kept set (each epoch draws its own) -> error; use --counts.
+Kept set (without --counts), from the method's registry entry (`d3p.registry`):
+  a method with a `kept_set` (d3p: ~pruned of the last decision, all samples before the first decision);
+  kind "static" (dynunc, d2, ...): the selected subset, the strategy state's "subset" (all samples in warm-up);
+  other dynamic methods (none, infobatch, seta, random) keep no persistent set (each epoch draws its own) -> an
+  error; use --counts.
 
 Trained counts (--counts): counts[i] = the number of epochs in which sample i was in the epoch's kept set, i.e.
-trained with gradient (epochs 0..E of checkpoint-E.pth). Distributed padding duplicates are not counted twice, so
-counts.sum() == the sum of log.txt's per-epoch `kept`. The per-epoch kept sets of dynamic methods are not stored
-in a checkpoint, so exact counts come from:
+trained with gradient. Distributed padding duplicates are not counted twice, so counts.sum() == the sum of the
+ledger's per-epoch `kept`. The per-epoch kept sets of dynamic methods are not stored in a checkpoint, so exact
+counts come from:
   1. checkpoint['pruning']['trained_counts'] (int32 [N]): DataPruner adds 1 at plan.kept when it records
      an epoch's costs and saves the array with its state (any method; a resumed run replays the epochs after its
      checkpoint, so the counts stay exact);
-  2. for checkpoints written before the engine kept it, an exact reconstruction where one exists, checked against
-     the ledger's per-epoch kept counts (and verified equal to the engine's array on real runs):
-       none: every sample in every epoch;  dynunc/d2: all samples in warm-up epochs, the subset afterwards;
+  2. for checkpoints written before DataPruner kept it, an exact reconstruction where one exists, checked against
+     the ledger's per-epoch kept counts:
+       none: every sample in every epoch;  static methods: all samples in warm-up epochs, the subset afterwards;
        random: its per-epoch subsets replayed (they depend only on (seed, epoch));
        d3p with at most one decision: all samples before it (and in annealing epochs), ~pruned after;
-  3. otherwise (d3p with several decisions, infobatch, seta) an error: re-run with the current engine.
+  3. otherwise (d3p with several decisions, infobatch, seta, methods of plugins) an error.
 
-Bad input (missing folder, no checkpoint, unusable checkpoint) -> a usage error naming the problem and the fix,
-exit code 2.
+Bad input (missing file, unusable checkpoint) -> a usage error naming the problem and the fix, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-NO_KEPT_SET = ("none", "infobatch", "seta", "random")
-STATIC = ("dynunc", "d2")
+from d3p.registry import get_method, import_prune_plugins, method_names
+
 ENGINE_CHANGE = (
     "exact per-sample counts need checkpoint['pruning']['trained_counts'], which this checkpoint predates "
-    "(DataPruner records them at every epoch and saves them with its state). Fix: re-run pre-training "
-    "with the current engine"
+    "(DataPruner records them at every epoch and saves them with its state). Fix: re-run training "
+    "with the current d3p"
 )
 
 
 class ExportError(ValueError):
-    """A problem with the input run; the message names it and the fix."""
+    """A problem with the input; the message names it and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def resolve_checkpoint(run: str) -> tuple[str, dict[str, Any]]:
-    """(path, checkpoint) of the newest complete checkpoint of RUN_DIR (or of the checkpoint file RUN_DIR)."""
-    import torch
+def load_checkpoint_file(path: str) -> tuple[str, dict[str, Any]]:
+    """(path, checkpoint) of a checkpoint file (plain data only)."""
+    from d3p.checkpoints import load_plain
 
-    if os.path.isfile(run):
-        try:
-            ckpt = torch.load(run, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torn file, not a torch file, ...
-            raise ExportError(f"{run} cannot be loaded as a checkpoint ({type(exc).__name__}: {exc}). "
-                              "Fix: pass a pre-training output folder or a complete checkpoint-E.pth") from None
-        return run, ckpt
-    if not os.path.isdir(run):
-        raise ExportError(f"{run}: no such folder. Fix: pass the --output_dir of a pre-training run "
-                          "(the folder holding checkpoint-E.pth and log.txt)")
-    folder = run
-    if not glob.glob(os.path.join(folder, "checkpoint-*.pth")) and os.path.isdir(os.path.join(run, "pretrain")):
-        folder = os.path.join(run, "pretrain")  # an arm folder of train_d3p.sh / reproduce_table1.sh
-    if not glob.glob(os.path.join(folder, "checkpoint-*.pth")):
-        raise ExportError(f"{run} holds no checkpoint-E.pth. Fix: pass the --output_dir of a pre-training run "
-                          "that has saved at least one checkpoint (see --save_every), or wait for its first save")
-    from d3p.checkpoints import find_latest_checkpoint
-
-    found = find_latest_checkpoint(folder)
-    if found is None:
-        raise ExportError(f"no checkpoint in {folder} loads completely. Fix: wait for the run to save a complete "
-                          "checkpoint, or resume it with --auto_resume")
-    return found
+    if os.path.isdir(path):
+        raise ExportError(f"{path} is a folder. Fix: pass the checkpoint file that holds the pruner's state "
+                          "(checkpoint['pruning'] = pruner.state_dict()), e.g. the newest one the run saved")
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: no such file. Fix: pass a checkpoint that holds the pruner's state")
+    try:
+        return path, load_plain(path)
+    except Exception as exc:  # torn file, not a torch file, not plain data
+        raise ExportError(f"{path} cannot be loaded as a checkpoint ({type(exc).__name__}: {exc}). "
+                          "Fix: pass a complete checkpoint file") from None
 
 
 def pruning_state(path: str, ckpt: Any) -> dict[str, Any]:
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("pruning"), dict):
-        raise ExportError(f"{path} has no 'pruning' state: it is not a checkpoint of main_pretrain_d3p.py. "
-                          "Fix: pass a run of main_pretrain_d3p.py")
-    state = ckpt["pruning"]
-    for key in ("method", "num_samples", "strategy"):
-        if key not in state:
-            raise ExportError(f"{path}: checkpoint['pruning'] lacks {key!r}. Fix: pass a run of main_pretrain_d3p.py")
+    """checkpoint['pruning'] (a `DataPruner.state_dict()`), or the checkpoint itself when it is one."""
+    state = ckpt.get("pruning", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not {"method", "num_samples", "strategy"} <= set(state):
+        raise ExportError(f"{path} holds no pruner state (method, num_samples, strategy). Fix: pass a checkpoint "
+                          "that saved checkpoint['pruning'] = pruner.state_dict()")
     return state
 
 
@@ -102,28 +85,32 @@ def _np(x: Any, dtype) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- kept set
+def _spec(path: str, method: str):
+    try:
+        return get_method(method)
+    except ValueError:
+        raise ExportError(f"{path}: pruning method {method!r} is not registered. Fix: pass --prune_plugin with the "
+                          "module that registers it") from None
+
+
 def kept_indices(path: str, ckpt: dict[str, Any]) -> tuple[np.ndarray, str]:
     """Sorted int64 indices kept at the last decision, and a note for the report."""
     state = pruning_state(path, ckpt)
     method, n, strat = state["method"], int(state["num_samples"]), state["strategy"]
-    if method == "d3p":
-        pruned = _np(strat["pruned"], bool)
-        if pruned.shape != (n,):
-            raise ExportError(f"{path}: D3P 'pruned' has shape {pruned.shape}, expected ({n},)")
-        note = "d3p: ~pruned of the last decision" if int(strat.get("decisions", 1)) else "d3p: no decision yet, all kept"
-        return np.flatnonzero(~pruned).astype(np.int64), note
-    if method in STATIC:
+    spec = _spec(path, method)
+    if spec.kept_set is not None:
+        kept = np.sort(_np(spec.kept_set(strat), np.int64))
+        if kept.size and not (0 <= kept[0] and kept[-1] < n):
+            raise ExportError(f"{path}: {method}'s kept set holds indices outside [0, {n})")
+        decided = int(strat.get("decisions", 1))
+        return kept, f"{method}: the kept set of the last decision" if decided else f"{method}: no decision yet, all kept"
+    if spec.kind == "static":
         subset = strat.get("subset")
         if subset is None:
-            side = os.path.join(os.path.dirname(os.path.abspath(path)), "kept_static.npy")
-            if "subset" not in strat and os.path.isfile(side):
-                return np.sort(np.load(side).astype(np.int64)), f"{method}: subset from {side}"
             return np.arange(n, dtype=np.int64), f"{method}: still in warm-up (no selection yet), all kept"
         return np.sort(_np(subset, np.int64)), f"{method}: the selected static subset"
-    if method in NO_KEPT_SET:
-        raise ExportError(f"method {method!r} has no persistent kept set (it draws a new subset every epoch). "
-                          "Fix: use --counts for the per-sample trained counts")
-    raise ExportError(f"{path}: unknown pruning method {method!r}")
+    raise ExportError(f"method {method!r} has no persistent kept set (it draws a new subset every epoch). "
+                      "Fix: use --counts for the per-sample trained counts")
 
 
 # ---------------------------------------------------------------------------------------------- counts
@@ -151,7 +138,7 @@ def trained_counts(path: str, ckpt: dict[str, Any]) -> tuple[np.ndarray, str]:
     if method == "none":
         counts += len(epochs)
         note = "none: every sample in every epoch"
-    elif method in STATIC:
+    elif method in method_names("static"):
         warm = int(strat["warmup_epochs"])
         counts += min(warm, len(epochs))
         if len(epochs) > warm:
@@ -189,25 +176,32 @@ def trained_counts(path: str, ckpt: dict[str, Any]) -> tuple[np.ndarray, str]:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "d3p-export", source_help: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m d3p.export",
+        prog=prog,
         description="Export the kept set (sorted int64 indices at the last decision) or, with --counts, the "
-                    "per-sample trained counts (int64 [N]) of a pre-training run.",
+                    "per-sample trained counts (int64 [N]) of a training run's pruner state.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR",
-                   help="pre-training --output_dir, an arm folder holding pretrain/, or a checkpoint-E.pth")
+    p.add_argument("source", metavar="CHECKPOINT",
+                   help=source_help or "a checkpoint file holding checkpoint['pruning'] = pruner.state_dict()")
     p.add_argument("--out", required=True, help="output .npy file")
     p.add_argument("--counts", action="store_true",
                    help="write how many epochs each sample was trained with gradient instead of the kept set")
+    p.add_argument("--prune_plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import a module that registers the run's method (a method of your own)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+Resolve = Callable[[str], "tuple[str, dict[str, Any]]"]
+
+
+def main(argv: list[str] | None = None, resolve: Resolve = load_checkpoint_file, parser: argparse.ArgumentParser | None = None) -> int:
+    """The CLI. resolve: SOURCE -> (path, checkpoint); a training project passes its run-folder finder."""
+    parser = parser or build_parser()
+    import_prune_plugins(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
-        path, ckpt = resolve_checkpoint(args.run_dir)
+        path, ckpt = resolve(args.source)
         state = pruning_state(path, ckpt)
         arr, note = (trained_counts if args.counts else kept_indices)(path, ckpt)
     except ExportError as exc:
@@ -217,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: folder {out_dir} does not exist. Fix: create it or pick another path")
     np.save(args.out, arr.astype(np.int64))
     n = int(state["num_samples"])
-    report = {"checkpoint": path, "epoch": ckpt.get("epoch"), "method": state["method"], "num_samples": n,
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    report = {"checkpoint": path, "epoch": epoch, "method": state["method"], "num_samples": n,
               "out": args.out, "note": note}
     if args.counts:
         report.update(total_trained=int(arr.sum()), never_trained=int((arr == 0).sum()))

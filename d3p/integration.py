@@ -37,13 +37,13 @@ from d3p.collectives import all_gather_within, get_rank, get_world_size, is_dist
 from d3p.data import pruned_loader
 from d3p.distributed import RankDivergenceError, check_ranks_agree, reduce_epoch_losses
 from d3p.ledger import CostLedger
-from d3p.options import DEFAULTS, METHOD_OPTIONS, PRUNE_METHODS, options_of, validate_options
+from d3p.options import options_of, validate_options
 from d3p.recorder import LossRecorder
+from d3p.registry import all_options, build, get_method, method_names
 from d3p.sampler import PrunedDistributedSampler
-from d3p.schedule import D3PSchedule
 from d3p.strategy import EpochLosses, EpochPlan, PruningStrategy
 
-__all__ = ["DataPruner", "PRUNE_METHODS", "build_strategy", "weighted_batch_loss"]
+__all__ = ["DataPruner", "build_strategy", "weighted_batch_loss"]
 
 
 def weighted_batch_loss(per_sample: torch.Tensor, weights: torch.Tensor | None, normalize: bool) -> torch.Tensor:
@@ -61,46 +61,13 @@ def weighted_batch_loss(per_sample: torch.Tensor, weights: torch.Tensor | None, 
 
 def build_strategy(method: str, num_samples: int, epochs: int | None = None, seed: int = 0, min_kept: int = 1,
                    knn_device: str = "cpu", **options: Any) -> PruningStrategy:
-    """The strategy of `method`, configured from `options` (names and defaults: `d3p.options.DEFAULTS`)."""
-    unknown = sorted(set(options) - set(DEFAULTS))
+    """The strategy of the registered method `method` (`d3p.registry`), configured from `options` (the options of
+    any registered method are accepted; the method takes its own, defaults filled in)."""
+    unknown = sorted(set(options) - set(all_options()))
     if unknown:
-        raise TypeError(f"unknown pruning option(s) {unknown}; valid: {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
-    if method == "d3p":
-        from d3p.methods.d3p import D3P
-
-        schedule = D3PSchedule(o["d3p_start"], o["d3p_period"], o["d3p_window"], epochs, o["d3p_anneal_epochs"])
-        return D3P(num_samples, schedule, o["d3p_bins"], o["d3p_quantile"], seed=seed, min_kept=min_kept)
-    if method == "none":
-        from d3p.methods.none import NoPruning
-
-        return NoPruning(num_samples)
-    if method == "infobatch":
-        from d3p.methods.infobatch import InfoBatch
-
-        return InfoBatch(num_samples, epochs, o["prune_ratio"], o["delta"], seed=seed)
-    if method == "seta":
-        from d3p.methods.seta import SeTa
-
-        return SeTa(num_samples, epochs, o["prune_ratio"], o["seta_groups"], o["seta_window_scale"], o["delta"],
-                    seed=seed)
-    if method == "random":
-        from d3p.methods.random import RandomDynamic, read_kept_counts
-
-        counts = read_kept_counts(o["random_match"]) if o["random_match"] else None
-        return RandomDynamic(num_samples, o["prune_ratio"], seed=seed, kept_counts=counts)
-    if method == "dynunc":
-        from d3p.methods.dynunc import DynUnc
-
-        return DynUnc(num_samples, o["static_warmup_epochs"], o["prune_ratio"], o["dynunc_window"], seed=seed)
-    if method == "d2":
-        from d3p.methods.d2 import D2Pruning
-
-        # the k-NN runs on the training device (faiss-gpu or torch on CUDA; faiss IVF at scale on CPU)
-        return D2Pruning(num_samples, o["static_warmup_epochs"], o["prune_ratio"], o["d2_neighbors"],
-                         o["d2_gamma"], o["d2_mode"], o["d2_sampling"], seed=seed, knn_device=knn_device,
-                         knn_backend=o["d2_knn"], knn_index=o["d2_knn_index"], nprobe=o["d2_nprobe"])
-    raise ValueError(f"unknown prune method {method!r}; choose one of {', '.join(PRUNE_METHODS)}")
+        raise TypeError(f"unknown pruning option(s) {unknown}; valid: {', '.join(all_options())}")
+    context = {"epochs": epochs, "seed": seed, "min_kept": min_kept, "knn_device": knn_device}
+    return build(method, num_samples, context, options)
 
 
 class DataPruner:
@@ -108,7 +75,8 @@ class DataPruner:
     the per-epoch decision (reduced across ranks), the cost ledger and the resumable state of one run.
 
     num_samples: dataset size N (indices 0..N-1 reach `batch_loss` with each batch).
-    method: a name of `PRUNE_METHODS`, or any object implementing `d3p.strategy.PruningStrategy`.
+    method: a registered method's name (`d3p.registry`: the built-ins and those of imported plugins), or any object
+            implementing `d3p.strategy.PruningStrategy`.
     epochs: the run's total epochs (the schedules of d3p, infobatch, seta depend on it).
     seed: the same on every rank; decisions and shuffles derive from (seed, epoch) only.
     min_kept: a decision never keeps fewer samples (use batch_size * world_size).
@@ -117,7 +85,7 @@ class DataPruner:
     knn_device: where D2's k-NN runs (the training device).
     loss_fn: (outputs, targets) -> float [B] per-sample losses: the one loss of both passes (`loss`, `epoch`).
     sync_timeout: seconds `begin_epoch`/`end_epoch` wait for the other ranks before an error names the call.
-    **options: the method's options, named as the flags (`d3p.options.DEFAULTS`).
+    **options: the method's options, named as the flags (`d3p.registry.get_method(name).options`).
     """
 
     def __init__(self, num_samples: int, method: str | PruningStrategy = "d3p", epochs: int | None = None,
@@ -145,7 +113,8 @@ class DataPruner:
         self.loss_fn = loss_fn
         self.sync_timeout = float(sync_timeout)
         self.seed = int(seed)
-        self.options = {k: options.get(k, DEFAULTS[k]) for k in METHOD_OPTIONS.get(self.strategy.name, [])}
+        own = get_method(self.strategy.name).options if self.strategy.name in method_names() else ()
+        self.options = {o.name: options.get(o.name, o.default) for o in own}
         # the training sampler and the forward-only one (D3P's recording epochs) use different shuffles
         self.sampler = PrunedDistributedSampler(num_samples, num_replicas, rank, seed=self.seed)
         self.forward_sampler = PrunedDistributedSampler(num_samples, num_replicas, rank, seed=self.seed + 1)
@@ -166,9 +135,10 @@ class DataPruner:
 
     @classmethod
     def from_args(cls, args, num_samples: int, min_kept: int = 1, **kwargs: Any) -> "DataPruner":
-        """From flags added by `d3p.add_pruning_args` (+ `--epochs`, `--seed`, `--device`)."""
+        """From flags added by `d3p.add_pruning_args` (+ `--epochs`, `--seed`, `--device`); `kwargs` (options or
+        DataPruner's keywords) take precedence over the flags, e.g. random_match=<kept counts read from a run>."""
         return cls(num_samples, args.prune_method, args.epochs, args.seed, min_kept=min_kept,
-                   knn_device=getattr(args, "device", None) or "cpu", **options_of(args), **kwargs)
+                   knn_device=getattr(args, "device", None) or "cpu", **{**options_of(args), **kwargs})
 
     @property
     def num_samples(self) -> int:

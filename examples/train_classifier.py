@@ -38,9 +38,11 @@ def main():
     parser.add_argument("--subset", default=0, type=int, help="digits: train on the first N samples only")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--output_dir", default="./output_classifier")
-    d3p.add_pruning_args(parser, methods=("none", "d3p", "infobatch", "seta", "random"))
+    d3p.import_prune_plugins()  # --prune_plugin FILE_OR_MODULE: a method of your own, before the flags are built
+    dynamic = d3p.method_names("dynamic")  # this loop has no embedding pass for the static selectors
+    d3p.add_pruning_args(parser, methods=dynamic)
     args = parser.parse_args()
-    problems = d3p.validate_pruning_args(args, ("none", "d3p", "infobatch", "seta", "random"))
+    problems = d3p.validate_pruning_args(args, dynamic)
     if problems:
         parser.error("; ".join(problems))
 

@@ -11,7 +11,7 @@ import util  # noqa: F401
 import numpy as np
 import torch
 
-from util.dist import STRICT_COLLECTIVES_ENV
+from d3p.collectives import STRICT_COLLECTIVES_ENV
 
 # One thread per process: in-process runs then match the subprocess runs (OMP_NUM_THREADS=1) bit
 # for bit, and 2-process torchrun tests do not oversubscribe a 2-core machine.

@@ -68,7 +68,7 @@ def main() -> int:
         hidden = os.path.join(output_dir, ".stale_view")
         os.makedirs(hidden, exist_ok=True)
         for name in os.listdir(output_dir):
-            m = ckpt_util._CKPT_RE.search(name)
+            m = ckpt_util.CHECKPOINT_RE.search(name)
             if m and int(m.group(1)) < int(epoch) and not os.path.exists(os.path.join(hidden, name)):
                 os.symlink(os.path.join(os.path.abspath(output_dir), name), os.path.join(hidden, name))
         return real_find(hidden)

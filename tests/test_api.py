@@ -12,7 +12,7 @@ from api_loop import D3P_OPTIONS, N, train
 from conftest import TIMES as _TIMES, assert_state_equal as _equal, run_script, run_torchrun
 
 METHODS = {
-    "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {},
+    "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {}, "rs2": {},
     "dynunc": dict(static_warmup_epochs=2, dynunc_window=2), "d2": dict(static_warmup_epochs=2, d2_neighbors=5),
 }
 @pytest.mark.parametrize("method", list(METHODS))

@@ -13,9 +13,10 @@ import torch
 from d3p.methods.common import anneal_start, kept_size
 from d3p.methods.infobatch import InfoBatch
 from d3p.methods.none import NoPruning
-from d3p.methods.random import RandomDynamic, read_kept_counts
+from d3p.methods.random import RandomDynamic
 from d3p.methods.seta import SETA_INITIAL_SCORE, SeTa, kmeans_1d, seta_window
 from d3p.strategy import EpochLosses
+from util.run_folder import read_kept_counts  # the fork's run folder (log.txt): outside the d3p package
 
 
 # ------------------------------------------------------------------------------------------------------------------

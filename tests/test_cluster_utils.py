@@ -17,6 +17,7 @@ import torch.distributed as dist
 import main_finetune
 import main_pretrain_d3p
 from conftest import REPO, free_port
+from d3p import collectives
 from util import checkpoint as ckpt_util
 from util import dist as dist_util
 from util.amp import autocast_dtype
@@ -61,7 +62,7 @@ def test_process_group_binds_the_gpu_on_cuda_only():
 def one_rank_launch(monkeypatch):
     """torchrun's variables for one process: the entry scripts join a 1-rank gloo group in this process."""
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(free_port()), dist_util.STRICT_COLLECTIVES_ENV: "1"}.items():
+                 "MASTER_PORT": str(free_port()), collectives.STRICT_COLLECTIVES_ENV: "1"}.items():
         monkeypatch.setenv(k, v)
     yield
     if dist.is_initialized():  # a failed assertion must not leak the group into later tests
@@ -94,7 +95,7 @@ def test_finetune_leaves_the_group_on_an_error_exit(tmp_path, one_rank_launch, c
 @pytest.fixture
 def gloo_group(monkeypatch):
     """A 1-rank gloo group in this process, strict collectives on."""
-    monkeypatch.setenv(dist_util.STRICT_COLLECTIVES_ENV, "1")
+    monkeypatch.setenv(collectives.STRICT_COLLECTIVES_ENV, "1")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -103,31 +104,31 @@ def gloo_group(monkeypatch):
 def test_strict_mode_refuses_a_tensor_nccl_would_refuse(gloo_group):
     # the embeddings pass before commit c383b67: `dim = torch.tensor([...])` (CPU) all-reduced under NCCL
     dim = torch.tensor([192], dtype=torch.int64)
-    with pytest.raises(dist_util.CollectiveDeviceError, match="to_collective"):
-        dist_util.all_reduce(dim, op="max")
+    with pytest.raises(collectives.CollectiveDeviceError, match="to_collective"):
+        collectives.all_reduce(dim, op="max")
     # ... and its `.to(dev)` with dev computed by hand, then `.cpu()` before the reduction
-    placed = dist_util.to_collective(torch.from_numpy(np.ones(3, dtype=np.float32)))
-    with pytest.raises(dist_util.CollectiveDeviceError):
-        dist_util.all_reduce(placed.cpu())
-    with pytest.raises(dist_util.CollectiveDeviceError):
-        dist_util.all_gather(torch.zeros(2).to("cpu"))
+    placed = collectives.to_collective(torch.from_numpy(np.ones(3, dtype=np.float32)))
+    with pytest.raises(collectives.CollectiveDeviceError):
+        collectives.all_reduce(placed.cpu())
+    with pytest.raises(collectives.CollectiveDeviceError):
+        collectives.all_gather(torch.zeros(2).to("cpu"))
     # placed with to_collective: accepted, and the tag survives device-preserving ops
-    assert dist_util.all_reduce(placed * 2).tolist() == [2.0, 2.0, 2.0]
-    assert dist_util.all_reduce(placed.to(torch.float64), op="max").dtype == torch.float64
-    (only,) = dist_util.all_gather(dist_util.to_collective(torch.tensor([7, 8])))
+    assert collectives.all_reduce(placed * 2).tolist() == [2.0, 2.0, 2.0]
+    assert collectives.all_reduce(placed.to(torch.float64), op="max").dtype == torch.float64
+    (only,) = collectives.all_gather(collectives.to_collective(torch.tensor([7, 8])))
     assert only.tolist() == [7, 8]
     assert dist_util.all_reduce_sum(2.5) == 2.5 and dist_util.any_rank(True) is True
-    assert dist_util.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert collectives.all_gather_object({"a": 1}) == [{"a": 1}]
 
 
 def test_without_strict_mode_cpu_tensors_pass_on_gloo(gloo_group, monkeypatch):
-    monkeypatch.setenv(dist_util.STRICT_COLLECTIVES_ENV, "0")
-    assert dist_util.all_reduce(torch.tensor([3])).tolist() == [3]  # what a CPU run can see without it
+    monkeypatch.setenv(collectives.STRICT_COLLECTIVES_ENV, "0")
+    assert collectives.all_reduce(torch.tensor([3])).tolist() == [3]  # what a CPU run can see without it
 
 
-def test_every_collective_goes_through_util_dist():
-    """Strict mode only checks what passes through the wrappers (d3p/collectives.py, re-exported and
-    extended by util/dist.py): no direct torch.distributed collective anywhere else in the project's code."""
+def test_every_collective_goes_through_the_wrappers():
+    """Strict mode only checks what passes through the wrappers (d3p/collectives.py, and util/dist.py's helpers
+    built on them): no direct torch.distributed collective anywhere else in the project's code."""
     pattern = re.compile(r"\bdist\.(all_reduce|all_gather|all_gather_object|broadcast|broadcast_object_list|reduce|"
                          r"reduce_scatter|gather|gather_object|scatter|all_to_all|send|recv)\w*\(")
     offenders = []
@@ -201,7 +202,7 @@ def test_submitit_trainer_runs_the_entry_script_and_requeues_with_auto_resume(tm
     monkeypatch.setitem(sys.modules, "submitit", fake)
     # the variables the task sets, first set here so that monkeypatch restores them afterwards
     for k, v in {"MASTER_ADDR": "x", "MASTER_PORT": str(free_port()), "RANK": "x", "WORLD_SIZE": "x",
-                 "LOCAL_RANK": "x", dist_util.STRICT_COLLECTIVES_ENV: "1"}.items():
+                 "LOCAL_RANK": "x", collectives.STRICT_COLLECTIVES_ENV: "1"}.items():
         monkeypatch.setenv(k, v)
     trainer = Trainer("main_pretrain_d3p", [*BASE, "--prune_method", "none", "--epochs", "1",
                                             "--output_dir", str(tmp_path / "job_%j")])

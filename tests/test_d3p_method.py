@@ -129,8 +129,78 @@ def test_samples_without_a_loss_are_pruned_and_counted():
         log = s.end_epoch(epoch, EpochLosses(loss_sum, count))
     assert log["d3p_unscored"] == 3 and s.pruned[missing].all()
     assert (s.weights[missing] == 1).all()
-    # the others are decided exactly as without the missing samples
-    ref = drive(make(), 2)
+    # the others are decided exactly as a dataset without the missing samples would be: the same window
+    # columns, the same seed and epoch (so the same trimming draw)
     keep = np.setdiff1d(np.arange(N), missing)
-    assert 0 < s.pruned[keep].sum() < keep.size and s.pruned.sum() > 3
-    assert abs(int(s.pruned[keep].sum()) - int(ref.pruned.sum())) <= 0.02 * N
+    ref = D3P(keep.size, D3PSchedule(start=2, period=2, window=2, epochs=8), bins=32, seed=7)
+    for epoch in range(2):
+        ref.plan_epoch(epoch)
+        ref_log = ref.end_epoch(epoch, EpochLosses(synthetic_loss(keep, epoch), np.ones(keep.size, dtype=np.int32)))
+    assert 0 < s.pruned[keep].sum() < keep.size
+    np.testing.assert_array_equal(s.pruned[keep], ref.pruned)
+    np.testing.assert_array_equal(s.weights[keep], ref.weights)
+    assert log["d3p_decision_pruned"] == ref_log["d3p_decision_pruned"] + 3
+    for key in ("d3p_easy", "d3p_hard", "d3p_trimmed", "d3p_upweighted"):
+        assert log[key] == ref_log[key], key
+
+
+def test_anneal_tail_trains_all_data_unweighted_and_records_nothing():
+    """--d3p_anneal_epochs K: the last K epochs train every sample with weight 1, no forward-only pass, no
+    recording, no decision, even right after a decision that pruned and up-weighted."""
+    sched = D3PSchedule(start=2, period=2, window=2, epochs=8, anneal_epochs=3)  # spec epochs 6, 7, 8 anneal
+    s = drive(D3P(N, sched, bins=32, seed=7), 5)  # decisions at spec 2 and 4; spec 5 records nothing
+    before = s.plan_epoch(4)
+    # the guard: the epoch before the tail trains a pruned, up-weighted set
+    assert 0 < before.kept.size < N and before.weights is not None and (before.weights > 1).any()
+    assert s.decisions == 2
+    for epoch in (5, 6, 7):
+        plan = s.plan_epoch(epoch)
+        np.testing.assert_array_equal(plan.kept, np.arange(N))
+        assert plan.weights is None, f"epoch {epoch}: weights in the anneal tail"
+        assert plan.forward_only.size == 0 and not plan.record_losses
+        assert s.end_epoch(epoch, None) == {}
+    assert s.decisions == 2
+
+
+def test_data_pruner_window_holds_every_samples_mean_loss():
+    """In process, through DataPruner (what the 2-rank test checks across ranks): after a recording epoch with a
+    forward-only pass over the pruned samples and padding duplicates in both passes, every sample of the window
+    holds its loss: none is NaN (forward-only losses kept) and a sample seen twice holds the MEAN of its two
+    losses (2 l and 0 -> l), not their sum. The decision then equals one made from the exact losses."""
+    from d3p.integration import DataPruner
+
+    sched = D3PSchedule(start=2, period=3, window=2, epochs=6)  # spec 1, 2 record; 4 records with forward-only
+    pruner = DataPruner(N, D3P(N, sched, bins=32, seed=7))
+    ref = D3P(N, sched, bins=32, seed=7)
+    rng = np.random.default_rng(0)
+
+    def feed(indices, losses, sink):  # batches of 256, each padded sample's two losses 2 l and 0
+        dup = indices[:5]
+        idx = np.concatenate([indices, dup])
+        val = np.concatenate([losses[indices], losses[dup] * 2, np.zeros(dup.size, np.float32)])
+        val[: indices.size][np.isin(indices, dup)] = 0.0
+        order = rng.permutation(idx.size)
+        for start in range(0, idx.size, 256):
+            pick = order[start : start + 256]
+            sink(torch.from_numpy(val[pick]), torch.from_numpy(idx[pick]))
+
+    for epoch in range(5):
+        loss = synthetic_loss(np.arange(N), epoch).astype(np.float32)  # exact in float32: no rounding doubts
+        plan = pruner.begin_epoch(epoch)
+        feed(plan.kept, loss, lambda l, i: pruner.batch_loss(l, i))
+        if pruner.forward_only_indices.size:
+            feed(pruner.forward_only_indices, loss, lambda l, i: pruner.record(i, l))
+        pruner.end_epoch(epoch)
+        ref_plan = ref.plan_epoch(epoch)
+        ref.end_epoch(epoch, EpochLosses(loss.astype(np.float64), np.ones(N, dtype=np.int32))
+                      if ref_plan.record_losses else None)
+        if epoch == 3:  # recording, not deciding; trained the pruned set of the first decision
+            assert 0 < plan.forward_only.size < N
+            window = pruner.state_dict()["strategy"]["window"].numpy()
+            filled = [row for row in window if not np.isnan(row).all()]
+            assert len(filled) == 1, "one recorded epoch in the window"
+            assert np.isfinite(filled[0]).all(), f"{int(np.isnan(filled[0]).sum())} samples without a loss"
+            np.testing.assert_array_equal(filled[0], loss)
+    assert pruner.strategy.decisions == ref.decisions == 2
+    np.testing.assert_array_equal(pruner.strategy.pruned, ref.pruned)
+    np.testing.assert_array_equal(pruner.strategy.weights, ref.weights)

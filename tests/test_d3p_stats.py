@@ -198,6 +198,74 @@ def test_persistent_difficulty_prunes_both_tails_and_trims(null_decision, persis
     assert d.upweighted > 0
 
 
+# Golden regression: the decisions of the two fixed-seed windows above, recorded when the expected counts,
+# the support and the trimming draw were checked from first principles (the tests around this one). Any change
+# to a decision (a count, the support, which samples are trimmed) shows here; if a change is intended, say why
+# in the commit and record the new values.
+GOLDEN = {
+    # (easy, hard, trimmed, upweighted), support [a, b], sha256 of the pruned mask's bytes (first 16 hex digits)
+    "null_decision": ((18, 36, 1735, 99867), (0.27774395848036937, 0.9773997752752104), "2c46ca03bab88c1d"),
+    "persistent_decision": ((55, 4776, 50039, 104812), (0.09970028106394763, 1.5543885852727242), "4a3758a21ab92a2f"),
+}
+
+
+@pytest.mark.parametrize("which", sorted(GOLDEN))
+def test_decision_golden_regression(which, request) -> None:
+    import hashlib
+
+    d = request.getfixturevalue(which)
+    counts, support, mask_hash = GOLDEN[which]
+    assert (d.easy, d.hard, d.trimmed, d.upweighted) == counts
+    assert d.restored == 0 and d.num_pruned == counts[0] + counts[1] + counts[2]
+    np.testing.assert_allclose(d.support, support, rtol=1e-9, atol=0)
+    assert hashlib.sha256(np.ascontiguousarray(d.pruned).tobytes()).hexdigest()[:16] == mask_hash
+
+
+def test_histogram_match_counts_from_first_principles() -> None:
+    """Spec section 6 on a hand-built case: a piecewise-constant ideal density whose 4 cells are the 4 bins of
+    the support [0, 1], so pdf(centre_k) * width is cell k's mass exactly. All numbers below are dyadic (exact
+    in binary), so e_k = floor(N * mass_k) is computed here without rounding doubts:
+    N = 100, masses (5/16, 9/32, 1/4, 5/32) -> N * mass = (31.25, 28.125, 25, 15.625) -> e = (31, 28, 25, 15).
+    (round() would give 16 in the last bin; scaling by 1.2 or 0.97 changes the first bin.)
+    Observed h = (40, 10, 25, 5) and 20 samples outside [a, b]:
+    bin 0 over-filled: exactly 9 of its 40 trimmed, weights 1; bin 1 under-filled: 10 samples of weight 2.8;
+    bin 2 exactly filled: untouched, weight 1; bin 3 under-filled: 5 samples of weight 3; outside: weight 1."""
+    from d3p.stats import IdealCLDDensity
+
+    masses = np.array([5 / 16, 9 / 32, 1 / 4, 5 / 32])
+    density = IdealCLDDensity(mu=np.array([0.5]), var=np.array([0.1]), lo=0.0, width=0.25, mass=masses,
+                              quantile=0.999, tail_bound=0.0)
+    observed = [40, 10, 25, 5]
+    cld = np.concatenate([k * 0.25 + 0.25 * (np.arange(h) + 0.5) / h for k, h in enumerate(observed)]
+                         + [np.full(20, 2.0)])
+    cld = cld[np.random.default_rng(0).permutation(cld.size)]  # bins interleaved in index order
+    bin_of = np.where(cld > 1.0, -1, np.minimum(np.floor(cld / 0.25), 3)).astype(int)
+    m = histogram_match(cld, density, (0.0, 1.0), 4, np.random.default_rng(5))
+
+    np.testing.assert_array_equal(m.observed, observed)
+    np.testing.assert_array_equal(m.expected, [31, 28, 25, 15])
+    # kept_k = min(h_k, e_k): only bin 0 loses samples, exactly h_0 - e_0 = 9 of them
+    kept = [int(np.sum((bin_of == k) & ~m.trimmed)) for k in range(4)]
+    assert kept == [31, 10, 25, 5]
+    assert int(m.trimmed.sum()) == 9 and not m.trimmed[bin_of != 0].any()
+    # up-weight e_k / h_k in under-filled bins, 1 elsewhere (also outside the support)
+    expect_w = np.select([bin_of == 1, bin_of == 3], [np.float32(28 / 10), np.float32(15 / 5)], np.float32(1.0))
+    np.testing.assert_array_equal(m.weights, expect_w.astype(np.float32))
+    assert m.weights.dtype == np.float32 and m.upweighted == 15
+
+
+def test_window_moments_are_the_unbiased_sample_variance() -> None:
+    """Spec section 4: each epoch's mean and UNBIASED variance (divisor N - 1), written out on 4 samples."""
+    w = np.array([[1.0, 2.0, 3.0, 6.0], [0.5, 0.5, 1.5, 1.5]], dtype=np.float32)
+    mu, var = window_moments(w)
+    np.testing.assert_array_equal(mu, [3.0, 1.0])
+    # sum of squared deviations / (N - 1): (4 + 1 + 0 + 9) / 3 and (4 * 0.25) / 3 (ddof=0 gives 3.5 and 0.25)
+    np.testing.assert_allclose(var, [14.0 / 3.0, 1.0 / 3.0], rtol=1e-15)
+    dens = ideal_cld_density(w)
+    np.testing.assert_allclose(dens.var, [14.0 / 3.0, 1.0 / 3.0], rtol=1e-15)
+    assert dens.analytic_mean() == pytest.approx(np.mean([9 + 14 / 3, 1 + 1 / 3]), rel=1e-15)
+
+
 @pytest.mark.parametrize("which", ["null_decision", "persistent_decision"])
 def test_decision_bookkeeping_is_exact(which, request) -> None:
     d = request.getfixturevalue(which)
@@ -214,8 +282,12 @@ def test_decision_bookkeeping_is_exact(which, request) -> None:
     assert np.all(d.pruned[~inside])  # both tails pruned (no restore happened)
     assert d.restored == 0
 
-    # Per bin: over-filled bins keep exactly e_k; weights are e_k/h_k in under-filled bins.
+    # e_k from its definition (spec section 6), not from the implementation's own array: bin centres of the
+    # support, e_k = floor(N * f(centre_k) * width) with f the decision's ideal density.
     width = (b - a) / d.observed.size
+    centres = a + width * (np.arange(d.observed.size) + 0.5)
+    np.testing.assert_array_equal(d.expected, np.floor(N * d.density.pdf(centres) * width).astype(np.int64))
+    # Per bin: over-filled bins keep exactly e_k; weights are e_k/h_k in under-filled bins.
     k = np.minimum(np.floor((d.cld[inside] - a) / width), d.observed.size - 1).astype(int)
     kept_per_bin = np.bincount(k[~d.pruned[inside]], minlength=d.observed.size)
     over = d.observed > d.expected

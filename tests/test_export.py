@@ -1,13 +1,19 @@
-"""d3p.export on fake checkpoints (plain data written with torch.save, no training)."""
+"""Exporting a run's data on fake checkpoints (plain data written with torch.save, no training): tools/export_run.py
+for this fork's run folders, d3p-export (d3p.export) for one checkpoint file."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from d3p import export
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import export_run  # noqa: E402
 
 N = 50
 
@@ -35,7 +41,7 @@ def d3p_state(pruned, decisions):
 
 
 def run_cli(argv):
-    return export.main([str(a) for a in argv])
+    return export_run.main([str(a) for a in argv])
 
 
 @pytest.mark.filterwarnings("ignore:skipping unreadable checkpoint")
@@ -127,3 +133,29 @@ def test_bad_input_exits_2(tmp_path, capsys):
         run_cli([run, "--out", out, "--counts"])
     assert exc.value.code == 2 and "trained_counts" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_d3p_export_reads_one_checkpoint_file_and_refuses_a_folder(tmp_path, capsys):
+    """The pip package's CLI knows no run folder: a checkpoint file (or a bare pruner state) in, the same arrays out."""
+    pruned = np.zeros(N, dtype=bool)
+    pruned[[4, 5]] = True
+    run = save_run(tmp_path / "run", "d3p", d3p_state(pruned, 1), [N, N, N - 2])
+    out = tmp_path / "kept.npy"
+    assert export.main([str(run / "checkpoint-2.pth"), "--out", str(out)]) == 0
+    assert np.array_equal(np.load(out), np.flatnonzero(~pruned))
+    bare = tmp_path / "pruner.pth"  # what a loop of one's own saves: pruner.state_dict() alone
+    torch.save(torch.load(run / "checkpoint-2.pth", weights_only=True)["pruning"], bare)
+    assert export.main([str(bare), "--out", str(out)]) == 0 and np.array_equal(np.load(out), np.flatnonzero(~pruned))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        export.main([str(run), "--out", str(out)])
+    assert exc.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_static_subset_of_an_old_checkpoint_comes_from_the_run_folder(tmp_path):
+    """Checkpoints of early versions lack a static method's subset; the run folder's kept_static.npy holds it."""
+    subset = np.arange(3, N, 4, dtype=np.int64)
+    run = save_run(tmp_path / "d2", "d2", {"name": "d2", "num_samples": N, "warmup_epochs": 1}, [N, subset.size])
+    np.save(run / "kept_static.npy", subset)
+    out = tmp_path / "kept.npy"
+    assert run_cli([run, "--out", out]) == 0 and np.array_equal(np.load(out), subset)

@@ -63,9 +63,19 @@ def _check_outputs(out_dir, mode, ckpt, proc):
 def test_finetune_one_epoch(pretrain_ckpt, tmp_path):
     out = tmp_path / "ft"
     proc = _run("main_finetune.py", "--finetune", pretrain_ckpt, "--epochs", "1", "--input_size", "16",
-                "--output_dir", str(out))
+                "--accum_iter", "2", "--output_dir", str(out))
     saved = _check_outputs(out, "finetune", pretrain_ckpt, proc)
     assert "fc_norm.weight" in saved["model"] and saved["model"]["head.weight"].shape == (10, 192)
+    # lr = blr x batch x accum x world / 256 with the fine-tuning recipe's blr 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr"] == pytest.approx(1e-3 * 64 * 2 * 1 / 256, rel=1e-12) and summary["eff_batch_size"] == 128
+    # the optimizer stepped once per accumulation group: 1500 // 64 = 23 batches (drop_last) -> 12 groups, and
+    # every encoder weight moved away from the pre-trained one
+    steps = {int(st["step"]) for st in saved["optimizer"]["state"].values()}
+    assert steps == {12}, steps
+    pre = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)["model"]
+    for k in ("blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "cls_token"):
+        assert not torch.equal(saved["model"][k], pre[k]), f"{k} did not train"
 
 
 def test_linprobe_one_epoch(pretrain_ckpt, tmp_path):
@@ -156,15 +166,15 @@ def test_posterize_fix_gives_black_image_at_zero_bits():
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
 
-    from util.datasets import _posterize_keeping_zero_bits, finetune_transform
+    from util.image_transforms import _posterize_keeping_zero_bits, finetune_train_transform
 
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert _posterize_keeping_zero_bits(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert _posterize_keeping_zero_bits(img, 8) is img
     assert _posterize_keeping_zero_bits(img, 1).getpixel((0, 0)) == (128, 0, 0)
     # MAE's RandAugment recipe gets the safe op
-    args = argparse.Namespace(data_set=None, data_path=None, input_size=32, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-    ops = [op for t in finetune_transform(True, args).transforms for op in getattr(t, "ops", [])]
+    tf = finetune_train_transform("digits", 32, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", [])]
     posterize_ops = [op for op in ops if isinstance(op, AugmentOp) and "Posterize" in op.name]
     assert posterize_ops and all(op.aug_fn is _posterize_keeping_zero_bits for op in posterize_ops)
 
@@ -353,10 +363,9 @@ def test_finetune_transform_uses_python_random_only():
     from timm.data.auto_augment import RandAugment
 
     from util.augment import SeededRandAugment
-    from util.datasets import finetune_transform
+    from util.image_transforms import finetune_train_transform
 
-    args = argparse.Namespace(data_set=None, data_path=None, input_size=16, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-    tf = finetune_transform(True, args)
+    tf = finetune_train_transform("digits", 16, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     augments = [t for t in tf.transforms if isinstance(t, RandAugment)]
     assert len(augments) == 1 and type(augments[0]) is SeededRandAugment
     assert augments[0].num_layers == 2 and len(augments[0].ops) == 15
@@ -417,3 +426,11 @@ def test_seeded_mixup_is_a_function_of_seed_epoch_rank_step():
     m.reseed(0, 0)
     (yl, yh, xl, xh), lam = m.cutmix_bbox_and_lam((3, 16, 16), 0.75)
     assert 0 <= yl <= yh <= 16 and 0 <= xl <= xh <= 16 and lam == 1 - (yh - yl) * (xh - xl) / 256
+
+
+def test_effective_batch_above_the_training_set_is_refused():
+    """A linear probe whose effective batch exceeds the training set would make one optimizer step per epoch."""
+    args = _args("--linprobe", "--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "64",
+                 "--accum_iter", "32", "--num_workers", "0")
+    with pytest.raises(main_finetune.ConfigError, match=r"= 2048\) is larger than the training set \(1500 images\)"):
+        main_finetune.build_loaders(args)

@@ -76,13 +76,16 @@ def test_two_process_supervised_pruning(tmp_path):
     # 4 epochs: epoch 2 records (with a forward-only pass) for the decision at epoch 3; with 3 epochs that
     # decision would never come, and nothing would be recorded (d3p.schedule)
     res = run_torchrun(2, ["main_finetune.py", *BASE, *SHORT_D3P, "--epochs", "4", "--mixup", "0.8",
-                           "--output_dir", str(out)], timeout=600)
+                           "--accum_iter", "2", "--output_dir", str(out)], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = read_log(str(out))
     assert log[0]["samples_trained"] == N and log[2]["kept"] < N
     assert log[2]["samples_trained"] == log[2]["kept"] + log[2]["kept"] % 2  # one padding sample when odd
     assert log[2]["samples_forward_only"] == log[2]["pruned"] + log[2]["pruned"] % 2
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # lr = blr x batch x accum x world / 256
+    assert summary["lr"] == pytest.approx(2e-3 * 64 * 2 * 2 / 256, rel=1e-12) and summary["eff_batch_size"] == 256
 
 
 def _args(*argv):

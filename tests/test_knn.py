@@ -12,6 +12,7 @@ from conftest import run_script, run_torchrun
 
 import main_knn
 import models_mae
+from util.datasets import DigitsDataset
 
 
 def brute_force_knn(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, num_classes: int, k: int,
@@ -96,8 +97,6 @@ def test_main_knn_deterministic_and_two_processes_equal_one(tmp_path):
     for key in ("top1", "top5"):
         assert s1[key] == s_again[key] == s2[key]
     # the accuracy is the predictions' (and better than chance: a random encoder still clusters digits)
-    from util.datasets import DigitsDataset
-
     labels = np.asarray(DigitsDataset(train=False).targets)
     assert s1["top1"] == 100.0 * np.mean(p1[:, 0] == labels)
     assert s1["top1"] > 30.0
@@ -111,3 +110,22 @@ def test_main_knn_rejects_bad_input(tmp_path):
     assert wrong.returncode == 1 and "does not fit" in wrong.stderr
     bad_k = run_script(["main_knn.py", "--checkpoint", ckpt, "--k", "0"])
     assert bad_k.returncode == 2 and "--k must be >= 1" in bad_k.stderr
+
+
+def test_k_and_temperature_flags_reach_the_classifier(tmp_path):
+    """--k and --temperature must reach the classifier, shown by values whose predictions are known without the
+    features: --k 100000 (every bank sample votes) with --temperature 1e9 (each vote exp(s / T) = 1 + O(1e-9)) gives
+    every query the same ranking, the classes by their bank counts (digits train split: 0:157, 4:156, 6:153, 3:152,
+    then 2 and 9 with 150 each). With either flag ignored (k = 20 or T = 0.07) the nearest neighbours dominate and
+    the rankings differ from query to query."""
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "all"
+    assert main_knn.cli(["--checkpoint", ckpt, "--batch_size", "300", "--num_workers", "0", "--k", "100000",
+                         "--temperature", "1e9", "--output_dir", str(out)]) == 0
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    ranked = np.load(out / "predictions.npy")
+    assert summary["k"] == 100000 and summary["temperature"] == 1e9
+    assert (ranked[:, :4] == [0, 4, 6, 3]).all()
+    assert set(ranked[:, 4].tolist()) <= {2, 9}
+    assert summary["top1"] == 100.0 * np.mean(np.asarray(DigitsDataset(train=False).targets) == 0)

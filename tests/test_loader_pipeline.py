@@ -20,12 +20,15 @@ from torchvision import transforms
 import main_finetune
 import main_pretrain_d3p
 from conftest import load_ckpt
-from util.datasets import (
-    IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, DigitsDataset, IndexedDataset, ResizeCenterCropUint8,
-    EncodedJpeg, RandomResizedCropUint8, _decode_pixels, _decode_reduced, _lazy_loader, build_dataset, collate_indexed,
-    dataset_stats, default_num_workers, eval_transform, pretrain_transform, random_resized_crop_box,
+import util.image_io as image_io
+import util.image_transforms as image_transforms
+from util.data_errors import CorruptImageError
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, DigitsDataset, IndexedDataset, build_dataset, dataset_stats
+from util.image_io import EncodedJpeg, _decode_reduced, decode_pixels, lazy_loader
+from util.image_transforms import (
+    RandomResizedCropUint8, ResizeCenterCropUint8, eval_transform, pretrain_transform, random_resized_crop_box,
 )
-import util.datasets as datasets_module
+from util.loader import collate_indexed, default_num_workers
 from util.device_input import DeviceNormalize
 
 SIZE = 224
@@ -51,10 +54,6 @@ def photos(tmp_path_factory):
     return _photo_folder(str(tmp_path_factory.mktemp("photos")))
 
 
-def _folder_args(root: str, size: int = SIZE) -> SimpleNamespace:
-    return SimpleNamespace(data_set="folder", data_path=root, input_size=size)
-
-
 def _old_pretrain(size: int = SIZE):
     """The float pipeline the uint8 one replaced, minus ToTensor/Normalize (compared in uint8 here)."""
     return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=BICUBIC),
@@ -65,9 +64,8 @@ def _old_pretrain(size: int = SIZE):
 def pretrain_pairs(photos, request):
     """For every image and seeds 0-9, with --jpeg_upsampling fancy and fast: (upsampling, new uint8,
     old uint8, RNG states after each, is 1200x900)."""
-    args = _folder_args(photos)
-    args.jpeg_upsampling = request.param
-    new, old = build_dataset("train", args, pretrain_transform(args)), build_dataset("train", args, _old_pretrain())
+    new = build_dataset("train", "folder", photos, pretrain_transform("folder", SIZE, request.param))
+    old = build_dataset("train", "folder", photos, _old_pretrain())
     assert new.transform.fast_upsampling == (request.param == "fast")
     rows = []
     for i, (path, _) in enumerate(new.samples):
@@ -117,8 +115,8 @@ def test_fast_upsampling_changes_chroma_only(photos):
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         reference = np.asarray(Image.open(path).convert("RGB").convert("YCbCr"), dtype=np.int16)
-        fancy, k_fancy = _decode_pixels(_lazy_loader(path), 1.0, fast_upsampling=False)
-        fast, k_fast = _decode_pixels(_lazy_loader(path), 1.0, fast_upsampling=True)
+        fancy, k_fancy = decode_pixels(lazy_loader(path), 1.0, fast_upsampling=False)
+        fast, k_fast = decode_pixels(lazy_loader(path), 1.0, fast_upsampling=True)
         assert k_fancy == k_fast == 1 and fast.shape == fancy.shape == (*reference.shape[:2], 3)
         assert np.array_equal(np.asarray(Image.fromarray(fancy).convert("YCbCr"), dtype=np.int16), reference)
         diff = np.abs(np.asarray(Image.fromarray(fast).convert("YCbCr"), dtype=np.int16) - reference)
@@ -129,27 +127,25 @@ def test_fast_upsampling_changes_chroma_only(photos):
 
 
 def test_jpeg_upsampling_flag_reaches_the_training_crops_only(photos):
-    args = _folder_args(photos)
-    assert pretrain_transform(args).fast_upsampling  # the default: flag absent (library use) or "fast"
+    assert pretrain_transform("folder", SIZE).fast_upsampling  # the default: argument absent (library use) or "fast"
     assert main_pretrain_d3p.get_args_parser().parse_args([]).jpeg_upsampling == "fast"
     assert main_finetune.get_args_parser().parse_args([]).jpeg_upsampling == "fast"
-    args.jpeg_upsampling = "fancy"
-    assert not pretrain_transform(args).fast_upsampling
+    assert not pretrain_transform("folder", SIZE, "fancy").fast_upsampling
+    args = SimpleNamespace(data_set="folder", data_path=photos, input_size=SIZE, jpeg_upsampling="fancy")
     assert not main_finetune.linprobe_transform(True, args).fast_upsampling
-    args.jpeg_upsampling = "fastest"
     with pytest.raises(ValueError, match="--jpeg_upsampling 'fastest'.*fast, fancy"):
-        pretrain_transform(args)
+        pretrain_transform("folder", SIZE, "fastest")
     with pytest.raises(SystemExit):
         main_pretrain_d3p.get_args_parser().parse_args(["--jpeg_upsampling", "fastest"])
     # evaluation and the embeddings pass decode as PIL does, whatever the flag
     spy = _SpyJpeg()
-    eval_tf = eval_transform(args)
-    original = datasets_module.simplejpeg
+    eval_tf = eval_transform("folder", SIZE)
+    original = image_io.simplejpeg
     try:
-        datasets_module.simplejpeg = spy
-        eval_tf(_lazy_loader(os.path.join(photos, "train", "photo", "0_0.jpg")))
+        image_io.simplejpeg = spy
+        eval_tf(lazy_loader(os.path.join(photos, "train", "photo", "0_0.jpg")))
     finally:
-        datasets_module.simplejpeg = original
+        image_io.simplejpeg = original
     assert spy.kwargs and not any(kw.get("fastupsample") for kw in spy.kwargs)
 
 
@@ -172,8 +168,8 @@ def test_crop_scale_and_aspect_histograms_match(tmp_path):
     ramp[..., 1] = np.arange(h)[:, None]
     os.makedirs(tmp_path / "train" / "c")
     Image.fromarray(ramp).save(tmp_path / "train" / "c" / "ramp.png")  # lossless: exact coordinates
-    args = _folder_args(str(tmp_path), size=32)
-    new, old = build_dataset("train", args, pretrain_transform(args)), build_dataset("train", args, _old_pretrain(32))
+    new = build_dataset("train", "folder", str(tmp_path), pretrain_transform("folder", 32))
+    old = build_dataset("train", "folder", str(tmp_path), _old_pretrain(32))
     got = {"new": [], "old": []}
     for seed in range(300):
         for name, ds in (("new", new), ("old", old)):
@@ -220,16 +216,16 @@ def test_box_rule_equals_torchvision_get_params_for_1000_seeds():
 
 def test_lazy_loader_reads_jpegs_once_and_leaves_the_rest_to_pil(photos, tmp_path):
     path = os.path.join(photos, "train", "photo", "0_3.jpg")
-    encoded = _lazy_loader(path)
+    encoded = lazy_loader(path)
     assert isinstance(encoded, EncodedJpeg) and encoded.size == Image.open(path).size == (1200, 900)
     for max_reduction in (1.0, 2.0, 4.0, 8.0):
-        pixels, k = _decode_pixels(encoded, max_reduction)
+        pixels, k = decode_pixels(encoded, max_reduction)
         reference, k_pil = _decode_reduced(Image.open(path), max_reduction)
         assert k == k_pil and np.array_equal(pixels, np.array(reference))  # accurate IDCT: bit-identical
     Image.open(path).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)  # simplejpeg: header only
     Image.open(path).save(tmp_path / "photo.png")
     for name in ("cmyk.jpg", "photo.png"):
-        img = _lazy_loader(str(tmp_path / name))
+        img = lazy_loader(str(tmp_path / name))
         assert isinstance(img, Image.Image) and img.size == (1200, 900)
 
 
@@ -264,20 +260,20 @@ class _SpyJpeg:
             raise ValueError("simulated simplejpeg failure")
         return self.real.decode_jpeg(data, **kwargs)
 
-    def decode_jpeg_header(self, data):  # _lazy_loader's size and colour space: the real parser
+    def decode_jpeg_header(self, data):  # lazy_loader's size and colour space: the real parser
         return self.real.decode_jpeg_header(data)
 
 
 def test_simplejpeg_decode_agrees_with_pil(photos, monkeypatch):
     spy = _SpyJpeg()
-    monkeypatch.setattr(datasets_module, "simplejpeg", spy)
+    monkeypatch.setattr(image_io, "simplejpeg", spy)
     grey = os.path.join(photos, "grey_small.jpg")  # outside train/: not part of the fixed set
     Image.open(os.path.join(photos, "train", "photo", "0_0.jpg")).convert("L").save(grey, quality=90)
     folder = os.path.join(photos, "train", "photo")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     for path in paths + [grey]:
         for max_reduction in (1.0, 2.0, 4.0, 8.0):
-            pixels, k = _decode_pixels(Image.open(path), max_reduction)
+            pixels, k = decode_pixels(Image.open(path), max_reduction)
             reference, k_pil = _decode_reduced(Image.open(path), max_reduction)
             reference = np.array(reference)
             assert (pixels.dtype, pixels.shape, k) == (np.uint8, reference.shape, k_pil), (path, max_reduction)
@@ -288,13 +284,12 @@ def test_simplejpeg_decode_agrees_with_pil(photos, monkeypatch):
 
 
 def test_pil_decodes_what_simplejpeg_rejects(photos, tmp_path, monkeypatch):
-    args = _folder_args(photos)
-    args.jpeg_upsampling = "fancy"  # PIL's fallback decode has no fast upsampling: compared bit for bit
-    dataset = build_dataset("train", args, pretrain_transform(args))
+    # PIL's fallback decode has no fast upsampling: compared bit for bit with "fancy"
+    dataset = build_dataset("train", "folder", photos, pretrain_transform("folder", SIZE, "fancy"))
     torch.manual_seed(5)
     expected = [dataset[i][0] for i in range(len(dataset))]
     spy = _SpyJpeg(fail=True)
-    monkeypatch.setattr(datasets_module, "simplejpeg", spy)
+    monkeypatch.setattr(image_io, "simplejpeg", spy)
     torch.manual_seed(5)
     for i in range(len(dataset)):
         assert torch.equal(dataset[i][0], expected[i])  # PIL's decode: the same pixels, the same draws
@@ -307,8 +302,8 @@ def test_pil_decodes_what_simplejpeg_rejects(photos, tmp_path, monkeypatch):
     with open(bad, "r+b") as f:
         f.truncate(os.path.getsize(bad) // 2)
     spy = _SpyJpeg()
-    monkeypatch.setattr(datasets_module, "simplejpeg", spy)
-    dataset = build_dataset("train", _folder_args(root), pretrain_transform(_folder_args(root)))
+    monkeypatch.setattr(image_io, "simplejpeg", spy)
+    dataset = build_dataset("train", "folder", root, pretrain_transform("folder", SIZE))
     files = [p for p, _ in dataset.samples]
     out = dataset[files.index(os.path.join(root, "train", "photo", "png.png"))][0]
     assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.uint8 and spy.calls == []
@@ -318,10 +313,9 @@ def test_pil_decodes_what_simplejpeg_rejects(photos, tmp_path, monkeypatch):
 
 
 def test_eval_transform_is_uint8_and_matches_resize_center_crop(photos):
-    args = _folder_args(photos)
-    new = build_dataset("train", args, eval_transform(args))
+    new = build_dataset("train", "folder", photos, eval_transform("folder", SIZE))
     assert isinstance(new.transform, ResizeCenterCropUint8)
-    old = build_dataset("train", args, transforms.Compose([
+    old = build_dataset("train", "folder", photos, transforms.Compose([
         transforms.Resize(int(SIZE / 0.875), interpolation=BICUBIC), transforms.CenterCrop(SIZE),
         transforms.PILToTensor()]))
     for i, (path, _) in enumerate(new.samples):
@@ -339,15 +333,14 @@ def test_channels_last_images_equal_the_kernels_own_layout_and_collate_without_t
     cases = ((10, 20, 300, 250, (224, 224)), (0, 0, 375, 500, (32, 32)), (5, 7, 224, 224, (224, 224)),
              (0, 0, 100, 90, (224, 224)), (3, 4, 1, 9, (7, 1)), (3, 4, 9, 1, (1, 7)))
     for top, left, height, width, size in cases:  # down, up, no resize; one-pixel boxes and outputs
-        out = datasets_module._resize_crop(pixels, top, left, height, width, size)
+        out = image_transforms._resize_crop(pixels, top, left, height, width, size)
         crop = torch.from_numpy(np.ascontiguousarray(pixels[top:top + height, left:left + width])).permute(2, 0, 1)
         reference = F.interpolate(crop[None].contiguous(), size=size, mode="bicubic", antialias=True)[0]
         assert out.shape == (3, *size) and out.permute(1, 2, 0).is_contiguous()
         assert torch.equal(out, reference), (top, left, height, width, size)
 
-    args = _folder_args(photos, size=32)
-    samples = [(t.flip(-1) if i % 2 else t, i, i) for i, t in
-               enumerate(build_dataset("train", args, eval_transform(args))[j][0] for j in range(5))]
+    eval_set = build_dataset("train", "folder", photos, eval_transform("folder", 32))
+    samples = [(t.flip(-1) if i % 2 else t, i, i) for i, t in enumerate(eval_set[j][0] for j in range(5))]
     assert all(t.permute(1, 2, 0).is_contiguous() for t, _, _ in samples)  # flip keeps the layout
     imgs, targets, index = collate_indexed(samples)
     assert imgs.shape == (5, 3, 32, 32) and imgs.permute(0, 2, 3, 1).is_contiguous()
@@ -369,11 +362,10 @@ def test_device_normalisation_equals_the_cpu_normalisation(photos):
     assert dev.dtype == torch.float32 and torch.equal(dev[0], cpu)
 
     # digits: the whole old pre-training transform against the new one + collation + DeviceNormalize
-    args = SimpleNamespace(data_set="digits", data_path=None, input_size=16)
-    mean, std = dataset_stats(args)
+    mean, std = dataset_stats("digits")
     old_tf = transforms.Compose([transforms.RandomResizedCrop(16, scale=(0.6, 1.0), interpolation=BICUBIC),
                                  transforms.ToTensor(), transforms.Normalize(mean, std)])
-    old_ds, new_ds = DigitsDataset(True, old_tf), IndexedDataset(DigitsDataset(True, pretrain_transform(args)))
+    old_ds, new_ds = DigitsDataset(True, old_tf), IndexedDataset(DigitsDataset(True, pretrain_transform("digits", 16)))
     torch.manual_seed(3)
     expected = torch.stack([old_ds[i][0] for i in range(8)])
     torch.manual_seed(3)
@@ -393,8 +385,7 @@ def _collate_and_report_shared(batch):
 
 
 def test_workers_deliver_uint8_batches_and_name_corrupt_jpegs(photos, tmp_path):
-    args = _folder_args(photos, size=32)
-    dataset = IndexedDataset(build_dataset("train", args, pretrain_transform(args)))
+    dataset = IndexedDataset(build_dataset("train", "folder", photos, pretrain_transform("folder", 32)))
     loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_indexed,
                         generator=torch.Generator().manual_seed(0))
     batches = list(loader)
@@ -411,7 +402,7 @@ def test_workers_deliver_uint8_batches_and_name_corrupt_jpegs(photos, tmp_path):
     bad = os.path.join(root, "train", "photo", "0_1.jpg")
     with open(bad, "r+b") as f:
         f.truncate(os.path.getsize(bad) // 2)  # the header parses; decoding fails
-    dataset = build_dataset("train", _folder_args(root), pretrain_transform(_folder_args(root)))
+    dataset = build_dataset("train", "folder", root, pretrain_transform("folder", SIZE))
     index = [p for p, _ in dataset.samples].index(bad)
     with pytest.raises(CorruptImageError, match="0_1.jpg.*--skip_corrupt"):
         dataset[index]
@@ -456,3 +447,35 @@ def test_num_workers_default_shares_this_process_cpus(monkeypatch):
     args = main_pretrain_d3p.get_args_parser().parse_args(["--num_workers", "0"])
     main_pretrain_d3p.fill_defaults(args)
     assert args.num_workers == 0
+
+
+def _coordinate_image(width: int = 32, height: int = 32) -> Image.Image:
+    """R = 8 x, G = 8 y (x, y < 32): any crop's R grows left to right unless it was flipped."""
+    ramp = np.zeros((height, width, 3), np.uint8)
+    ramp[..., 0] = (np.arange(width) * (256 // width))[None, :]
+    ramp[..., 1] = (np.arange(height) * (256 // height))[:, None]
+    return Image.fromarray(ramp)
+
+
+def _flipped(out: torch.Tensor) -> bool:
+    """A crop [3, S, S] of the coordinate image (uint8, or float normalised per channel) -> flipped?"""
+    size = out.shape[-1]
+    r = out[0].double()
+    return bool(r[size // 2, 3 * size // 4] < r[size // 2, size // 4])
+
+
+@pytest.mark.parametrize("data_set, expected", [("cifar10", 0.5), ("cifar100", 0.5), ("digits", 0.0),
+                                                 ("folder", 0.5)])
+def test_every_pretraining_pipeline_flips_half_the_crops(data_set, expected):
+    """MAE's pre-training augmentation flips each crop with probability 1/2 (the in-memory CIFAR pipeline and
+    the uint8 JPEG one alike); digits are never flipped (a mirrored digit is another shape). 400 crops of the
+    coordinate image under a fixed seed: the flip rate of a correct pipeline lies within 0.5 +- 0.1 (4 sd)."""
+    transform = pretrain_transform(data_set, 16)
+    image = _coordinate_image()
+    torch.manual_seed(0)
+    flips = [_flipped(transform(image)) for _ in range(400)]
+    rate = float(np.mean(flips))
+    if expected == 0.0:
+        assert rate == 0.0
+    else:
+        assert abs(rate - expected) < 0.1, rate

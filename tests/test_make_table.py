@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,16 +21,17 @@ def _write(path, data):
     path.write_text(json.dumps(data))
 
 
-def arm(root, name, method, *, seed=0, trained=N * E, fwd=0, wall=100.0, ft=None, lp=None, flags=None,
-        layout="arm", knn=None, ft2=None, ratio_match=None):
+def arm(root, name, method, *, seed=0, trained=None, fwd=0, wall=100.0, ft=None, lp=None, flags=None,
+        layout="arm", knn=None, ft2=None, ratio_match=None, epochs=E):
     """An arm folder (layout='arm': NAME/{pretrain,finetune,linprobe}) or a bare pre-training folder
     (layout='bare': NAME/summary.json with siblings NAME_finetune/, NAME_linprobe/)."""
     folder = root / name
     pre_dir = folder / "pretrain" if layout == "arm" else folder
+    trained = N * epochs if trained is None else trained
     _write(pre_dir / "summary.json", {
-        "mode": "pretrain", "method": method, "epochs": E, "num_samples": N, "samples_trained": trained,
-        "samples_forward_only": fwd, "optimizer_steps": trained // 64, "prune_ratio": 1 - trained / (N * E),
-        "compute_saved": 1 - (trained + fwd / 3) / (N * E), "wall_seconds": wall, "data_seconds": 1.0,
+        "mode": "pretrain", "method": method, "epochs": epochs, "num_samples": N, "samples_trained": trained,
+        "samples_forward_only": fwd, "optimizer_steps": trained // 64, "prune_ratio": 1 - trained / (N * epochs),
+        "compute_saved": 1 - (trained + fwd / 3) / (N * epochs), "wall_seconds": wall, "data_seconds": 1.0,
         "flags": flags or {}, "model": "mae_vit_tiny_patch4", "data_set": "digits", "seed": seed, "world_size": 1,
     })
     for mode, acc in (("finetune", ft), ("linprobe", lp)):
@@ -44,8 +46,11 @@ def arm(root, name, method, *, seed=0, trained=N * E, fwd=0, wall=100.0, ft=None
                                        "checkpoint": str(pre_dir / f"checkpoint-{E - 1}.pth")})
     if ft2 is not None:
         _write(folder / "finetune_cifar100" / "summary.json", {"mode": "finetune", "best_acc1": ft2, "final_acc1": ft2})
-    if ratio_match is not None:
+    if isinstance(ratio_match, dict):  # as written: the sweep (no target_run) or whole_eqc
+        _write(folder / "ratio_match.json", ratio_match)
+    elif ratio_match is not None:  # at the prune ratio of the D3P arm of the seed (tools/match_ratio.py)
         _write(folder / "ratio_match.json", {"method": method, "target_ratio": ratio_match,
+                                             "target_run": str(root / f"d3p_seed{seed}" / "pretrain"),
                                              "flags": {"prune_ratio": (flags or {}).get("prune_ratio")}})
     return str(folder)
 
@@ -207,3 +212,97 @@ def test_supervised_runs_with_pruning(tmp_path):
                          text=True, check=True).stdout
     assert "| Method | Prune ratio (%) | Top-1 (%) | Compute saved (%) | Wall-clock saved (%) |" in out
     assert "| D3P | 20.0 | 91.0 (±0.0) | 20.0 | 0.0 |" in out
+
+
+def test_paired_difference_matches_scipy_ttest_rel():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 8):
+        a, b = rng.normal(70, 2, n), rng.normal(69, 2, n)
+        arm_vals = {seed: float(v) for seed, v in enumerate(a)}
+        ctl = {seed: float(v) for seed, v in enumerate(b)}
+        ctl[99] = 50.0  # a seed only the control ran: not paired
+        diff = make_table.paired_difference(arm_vals, ctl)
+        ref = stats.ttest_rel(a, b)
+        ci = ref.confidence_interval(0.95)
+        assert diff["n"] == n and diff["seeds"] == list(range(n))
+        assert diff["mean"] == pytest.approx(float(np.mean(a - b)), abs=1e-12)
+        assert diff["lo"] == pytest.approx(ci.low, abs=1e-9) and diff["hi"] == pytest.approx(ci.high, abs=1e-9)
+        assert diff["significant"] == (ref.pvalue < 0.05)  # the 95% interval excludes 0 iff p < 0.05
+    # a clear, consistent gap is significant; one paired seed has no interval; no common seed: None
+    sig = make_table.paired_difference({0: 80.0, 1: 81.0, 2: 80.5}, {0: 78.0, 1: 78.6, 2: 78.4})
+    assert sig["significant"] and sig["lo"] > 0
+    one = make_table.paired_difference({0: 80.0, 1: 81.0}, {1: 78.0})
+    assert one["n"] == 1 and one["mean"] == 3.0 and one["lo"] is None and not one["significant"]
+    assert make_table.paired_difference({0: 1.0}, {1: 1.0}) is None
+    assert make_table.format_diff(sig, 3) == f"{sig['mean']:+.1f} [{sig['lo']:+.1f}, {sig['hi']:+.1f}]*"
+    assert make_table.format_diff(one, 2) == "+3.0 (n=1)"
+
+
+def _converged_and_sweep(tmp_path):
+    """5 seeds: Whole (10 epochs), D3P, Random matched, RS2 and Train less at D3P's ratio; a 3-seed sweep at 30%."""
+    dirs = []
+    for seed in range(5):
+        noise = 0.2 * seed
+        dirs.append(arm(tmp_path, f"none_seed{seed}", "none", seed=seed, knn=80.0 + noise, lp=60.0 + noise))
+        dirs.append(arm(tmp_path, f"d3p_seed{seed}", "d3p", seed=seed, trained=9000 + 10 * seed, fwd=300,
+                        knn=79.8 + noise + 0.01 * seed, flags={"d3p_start": 3}))
+        dirs.append(arm(tmp_path, f"random_seed{seed}", "random", seed=seed, trained=9000 + 10 * seed,
+                        knn=78.0 + noise, flags={"prune_ratio": 0.5, "random_match": f"d3p_seed{seed}"}))
+        dirs.append(arm(tmp_path, f"rs2_eq_seed{seed}", "rs2", seed=seed, trained=9000, knn=79.0 + noise + 0.1 * seed,
+                        flags={"prune_ratio": 0.1 - seed / 1000}, ratio_match=0.1))
+        eqc_epochs = 9 if seed < 4 else 8  # round((9000 + 10 s + 100) / 1000): per seed, one row
+        dirs.append(arm(tmp_path, f"whole_eqc_seed{seed}", "none", seed=seed, epochs=eqc_epochs, knn=79.8 + noise,
+                        ratio_match={"method": "whole_eqc", "target_ratio": 0.1, "full_epochs": E,
+                                     "target_run": f"d3p_seed{seed}", "flags": {"epochs": eqc_epochs}}))
+    for seed in range(3):
+        for method, knn in (("random", 75.0), ("rs2", 76.0)):
+            dirs.append(arm(tmp_path, f"{method}_p30_seed{seed}", method, seed=seed, trained=7000, knn=knn + seed,
+                            flags={"prune_ratio": 0.3}, ratio_match={"method": method, "target_ratio": 0.3,
+                                                                     "flags": {"prune_ratio": 0.3}}))
+        dirs.append(arm(tmp_path, f"whole_eqc_p30_seed{seed}", "none", seed=seed, epochs=7, knn=77.0 + seed,
+                        ratio_match={"method": "whole_eqc", "target_ratio": 0.3, "full_epochs": E,
+                                     "flags": {"epochs": 7}}))
+    return dirs
+
+
+def test_equal_compute_rs2_and_sweep_rows_with_paired_statistics(tmp_path):
+    dirs = _converged_and_sweep(tmp_path)
+    rows = rows_by_key(dirs)
+    assert list(rows) == ["none", "d3p", "random_matched", "rs2@d3p", "whole_eqc@d3p", "random@30", "rs2@30",
+                          "whole_eqc@30"]
+    eqc = rows["whole_eqc@d3p"]
+    assert eqc["seeds"] == 5 and eqc["method"] == "Train less: Whole, 8-9 of 10 epochs (= D3P's compute)"
+    assert rows["whole_eqc@30"]["method"] == "Train less: Whole, 7 of 10 epochs (= the compute of 30% pruned)"
+    assert rows["rs2@d3p"]["method"] == "RS2 (= D3P ratio)" and rows["rs2@30"]["method"] == "RS2 (30% pruned)"
+    assert eqc["compute_saved"] == pytest.approx(100 * (1 - (4 * 9 + 8) / 50))  # epochs / Whole's 10
+    assert eqc["prune_ratio"] == 0.0
+    d3p = rows["d3p"]["paired"]["knn_top1"]
+    assert set(d3p) == {"Whole", "Random", "RS2", "Train less"}  # D3P against the controls at its ratio
+    ctl = rows["random_matched"]["paired"]["knn_top1"]
+    assert set(ctl) == {"Whole", "RS2", "Train less"}  # the controls against each other
+    # D3P minus Whole by seed: -0.2 + 0.01 s -> mean -0.18, std 0.0158: significant
+    assert d3p["Whole"]["mean"] == pytest.approx(-0.18) and d3p["Whole"]["significant"]
+    rs2 = rows["rs2@d3p"]["paired"]["knn_top1"]
+    assert rs2["Random"]["mean"] == pytest.approx(1.2) and rs2["Random"]["control"] == "random_matched"
+    assert rs2["Train less"]["mean"] == pytest.approx(-0.6) and rs2["Train less"]["control"] == "whole_eqc@d3p"
+    sweep = rows["rs2@30"]["paired"]["knn_top1"]
+    assert sweep["Random"]["mean"] == pytest.approx(1.0) and sweep["Random"]["std"] == pytest.approx(0.0)
+    assert sweep["Random"]["control"] == "random@30" and sweep["Train less"]["control"] == "whole_eqc@30"
+    assert sweep["Whole"]["n"] == 3  # the seeds both ran
+    text = make_table.markdown(list(rows.values()), "final", [])
+    assert "| Method | k-NN top-1 (%) | vs Whole | vs Random | vs RS2 | vs Train less |" in text
+    assert "| D3P (5 seeds) | 80.2 ± 0.3 | -0.2 [-0.2, -0.2]* | +1.8 [+1.8, +1.8]* | +0.6 [+0.4, +0.8]* |" in text
+    assert "| LP top-1 (%) | vs Whole |" not in text  # only Whole has a linear probe: nothing to pair
+    assert "Train less: the whole data for fewer epochs" in text
+
+
+def test_cli_plot(tmp_path):
+    dirs = _converged_and_sweep(tmp_path)
+    fig = tmp_path / "fig.png"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_table.py"), *dirs, "--plot", str(fig)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10_000
+    assert "vs Train less" in res.stdout

@@ -102,3 +102,50 @@ def test_cli_reads_the_target_and_calibration_runs(tmp_path, capsys):
     assert flags[2:] == ["--static_warmup_epochs", "2"]
     assert match_ratio.main(["seta", "--target", d3p]) == 1
     assert "seta needs --calibration" in capsys.readouterr().err
+
+
+def test_whole_eqc_epoch_arithmetic():
+    n, e = 1500, 20
+    # D3P-like target: 27,360 trained + 1,000 forward-only (1/3 each) = 18.46 epochs of whole data -> 18
+    assert match_ratio.equal_compute_epochs(27360 + 1000 / 3, n, e) == 18
+    assert match_ratio.equal_compute_epochs(18.5 * n, n, e) == 19  # half up, not Python's half to even
+    assert match_ratio.equal_compute_epochs(17.5 * n, n, e) == 18
+    assert match_ratio.equal_compute_epochs(0.2 * n, n, e) == 1  # never fewer than one epoch
+    assert match_ratio.equal_compute_epochs(e * n + 5000, n, e) == e  # never more than the full run
+    for cost in (0.3 * e * n, 27693.0, 1234.5 * 7):
+        assert abs(match_ratio.equal_compute_epochs(cost, n, e) * n - cost) <= n / 2  # within half an epoch
+    # warm-up compressed with the run, at most E' - 1 epochs
+    assert match_ratio.compressed_warmup(3, 20, 18) == 3  # 2.7
+    assert match_ratio.compressed_warmup(40, 800, 400) == 20  # MAE's 40 of 800 at half the compute
+    assert match_ratio.compressed_warmup(5, 10, 3) == 2  # 1.5 half up
+    assert match_ratio.compressed_warmup(3, 4, 2) == 1  # 1.5 -> 2, capped at E' - 1
+    assert match_ratio.compressed_warmup(0, 20, 5) == 0
+    with pytest.raises(match_ratio.RatioError):
+        match_ratio.equal_compute_epochs(0.0, n, e)
+
+
+def test_whole_eqc_and_rs2_from_a_run_or_a_ratio(tmp_path, capsys):
+    d3p = str(tmp_path / "d3p")
+    _write(os.path.join(d3p, "summary.json"), {"prune_ratio": 0.088, "epochs": 80, "num_samples": 1500,
+                                               "samples_trained": 109_000, "samples_forward_only": 3_000})
+    out = str(tmp_path / "eqc" / "ratio_match.json")
+    assert match_ratio.main(["whole_eqc", "--target", d3p, "--warmup_epochs", "4", "--out", out]) == 0
+    # compute 109,000 + 1,000 = 110,000 samples = 73.33 epochs of 1,500 -> 73; warm-up 4 * 73 / 80 = 3.65 -> 4
+    assert capsys.readouterr().out.split() == ["--epochs", "73", "--warmup_epochs", "4"]
+    saved = json.load(open(out))
+    assert saved["flags"] == {"epochs": 73, "warmup_epochs": 4} and saved["target_run"] == os.path.abspath(d3p)
+    assert saved["target_ratio"] == 0.088 and saved["full_epochs"] == 80
+    assert saved["target_cost_epochs"] == pytest.approx(110_000 / 1500, rel=1e-12)
+    # the sweep: a ratio target, the run length from --epochs
+    assert match_ratio.main(["whole_eqc", "--target", "0.3", "--epochs", "80", "--warmup_epochs", "4"]) == 0
+    assert capsys.readouterr().out.split() == ["--epochs", "56", "--warmup_epochs", "3"]  # 4 * 56 / 80 = 2.8
+    assert match_ratio.main(["rs2", "--target", d3p]) == 0
+    assert capsys.readouterr().out.split() == ["--prune_ratio", "0.088"]
+    assert match_ratio.main(["d2", "--target", "0.5", "--epochs", "80", "--static_warmup_epochs", "5"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["--prune_ratio", repr(0.5 * 80 / 75)]
+    assert match_ratio.main(["whole_eqc", "--target", "0.3", "--warmup_epochs", "4"]) == 1
+    assert "pass --epochs" in capsys.readouterr().err
+    assert match_ratio.main(["whole_eqc", "--target", d3p]) == 1
+    assert "needs --warmup_epochs" in capsys.readouterr().err
+    assert match_ratio.main(["rs2", "--target", "nonsense"]) == 1
+    assert "neither a folder nor a prune ratio" in capsys.readouterr().err

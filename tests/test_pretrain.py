@@ -74,13 +74,19 @@ def test_engine_uses_sample_weights_in_the_gradient():
 
 def test_one_epoch_pretrain_logs_and_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    assert main_pretrain_d3p.cli([*BASE, "--prune_method", "none", "--epochs", "1", "--output_dir", out]) == 0
+    assert main_pretrain_d3p.cli([*BASE, "--prune_method", "none", "--epochs", "1", "--accum_iter", "2",
+                                  "--output_dir", out]) == 0
     (rec,) = read_log(out)
     for key in ("epoch", "train_loss", "lr", "samples_trained", "epoch_seconds", "kept", "prune_ratio"):
         assert key in rec
-    assert rec["samples_trained"] == 192 and rec["optimizer_steps"] == 6 and rec["prune_ratio"] == 0.0
+    assert rec["samples_trained"] == 192 and rec["optimizer_steps"] == 3 and rec["prune_ratio"] == 0.0
     assert np.isfinite(rec["train_loss"])
+    # lr = blr x batch x accum x world / 256; the log holds the lr of the last accumulation group (steps 4, 5 of
+    # 6), 4/6 into the one warm-up epoch
+    peak = 1e-3 * 32 * 2 * 1 / 256
+    assert rec["lr"] == pytest.approx(peak * 4 / 6, rel=1e-12)
     ckpt = load_ckpt(out, 0)  # weights_only=True
+    assert ckpt["args"]["lr"] == pytest.approx(peak, rel=1e-12)
     assert {"model", "optimizer", "scaler", "epoch", "rng_states", "pruning"} <= set(ckpt)
     assert "blocks.0.attn.qkv.bias" in ckpt["model"]
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -142,10 +148,15 @@ def test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle(tmp_path):
 def test_two_process_torchrun_d3p(tmp_path):
     out = str(tmp_path / "ddp")
     res = run_torchrun(2, ["main_pretrain_d3p.py", *BASE, *SHORT_D3P, "--train_subset", "190", "--epochs", "4",
-                           "--save_every", "1", "--output_dir", out], timeout=600)
+                           "--accum_iter", "2", "--save_every", "1", "--output_dir", out], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = read_log(out)
     assert len(log) == 4
+    # lr = blr x batch x accum x world / 256 = 1e-3 x 32 x 2 x 2 / 256; epoch 0 (95 samples per rank: 3 steps)
+    # logs the lr of its last accumulation group, which starts at step 2 of 3 of the warm-up epoch
+    peak = 1e-3 * 32 * 2 * 2 / 256
+    assert load_ckpt(out, 3)["args"]["lr"] == pytest.approx(peak, rel=1e-12)
+    assert log[0]["lr"] == pytest.approx(peak * 2 / 3, rel=1e-12)
     for rec in log:
         sums = rec["replica_checksums"]
         assert len(sums) == 2 and sums[0] == sums[1], "model weights differ between the ranks"
@@ -170,13 +181,19 @@ def test_dynamic_baselines_run_in_the_engine_with_the_same_ledger(tmp_path, meth
 
 
 def test_random_matched_to_a_d3p_run_keeps_its_counts(tmp_path):
+    """The D3P run anneals its last epoch (--d3p_anneal_epochs 1): the decision at spec epoch 2 prunes epoch 3,
+    epoch 4 trains all 192 samples again with no forward-only pass and no decision; random follows every count."""
     d3p_dir, rand_dir = str(tmp_path / "d3p"), str(tmp_path / "random")
     common = [*BASE, "--epochs", "4"]
-    assert main_pretrain_d3p.cli([*common, *SHORT_D3P, "--output_dir", d3p_dir]) == 0
+    assert main_pretrain_d3p.cli([*common, *SHORT_D3P, "--d3p_anneal_epochs", "1", "--output_dir", d3p_dir]) == 0
     assert main_pretrain_d3p.cli([*common, "--prune_method", "random", "--random_match", d3p_dir,
                                   "--output_dir", rand_dir]) == 0
-    kept_d3p = [r["kept"] for r in read_log(d3p_dir)]
-    assert kept_d3p[-1] < 192
+    log = read_log(d3p_dir)
+    kept_d3p = [r["kept"] for r in log]
+    assert kept_d3p[2] < 192 and log[1]["d3p_decision_pruned"] == 192 - kept_d3p[2]
+    tail = log[3]
+    assert tail["kept"] == tail["samples_trained"] == 192 and tail["pruned"] == 0
+    assert tail["samples_forward_only"] == 0 and "d3p_support" not in tail
     assert [r["kept"] for r in read_log(rand_dir)] == kept_d3p
 
 
@@ -197,11 +214,22 @@ def test_static_methods_select_once_and_charge_the_warmup(tmp_path, method):
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, capsys):
     out = str(tmp_path / "bf16")
-    args = [*BASE, "--prune_method", "none", "--epochs", "1", "--train_subset", "64", "--precision", "bf16",
-            "--output_dir", out]
+    # one step (bf16 matmuls are slow on CPUs without native bf16), and the same step in fp32
+    args = [*BASE, "--prune_method", "none", "--epochs", "1", "--train_subset", "32", "--warmup_epochs", "0",
+            "--precision", "bf16", "--output_dir", out]
     assert main_pretrain_d3p.cli(args) == 0
     (rec,) = read_log(out)
-    assert np.isfinite(rec["train_loss"]) and rec["optimizer_steps"] == 2
+    assert np.isfinite(rec["train_loss"]) and rec["optimizer_steps"] == 1
+    fp32 = str(tmp_path / "fp32")
+    assert main_pretrain_d3p.cli([*args[:-3], "fp32", "--output_dir", fp32]) == 0
+    (ref,) = read_log(fp32)
+    # the forward really ran in bf16 (8 mantissa bits): the same batch's loss differs from fp32's, but only by
+    # bf16's rounding
+    assert rec["train_loss"] != ref["train_loss"]
+    assert abs(rec["train_loss"] - ref["train_loss"]) < 0.02 * abs(ref["train_loss"])
+    a, b = load_ckpt(out, 0)["model"], load_ckpt(fp32, 0)["model"]
+    assert all(v.dtype == torch.float32 for v in a.values())  # autocast: the weights stay fp32
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
     # fp16 needs CUDA (GradScaler): refused with the fix on a CPU machine
     assert main_pretrain_d3p.cli([*args[:-1], str(tmp_path / "fp16"), "--precision", "fp16", "--device", "cpu"]) == 1
     assert "--precision fp16 needs CUDA" in capsys.readouterr().err
@@ -231,7 +259,7 @@ def test_resume_with_workers_equals_straight_run(tmp_path):
 
 def test_item_seeds_depend_on_position_epoch_rank_and_stream_only():
     from d3p.sampler import PrunedDistributedSampler
-    from util.datasets import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler
+    from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN, ItemSeedSampler
 
     base = PrunedDistributedSampler(10, 2, 1, seed=3)
     seeds = ItemSeedSampler(base, seed=3, rank=1, stream=STREAM_TRAIN)

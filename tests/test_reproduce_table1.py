@@ -110,3 +110,59 @@ def test_any_image_folder_recipe(tmp_path):
     assert "| D3P |" in (out / "table1.md").read_text()
     bad = run_recipe(tmp_path / "bad", DATA_SET="folder", DATA_PATH=data, MODEL="vit_tiny_patch4", EPOCHS=2)
     assert bad.returncode == 2 and "MODEL must be an MAE model" in bad.stderr
+
+
+def test_digits_converged_plan_rs2_and_equal_compute(tmp_path):
+    out = tmp_path / "out"
+    res = run_recipe(out, timeout=1800, PLAN="converged", ARMS="none d3p rs2 whole_eqc", SEEDS="0", EPOCHS=5,
+                     LP_EPOCHS=1, PRETRAIN_ARGS="--train_subset 192")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    d3p = _summary(out / "d3p_seed0" / "pretrain" / "summary.json")
+    assert d3p["prune_ratio"] > 0
+    rs2 = _summary(out / "rs2_eq_seed0" / "pretrain" / "summary.json")
+    assert rs2["method"] == "rs2" and rs2["flags"]["prune_ratio"] == d3p["prune_ratio"]
+    match = _summary(out / "whole_eqc_seed0" / "ratio_match.json")
+    eqc = _summary(out / "whole_eqc_seed0" / "pretrain" / "summary.json")
+    cost = d3p["samples_trained"] + d3p["samples_forward_only"] / 3
+    assert eqc["method"] == "none" and eqc["epochs"] == match["flags"]["epochs"] == round(cost / 192)
+    assert eqc["samples_trained"] == eqc["epochs"] * 192  # whole data, fewer epochs
+    assert (out / "whole_eqc_seed0" / "pretrain" / f"checkpoint-{eqc['epochs'] - 1}.pth").is_file()
+    assert _summary(out / "whole_eqc_seed0" / "knn" / "summary.json")["mode"] == "knn"
+    table = (out / "table1.md").read_text()
+    assert "| RS2 (= D3P ratio) |" in table and "| Train less: Whole, " in table and "vs Train less" in table
+    assert (out / "figure.png").stat().st_size > 10_000
+
+
+def test_sweep_plan_skips_a_ratio_out_of_reach(tmp_path):
+    out = tmp_path / "out"
+    res = run_recipe(out, timeout=1800, PLAN="sweep", SWEEP_RATIOS="70", SWEEP_METHODS="infobatch whole_eqc",
+                     SEEDS="0", EPOCHS=4, LP_EPOCHS=1, PRETRAIN_ARGS="--train_subset 192")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # InfoBatch prunes at most (its below-mean fraction x the pruned epochs) / E: 70% is out of reach -> skipped
+    assert "SKIP infobatch_p70_seed0" in res.stdout and not (out / "infobatch_p70_seed0" / "pretrain").exists()
+    eqc = _summary(out / "whole_eqc_p70_seed0" / "pretrain" / "summary.json")
+    assert eqc["epochs"] == 1  # round(0.3 x 4)
+    table = (out / "table1.md").read_text()
+    assert "| Train less: Whole, 1 of 4 epochs (= the compute of 70% pruned) |" in table
+
+
+def test_folder_plan_fits_the_batches_to_a_small_folder(tmp_path):
+    data = tmp_path / "folder"
+    for split, n in (("train", 4000), ("val", 2)):
+        folder = data / split / "c0"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i}.png").touch()
+    plan = run_recipe(tmp_path / "out", PLAN_ONLY=1, DATA_SET="folder", DATA_PATH=data, EPOCHS=10)
+    assert plan.returncode == 0, plan.stderr
+    lines = dict(line.split(": ", 1) for line in plan.stdout.splitlines() if ": " in line)
+    # effective batches <= N / 32 = 125: pre-training 64 (BATCH lowered from 128), linear probe 64 at MAE's lr 6.4
+    assert "--batch_size 64 --accum_iter 1 --blr 1.5e-4" in lines["pretrain"]
+    assert "--batch_size 64 --accum_iter 1 --blr 25.6 " in lines["linprobe"]
+    assert not (tmp_path / "out").exists()  # PLAN_ONLY writes nothing
+    given = run_recipe(tmp_path / "out", PLAN_ONLY=1, DATA_SET="folder", DATA_PATH=data, EPOCHS=10, BATCH=128)
+    assert given.returncode == 2 and "Fix: BATCH=64, or set ACCUM" in given.stderr
+    for i in range(3800):
+        (data / "train" / "c0" / f"{i}.png").unlink()
+    small = run_recipe(tmp_path / "out", PLAN_ONLY=1, DATA_SET="folder", DATA_PATH=data, EPOCHS=10)
+    assert small.returncode == 2 and "too few for a linear probe" in small.stderr and "LP_BATCH" in small.stderr

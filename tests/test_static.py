@@ -381,7 +381,8 @@ def test_d2_strategy_and_resume():
     emb, labels, difficulty = _clustered(2)
     n = labels.size
     rng = np.random.default_rng(4)
-    losses = difficulty[None, :] + rng.normal(0, 0.01, size=(3, n))
+    # epoch noise large enough that no single epoch's losses select the same subset as their mean
+    losses = difficulty[None, :] + rng.normal(0, 0.05, size=(3, n))
 
     def make():
         return D2Pruning(n, warmup_epochs=3, prune_ratio=0.5, neighbors=10, seed=1)
@@ -390,7 +391,15 @@ def test_d2_strategy_and_resume():
     run = _drive_static(s, range(5), lambda e: losses[e], lambda: emb)
     assert [r[2] for r in run] == [False, False, True, False, False]  # embeddings on the last warm-up epoch only
     assert [r[1] for r in run] == [True, True, True, False, False]
-    assert s.subset is not None and s.subset.size == 300 and s.gamma_used is not None
+    assert s.subset is not None and s.subset.size == 300
+    # the selection is D2 on the warm-up's mean loss (difficulty) and the embeddings, with gamma = 1 / median
+    # k-NN distance
+    ref_subset, ref_stats = d2_prune(losses.mean(axis=0), emb, 0.5, neighbors=10, seed=1)
+    np.testing.assert_array_equal(s.subset, ref_subset)
+    dist, _, _ = knn_graph(emb, 10)
+    assert s.gamma_used == ref_stats["gamma"] == default_gamma(dist)
+    for epoch_losses in losses:  # the guard: the mean is what tells these apart
+        assert not np.array_equal(d2_prune(epoch_losses, emb, 0.5, neighbors=10, seed=1)[0], ref_subset)
     np.testing.assert_array_equal(run[3][0], s.subset)
     assert run[2][3]["d2_selected"] == 300
     assert np.bincount(labels[s.subset], minlength=6)[5] < 200

@@ -44,14 +44,18 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-EQUAL = "@d3p"  # key suffix of an arm run at the prune ratio of the D3P arm of its seed
-ORDER = ["none", "infobatch", "seta", "d3p", "random", "dynunc", "d2", "random_matched", "infobatch" + EQUAL,
-         "seta" + EQUAL, "random" + EQUAL, "dynunc" + EQUAL, "d2" + EQUAL, "scratch"]
+EQUAL = "@d3p"  # key suffix of an arm run at the prune ratio (whole_eqc: the compute) of the D3P arm of its seed
+# Row order: default-ratio arms, then the arms at D3P's ratio, then the sweep's ratios (key "<method>@<pct>"),
+# each block in this method order; "No pre-training" last.
+METHOD_ORDER = ["none", "random_matched", "infobatch", "seta", "d3p", "random", "rs2", "dynunc", "d2", "whole_eqc"]
 DISPLAY = {
     "none": "Whole dataset", "infobatch": "InfoBatch", "seta": "SeTa", "d3p": "D3P",
-    "random_matched": "Random (matched to D3P)", "random": "Random", "dynunc": "Dyn-Unc", "d2": "D2 Pruning",
-    "scratch": "No pre-training",
+    "random_matched": "Random (matched to D3P)", "random": "Random", "rs2": "RS2", "dynunc": "Dyn-Unc",
+    "d2": "D2 Pruning", "scratch": "No pre-training", "whole_eqc": "Train less",
 }
+# the matched controls of an arm (same ratio / compute): random, RS2 and whole data trained for fewer epochs
+CONTROLS = (("random", "Random"), ("rs2", "RS2"), ("whole_eqc", "Train less"))
+CI_LEVEL = 0.95
 # flags that differ between seeds of one configuration, so they do not split a group
 _PER_SEED_FLAGS = ("random_match",)
 # flags solved per seed for an equal-ratio arm (tools/match_ratio.py)
@@ -78,16 +82,24 @@ class Run:
 
     @property
     def key(self) -> str:
+        """method; random_matched; <method>@d3p (at the D3P arm's ratio, whole_eqc@d3p: at its compute);
+        <method>@<pct> (the sweep: at a given prune ratio, whole_eqc@<pct>: at that ratio's compute); scratch."""
         if self.pretrain is None:
             return "scratch"
         method = self.pretrain.get("method", "?")
         if method == "random" and (self.pretrain.get("flags") or {}).get("random_match"):
             return "random_matched"
-        return method + EQUAL if self.ratio_match is not None else method
+        if self.ratio_match is None:
+            return method
+        if self.ratio_match.get("method") == "whole_eqc":
+            method = "whole_eqc"
+        if self.ratio_match.get("target_run") or "target_ratio" not in self.ratio_match:
+            return method + EQUAL
+        return f"{method}@{round(100 * float(self.ratio_match['target_ratio']))}"
 
     @property
     def equal_ratio(self) -> bool:
-        return self.key == "random_matched" or self.key.endswith(EQUAL)
+        return self.key == "random_matched" or "@" in self.key
 
     def config(self) -> tuple:
         """Everything that defines the configuration apart from the seed."""
@@ -96,7 +108,8 @@ class Run:
             return (("model", ft.get("model")),)
         per_seed = _PER_SEED_FLAGS + (_MATCHED_FLAGS if self.ratio_match is not None else ())
         flags = {k: v for k, v in (self.pretrain.get("flags") or {}).items() if k not in per_seed}
-        return tuple((k, self.pretrain.get(k)) for k in _CONFIG_FIELDS) + tuple(sorted(flags.items()))
+        fields = tuple(f for f in _CONFIG_FIELDS if not (f == "epochs" and self.key.startswith("whole_eqc@")))
+        return tuple((k, self.pretrain.get(k)) for k in fields) + tuple(sorted(flags.items()))
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -214,6 +227,95 @@ def _acc(summary: dict[str, Any] | None, which: str) -> float | None:
 ACC_COLUMNS = (("knn_top1", "knn"), ("ft_top1", "finetune"), ("ft2_top1", "finetune2"), ("lp_top1", "linprobe"))
 
 
+def split_key(key: str) -> tuple[str, str | None]:
+    """'infobatch@d3p' -> ('infobatch', 'd3p'); 'rs2@30' -> ('rs2', '30'); 'random_matched' -> ('random', 'd3p')."""
+    if key == "random_matched":
+        return "random", "d3p"
+    base, _, tag = key.partition("@")
+    return base, (tag or None)
+
+
+def _sort_key(key: str) -> tuple:
+    """Default-ratio block, then D3P's ratio, then the sweep's ratios in increasing order; scratch last."""
+    if key == "scratch":
+        return (99.0, 0, key)
+    base, tag = split_key(key)
+    block = 0.0 if tag is None else (1.0 if tag == "d3p" else 2.0 + float(tag) / 100)
+    name = "random_matched" if key == "random_matched" else base
+    return (block, METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), key)
+
+
+def _epochs_text(members: list[Run]) -> str:
+    """'73 of 80 epochs' (or '72-74 of 80') for the Train-less rows: their epochs and the full run's."""
+    epochs = sorted({int(r.pretrain["epochs"]) for r in members if r.pretrain})
+    full = sorted({int(r.ratio_match.get("full_epochs", 0)) for r in members if r.ratio_match} - {0})
+    span = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
+    return span + (f" of {full[0]} epochs" if len(full) == 1 else " epochs")
+
+
+def _label(key: str, members: list[Run]) -> str:
+    base, tag = split_key(key)
+    if key == "random_matched":
+        return DISPLAY[key]
+    if base == "whole_eqc":
+        what = "D3P's compute" if tag == "d3p" else f"the compute of {tag}% pruned"
+        return f"Train less: Whole, {_epochs_text(members)} (= {what})"
+    name = DISPLAY.get(base, base)
+    if tag == "d3p":
+        return name + " (= D3P ratio)"
+    return name if tag is None else f"{name} ({tag}% pruned)"
+
+
+def paired_difference(arm: dict[Any, float], control: dict[Any, float], level: float = CI_LEVEL) -> dict[str, Any] | None:
+    """arm - control, paired by seed: {seed: value} each -> n, mean, std, the t-interval over seeds, significant.
+
+    Only seeds present in both count; None when there are none. The interval is mean +- t_{(1+level)/2, n-1} std /
+    sqrt(n) (Student's t, the paired t-test's interval); with one seed there is no interval (lo = hi = None).
+    significant: the interval excludes 0.
+    """
+    seeds = sorted(set(arm) & set(control), key=str)
+    if not seeds:
+        return None
+    diffs = [arm[s] - control[s] for s in seeds]
+    mean, std = mean_std(diffs)
+    out: dict[str, Any] = {"n": len(diffs), "mean": mean, "std": std, "lo": None, "hi": None, "significant": False,
+                           "seeds": seeds}
+    if len(diffs) >= 2:
+        from scipy.stats import t as student_t
+
+        half = float(student_t.ppf(0.5 + level / 2, len(diffs) - 1)) * std / math.sqrt(len(diffs))
+        out["lo"], out["hi"] = mean - half, mean + half
+        out["significant"] = bool(out["lo"] > 0 or out["hi"] < 0)
+    return out
+
+
+def _add_paired(rows: list[dict[str, Any]]) -> None:
+    """row['paired'][col][control] = paired_difference against Whole and against the matched controls (random,
+    RS2, Train less) of the row's own ratio (D3P's, or the sweep's pct), by seed."""
+    by_key = {r["key"]: r for r in rows}
+    whole = next((r for r in rows if r["is_whole"]), None)
+    for row in rows:
+        base, tag = split_key(row["key"])
+        if row["key"] == "d3p":  # D3P's own controls: the arms at its ratio
+            tag = "d3p"
+        refs: list[tuple[str, dict[str, Any]]] = []
+        if whole is not None and not row["is_whole"]:
+            refs.append(("Whole", whole))
+        if tag is not None:
+            for ctl, name in CONTROLS:
+                key = "random_matched" if (ctl == "random" and tag == "d3p") else f"{ctl}@{tag}"
+                if key in by_key and key != row["key"]:
+                    refs.append((name, by_key[key]))
+        row["paired"] = {}
+        for col, _ in ACC_COLUMNS:
+            cells = {}
+            for name, ref in refs:
+                diff = paired_difference(row["per_seed"][col], ref["per_seed"][col])
+                if diff is not None:
+                    cells[name] = {**diff, "control": ref["key"]}
+            row["paired"][col] = cells
+
+
 def build_rows(runs: list[Run], acc: str = "final") -> list[dict[str, Any]]:
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -222,9 +324,8 @@ def build_rows(runs: list[Run], acc: str = "final") -> list[dict[str, Any]]:
     for gk in groups:
         by_key.setdefault(gk[0], []).append(gk[1])
 
-    def label(key: str, config: tuple) -> str:
-        base = key[: -len(EQUAL)] if key.endswith(EQUAL) else key
-        name = DISPLAY.get(base, base) + (" (= D3P ratio)" if key.endswith(EQUAL) else "")
+    def label(key: str, config: tuple, members: list[Run]) -> str:
+        name = _label(key, members)
         variants = by_key[key]
         if len(variants) > 1:  # several configurations of one method: name what differs
             differ = [(k, v) for k, v in config if any(dict(o).get(k) != v for o in variants if o != config)]
@@ -245,13 +346,12 @@ def build_rows(runs: list[Run], acc: str = "final") -> list[dict[str, Any]]:
         whole_acc[col] = mean_std(vals)[0] if vals else None
 
     rows = []
-    ordered = sorted(groups, key=lambda gk: (ORDER.index(gk[0]) if gk[0] in ORDER else len(ORDER), gk[0], str(gk[1])))
-    for gk in ordered:
+    for gk in sorted(groups, key=lambda gk: (_sort_key(gk[0]), str(gk[1]))):
         members = sorted(groups[gk], key=lambda r: ((r.pretrain or {}).get("seed", 0), r.folder))
         is_whole = gk == whole_gk
         pre = [r.pretrain for r in members if r.pretrain is not None]
         row: dict[str, Any] = {
-            "key": gk[0], "method": label(*gk), "seeds": len(members), "is_whole": is_whole,
+            "key": gk[0], "method": label(gk[0], gk[1], members), "seeds": len(members), "is_whole": is_whole,
             "equal_ratio": members[0].equal_ratio,
             "ft2_name": next((r.finetune2_name for r in members if r.finetune2_name), None),
             "seed_list": [(r.pretrain or {}).get("seed") for r in members],
@@ -271,11 +371,14 @@ def build_rows(runs: list[Run], acc: str = "final") -> list[dict[str, Any]]:
                 cols["loader_saved"].append(100.0 * (1.0 - _loaded(p) / (float(p["epochs"]) * float(p["num_samples"]))))
             if whole_wall:
                 cols["wall_clock_saved"].append(100.0 * (1.0 - float(p["wall_seconds"]) / whole_wall))
+        per_seed: dict[str, dict[Any, float]] = {col: {} for col, _ in ACC_COLUMNS}
         for r in members:
             for col, attr in ACC_COLUMNS:
                 a = _acc(getattr(r, attr), acc)
                 if a is not None:
                     cols[col].append(a)
+                    per_seed[col][(r.pretrain or {}).get("seed", r.folder)] = a
+        row["per_seed"] = per_seed
         for col, vals in cols.items():
             m, s = mean_std(vals) if vals else (None, None)
             row[col] = m
@@ -285,6 +388,7 @@ def build_rows(runs: list[Run], acc: str = "final") -> list[dict[str, Any]]:
             ref = whole_acc[col]
             row[col + "_delta"] = None if row[col] is None or ref is None else row[col] - ref
         rows.append(row)
+    _add_paired(rows)
     return rows
 
 
@@ -320,6 +424,49 @@ def format_cell(row: dict[str, Any], col: str, arrows: bool = False) -> str:
     return text
 
 
+def format_diff(diff: dict[str, Any], seeds: int) -> str:
+    """'-1.2 [-2.3, -0.1]*' (mean [95% t-interval], * = excludes 0); '(n=3)' when fewer seeds pair than the row has."""
+    text = f"{diff['mean']:+.1f}"
+    if diff["lo"] is not None:
+        text += f" [{diff['lo']:+.1f}, {diff['hi']:+.1f}]" + ("*" if diff["significant"] else "")
+    if diff["n"] < seeds or diff["n"] == 1:
+        text += f" (n={diff['n']})"
+    return text
+
+
+ACC_TITLES = {"knn_top1": "k-NN top-1 (%)", "ft_top1": "FT top-1 (%)", "ft2_top1": "FT {} top-1 (%)",
+              "lp_top1": "LP top-1 (%)"}
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per accuracy column: mean ± std, then the paired difference to Whole and to each matched
+    control, by seed, with its t-interval. Empty when no row has a control."""
+    blocks = []
+    ft2_name = next((r["ft2_name"] for r in rows if r["ft2_name"]), None)
+    for col, _ in ACC_COLUMNS:
+        present = [r for r in rows if r.get("paired", {}).get(col)]
+        if not present:
+            continue
+        controls = [name for name in ("Whole", *(n for _, n in CONTROLS))
+                    if any(name in r["paired"][col] for r in present)]
+        title = ACC_TITLES[col].format(ft2_name)
+        head = ["Method", title, *(f"vs {c}" for c in controls)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for r in present:
+            cells = [r["method"] + (f" ({r['seeds']} seeds)" if r["seeds"] > 1 else ""), format_cell(r, col)]
+            cells += [format_diff(r["paired"][col][c], r[col + "_n"]) if c in r["paired"][col] else DASH
+                      for c in controls]
+            lines.append("| " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    if not blocks:
+        return ""
+    note = (f"Paired differences (points): arm - control over the seeds both ran, mean [{CI_LEVEL:.0%} t-interval "
+            "over seeds], * where the interval excludes 0. Controls: Whole; and at the arm's own ratio (D3P's, or "
+            "the sweep's) Random (matched to D3P / at that ratio), RS2, and Train less (whole data, fewer epochs, "
+            "same compute).")
+    return "\n\n".join(blocks) + "\n\n" + note
+
+
 def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervised: bool = False) -> str:
     ft2_name = next((r["ft2_name"] for r in rows if r["ft2_name"]), None)
     acc_cols = [("knn_top1", "k-NN top-1 (%)"), ("ft_top1", "FT top-1 (%)")]
@@ -349,22 +496,78 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervise
         "wall-clock = pre-training only; mean ± std over seeds; — = not run or not finished.",
         "Sources: " + ", ".join(s for r in rows for s in r["sources"]),
     ]
-    if any(r["equal_ratio"] for r in rows):
+    if any(split_key(r["key"])[1] not in (None, "d3p") for r in rows):
+        notes.insert(1, "(P% pruned): the sweep; the arm ran at prune ratio P% (flags from tools/match_ratio.py; "
+                        "InfoBatch/SeTa land near it, see the Prune ratio column).")
+    if any(split_key(r["key"])[1] == "d3p" for r in rows):
         notes.insert(1, "= D3P ratio: the arm ran at the prune ratio the D3P arm of the same seed realised "
                         "(flags from tools/match_ratio.py; Random matched to D3P: its kept count epoch by epoch).")
+    if any(split_key(r["key"])[0] == "whole_eqc" for r in rows):
+        notes.insert(1, "Train less: the whole data for fewer epochs (learning-rate warm-up and cosine compressed "
+                        "to them), the epochs chosen so that its compute equals that of the arm it controls "
+                        "(tools/match_ratio.py whole_eqc): D3P's of the same seed, or the sweep's ratio.")
     if supervised:
         notes[0] = (f"Top-1: {acc}_acc1 of each supervised run's summary.json; arrows: difference to Whole dataset; "
                     "prune ratio, compute saved (a forward-only sample = 1/3 of a trained one) and wall-clock saved "
                     "(training epochs) of the same runs; mean ± std over seeds.")
     if skipped:
         notes.append("No pre-training summary yet (skipped): " + ", ".join(skipped))
-    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+    paired = "" if supervised else paired_markdown(rows)
+    return "\n".join(lines) + "\n\n" + (paired + "\n\n" if paired else "") + "\n".join(notes)
+
+
+def plot_figure(rows: list[dict[str, Any]], path: str, col: str = "knn_top1") -> None:
+    """PNG: `col` (k-NN top-1) against compute saved, one point per row with error bars (std over seeds); the
+    sweep's methods as curves through their ratios (and D3P's ratio); Whole + the Train-less arms as the "train
+    less" frontier (dashed). Raises ValueError when no row has both numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r[col] is not None and r["compute_saved"] is not None]
+    if not points:
+        raise ValueError(f"no row has both {col} and compute saved: nothing to plot")
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in points:
+        base, _ = split_key(r["key"])
+        series.setdefault("none" if r["is_whole"] else base, []).append(r)
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = {"d3p": "*", "random": "o", "rs2": "s", "infobatch": "^", "seta": "v", "dynunc": "D", "d2": "P",
+               "scratch": "x"}
+    frontier = sorted(series.pop("none", []) + series.pop("whole_eqc", []), key=lambda r: r["compute_saved"])
+    if frontier:
+        ax.errorbar([r["compute_saved"] for r in frontier], [r[col] for r in frontier],
+                    yerr=[r[col + "_std"] or 0.0 for r in frontier], xerr=[r["compute_saved_std"] or 0.0 for r in frontier],
+                    color="black", linestyle="--", marker="o", markerfacecolor="white", capsize=3,
+                    label="Whole / train less (fewer epochs)", zorder=3)
+    for i, (base, members) in enumerate(sorted(series.items(), key=lambda kv: METHOD_ORDER.index(kv[0])
+                                               if kv[0] in METHOD_ORDER else 99)):
+        members = sorted(members, key=lambda r: r["compute_saved"])
+        name = DISPLAY.get(base, base)
+        ax.errorbar([r["compute_saved"] for r in members], [r[col] for r in members],
+                    yerr=[r[col + "_std"] or 0.0 for r in members], xerr=[r["compute_saved_std"] or 0.0 for r in members],
+                    color=colors[i % len(colors)], marker=markers.get(base, "o"), markersize=12 if base == "d3p" else 6,
+                    linestyle="-" if len(members) > 1 else "none", capsize=3, label=name, zorder=4)
+    seeds = sorted({r["seeds"] for r in points})
+    ax.set_xlabel("compute saved vs Whole (%)")
+    ax.set_ylabel(ACC_TITLES[col].format("") + ", mean ± std over seeds")
+    ax.set_title(f"Accuracy against compute ({'/'.join(map(str, seeds))} seeds per point)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Print the D3P paper's Table 1 from finished runs.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="arm folders or pre-training output folders")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of Markdown")
+    p.add_argument("--plot", default=None, metavar="FIG.png",
+                   help="also draw k-NN top-1 against compute saved (sweep methods as curves, Train less as the "
+                        "frontier)")
     p.add_argument("--acc", choices=["final", "best"], default="final",
                    help="which top-1 of the fine-tune / linear-probe summaries (default: final epoch)")
     args = p.parse_args(argv)
@@ -380,6 +583,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"none of {', '.join(args.run_dirs)} holds a finished pre-training summary.json yet "
                 "(RUN_DIR/pretrain/summary.json or RUN_DIR/summary.json). Fix: wait for a run to finish")
     rows = build_rows(runs, args.acc)
+    if args.plot:
+        try:
+            plot_figure(rows, args.plot)
+        except ValueError as exc:
+            print(f"warning: --plot {args.plot}: {exc}", file=sys.stderr)
+        else:
+            print(f"figure: {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps({"acc": args.acc, "rows": rows, "skipped": skipped}, indent=2))
     else:

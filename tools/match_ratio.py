@@ -3,13 +3,24 @@
 
     python tools/match_ratio.py infobatch --target OUT/d3p_seed0/pretrain --calibration OUT/infobatch_seed0/pretrain
     python tools/match_ratio.py dynunc --target OUT/d3p_seed0/pretrain --epochs 30 --static_warmup_epochs 5
+    python tools/match_ratio.py whole_eqc --target OUT/d3p_seed0/pretrain --warmup_epochs 3
+    python tools/match_ratio.py rs2 --target 0.5                     (a ratio instead of a run: the sweep)
 
 prints the flags (e.g. `--prune_ratio 0.1803`) and, with --out FILE, writes them with the target and the model's
 prediction as JSON (tools/reproduce_table1.sh keeps it as OUT/<arm>_eq_seed<S>/ratio_match.json, which
 tools/make_table.py reads to mark the row as "at D3P's ratio").
 
+--target is a finished D3P pre-training folder (its realised prune ratio and compute), or a prune ratio in [0, 1)
+(the sweep of tools/reproduce_table1.sh; --epochs then gives the run length E).
 Prune ratio = 1 - trained / (E * N). What each method realises at its flag r (epochs e = 0..E-1):
   * random: round((1-r) N) per epoch -> r.
+  * rs2: chunks of round((1-r) N) per epoch, one sample fewer in the wrapping chunk of a pass -> r (+ < 1/(E N)
+    per pass).
+  * whole_eqc ("train less"): no pruning, E' = round(C / N) epochs, where C is the target's compute in samples
+    (samples trained + forward-only samples / 3, the table's compute; for a ratio target (1 - t) E N), so that the
+    whole data trained for fewer epochs costs what the pruned arm cost. The learning-rate schedule is compressed with
+    it, as a user training less would: --warmup_epochs W' = round(W E' / E) (the cosine follows --epochs). One epoch
+    is the step: E' lands within N / 2 samples of C.
   * dynunc, d2 (static): J full-data warm-up epochs, then round((1-r) N) -> r (E-J)/E, so r = target E / (E-J).
   * infobatch: epoch e < A = ceil(delta E) prunes each below-mean sample with probability r, so it realises
     (r/E) sum_{e<A} b_e, b_e = the fraction of samples below the mean score in epoch e (0 in epoch 0, where all
@@ -30,14 +41,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from d3p.ledger import FORWARD_ONLY_COST  # noqa: E402
 from d3p.methods.common import anneal_start as anneal_epoch, kept_size  # noqa: E402  (the strategies' own rules)
+from d3p.registry import methods  # noqa: E402
 
-METHODS = ("infobatch", "seta", "random", "dynunc", "d2")
+# methods with a model of their own below; every static method of the registry shares the static one
+DYNAMIC_MODELS = ("infobatch", "seta", "random", "rs2")
+
+
+def static_methods() -> tuple[str, ...]:
+    """The registry's static selectors with the warm-up frame's options (J full epochs, then round((1-r) N))."""
+    return tuple(m.name for m in methods("static") if {"prune_ratio", "static_warmup_epochs"} <= set(m.option_names()))
+
+
+def solvable_methods() -> tuple[str, ...]:
+    return DYNAMIC_MODELS + static_methods() + ("whole_eqc",)
 
 
 class RatioError(ValueError):
@@ -59,6 +83,27 @@ def static_ratio(target: float, num_epochs: int, warmup_epochs: int) -> float:
         raise RatioError(f"a static selector with {warmup_epochs} full warm-up epochs of {num_epochs} prunes at most "
                          f"{(num_epochs - warmup_epochs) / num_epochs:.1%}; target {target:.1%} is out of reach")
     return r
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def equal_compute_epochs(target_cost: float, num_samples: int, epochs: int) -> int:
+    """whole_eqc: E' = round(C / N) whole-data epochs costing the target's compute C (in samples), in [1, E]."""
+    if num_samples < 1 or epochs < 1:
+        raise RatioError(f"need num_samples >= 1 and epochs >= 1, got {num_samples}, {epochs}")
+    if not 0.0 < target_cost <= epochs * num_samples * (1.0 + FORWARD_ONLY_COST):
+        raise RatioError(f"target compute {target_cost} samples is not in (0, {epochs} x {num_samples} x 4/3]")
+    return min(max(_round_half_up(target_cost / num_samples), 1), epochs)
+
+
+def compressed_warmup(warmup_epochs: int, epochs: int, new_epochs: int) -> int:
+    """whole_eqc: the warm-up scaled with the run, W' = round(W E' / E), at most E' - 1 (0 stays 0)."""
+    if warmup_epochs < 0 or not 1 <= new_epochs <= epochs:
+        raise RatioError(f"need warmup_epochs >= 0 and 1 <= new_epochs <= epochs, got {warmup_epochs}, "
+                         f"{new_epochs}, {epochs}")
+    return min(_round_half_up(warmup_epochs * new_epochs / epochs), max(new_epochs - 1, 0))
 
 
 def infobatch_ratio(target: float, below_mean_fractions: Sequence[float], num_epochs: int, delta: float) -> float:
@@ -144,11 +189,41 @@ def _read_log(run_dir: str) -> list[dict[str, Any]]:
     return [rows[e] for e in sorted(rows)]
 
 
-def solve(method: str, target_run: str, calibration: str | None, epochs: int | None, warmup: int) -> dict[str, Any]:
-    """The flags for `method` at the prune ratio of `target_run` (a finished pre-training folder)."""
-    target_summary = _read_json(os.path.join(target_run, "summary.json"))
-    target = float(target_summary["prune_ratio"])
-    out: dict[str, Any] = {"method": method, "target_ratio": target, "target_run": os.path.abspath(target_run)}
+def read_target(target: str, epochs: int | None) -> dict[str, Any]:
+    """The target of a match: a finished pre-training folder (its summary.json), or a prune ratio.
+
+    Returns target_ratio, epochs (E: --epochs, else the run's), and for a run also target_run, num_samples and
+    target_cost (compute in samples: trained + forward-only / 3)."""
+    if os.path.isdir(target):
+        summary = _read_json(os.path.join(target, "summary.json"))
+        out = {"target_ratio": float(summary["prune_ratio"]), "target_run": os.path.abspath(target),
+               "epochs": int(epochs or summary["epochs"])}
+        if "samples_trained" in summary and "num_samples" in summary:
+            out["num_samples"] = int(summary["num_samples"])
+            out["target_cost"] = (float(summary["samples_trained"])
+                                  + FORWARD_ONLY_COST * float(summary.get("samples_forward_only", 0)))
+        return out
+    try:
+        ratio = float(target)
+    except ValueError:
+        raise RatioError(f"--target {target}: neither a folder nor a prune ratio. Fix: pass the pre-training folder "
+                         "of a finished D3P run, or a ratio such as 0.5") from None
+    _check_target(ratio)
+    if epochs is None:
+        raise RatioError(f"--target {target} is a ratio: pass --epochs (the length of the runs)")
+    return {"target_ratio": ratio, "epochs": int(epochs)}
+
+
+def solve(method: str, target_run: str, calibration: str | None, epochs: int | None, warmup: int,
+          lr_warmup: int | None = None) -> dict[str, Any]:
+    """The flags for `method` at the prune ratio of `target_run` (a finished pre-training folder, or a ratio).
+
+    warmup: J of the static selectors; lr_warmup: the full run's --warmup_epochs (whole_eqc compresses it)."""
+    tgt = read_target(target_run, epochs)
+    target = tgt["target_ratio"]
+    out: dict[str, Any] = {"method": method, "target_ratio": target}
+    if "target_run" in tgt:
+        out["target_run"] = tgt["target_run"]
     if method in ("infobatch", "seta"):
         if not calibration:
             raise RatioError(f"{method} needs --calibration: a finished {method} run of the same --epochs (e.g. the "
@@ -175,31 +250,49 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
             kept = [1.0 if (e == 0 or e >= a) else (1.0 - r) * window_share(w, scale, scale0)
                     for e, w in enumerate(shares[:n_ep])]
             out["predicted_ratio"] = 1.0 - sum(kept) / n_ep
-    elif method in ("dynunc", "d2"):
-        n_ep = int(epochs or target_summary["epochs"])
+    elif method in static_methods():
+        n_ep = tgt["epochs"]
         r = static_ratio(target, n_ep, warmup)
         out["flags"] = {"prune_ratio": r, "static_warmup_epochs": warmup}
         out["predicted_ratio"] = r * (n_ep - warmup) / n_ep
-    elif method == "random":
+    elif method in ("random", "rs2"):
         out["flags"] = {"prune_ratio": target}
         out["predicted_ratio"] = target
+    elif method == "whole_eqc":
+        if lr_warmup is None:
+            raise RatioError("whole_eqc needs --warmup_epochs: the full run's warm-up, compressed with the epochs")
+        n_ep = tgt["epochs"]
+        # a ratio target t costs (1 - t) E epochs of whole data; a run target its own compute C
+        if "target_run" in tgt and "target_cost" not in tgt:
+            raise RatioError(f"{tgt['target_run']}/summary.json has no samples_trained / num_samples")
+        n, cost = (tgt["num_samples"], tgt["target_cost"]) if "target_cost" in tgt else (1, (1.0 - target) * n_ep)
+        new_epochs = equal_compute_epochs(cost, n, n_ep)
+        out["flags"] = {"epochs": new_epochs, "warmup_epochs": compressed_warmup(lr_warmup, n_ep, new_epochs)}
+        out["full_epochs"] = n_ep
+        out["target_cost_epochs"] = cost / n
+        out["predicted_ratio"] = 0.0  # no pruning: the saving is in the epochs
+        out["predicted_compute_saved"] = 1.0 - new_epochs / n_ep
     else:
-        raise RatioError(f"unknown method {method}; choose one of {', '.join(METHODS)}")
+        raise RatioError(f"unknown method {method}; choose one of {', '.join(solvable_methods())}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Flags that make a fixed-ratio baseline realise a D3P run's prune ratio")
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--target", required=True, metavar="RUN_DIR", help="finished D3P pre-training folder")
+    p.add_argument("method", choices=solvable_methods())
+    p.add_argument("--target", required=True, metavar="RUN_DIR|RATIO",
+                   help="finished D3P pre-training folder, or a prune ratio in [0, 1) (then --epochs)")
     p.add_argument("--calibration", default=None, metavar="RUN_DIR",
                    help="infobatch/seta: a finished run of that method with the same --epochs/--delta")
-    p.add_argument("--epochs", type=int, default=None, help="dynunc/d2: pre-training epochs (default: the target's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="dynunc/d2/whole_eqc: the full run's pre-training epochs (default: the target's)")
     p.add_argument("--static_warmup_epochs", type=int, default=10, help="dynunc/d2: J")
+    p.add_argument("--warmup_epochs", type=int, default=None, help="whole_eqc: the full run's lr warm-up epochs")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
     try:
-        result = solve(args.method, args.target, args.calibration, args.epochs, args.static_warmup_epochs)
+        result = solve(args.method, args.target, args.calibration, args.epochs, args.static_warmup_epochs,
+                       args.warmup_epochs)
     except RatioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -208,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     print(" ".join(f"--{k} {v!r}" for k, v in result["flags"].items()))  # exactly the values in --out
-    print(f"{args.method}: target {result['target_ratio']:.4f}, predicted {result['predicted_ratio']:.4f}",
-          file=sys.stderr)
+    if args.method == "whole_eqc":
+        print(f"whole_eqc: target compute {result['target_cost_epochs']:.3f} epochs of whole data -> "
+              f"{result['flags']['epochs']} of {result['full_epochs']} epochs", file=sys.stderr)
+    else:
+        print(f"{args.method}: target {result['target_ratio']:.4f}, predicted {result['predicted_ratio']:.4f}",
+              file=sys.stderr)
     return 0
 
 

@@ -1,41 +1,59 @@
 #!/usr/bin/env bash
-# Reproduce Table 1 of the D3P paper: every arm pre-trains with the same epochs and seeds, then is evaluated by
-# a k-NN probe (main_knn.py), a linear probe and fine-tuning; tools/make_table.py prints the table.
+# Reproduce Table 1 of the D3P paper and ask whether pruning pays: every arm pre-trains with the same seeds, then
+# is evaluated by a k-NN probe (main_knn.py), a linear probe and fine-tuning; tools/make_table.py prints the table,
+# the paired differences by seed (95% t-intervals) and OUT/figure.png. docs/does_pruning_pay.md explains the plans.
 #
-#   tools/reproduce_table1.sh                                  CPU: the embedded digits, 3 seeds, default and
-#                                                              equal ratios (~35 min on an idle 2-core machine)
-#   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh the paper's ImageNet-1K recipe
+#   tools/reproduce_table1.sh [converged]        digits: the converged regime (80 epochs, 5 seeds): Whole, D3P,
+#                                                Random matched, RS2 / InfoBatch at D3P's ratio, Train less
+#   tools/reproduce_table1.sh sweep              digits: random, RS2, InfoBatch, Dyn-Unc, D2, Train less at
+#                                                30/50/70% pruned (3 seeds, 80 epochs)
+#   tools/reproduce_table1.sh table1             digits: the 20-epoch table of every method (under-trained regime)
+#   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh the paper's ImageNet-1K recipe (PLAN table1)
 #   DATA_SET=cifar10 DATA_PATH=/data/cifar NPROC=1 tools/reproduce_table1.sh      the paper's CIFAR-10 block
 #   DATA_SET=folder DATA_PATH=/data/mine MODEL=mae_vit_base_patch16 INPUT_SIZE=224 EPOCHS=100 tools/reproduce_table1.sh
 #
-# Variables: OUT (./output_table1), SEEDS (digits "0 1 2", else "0"), ARMS (none infobatch seta d3p random
-# dynunc d2, plus scratch on the digits), RATIO (default | match | both; digits: both, else default), DATA_SET
-# (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS, FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds
-# that are fine-tuned; digits "0", else all), FT_EQUAL (1: fine-tune the equal-ratio arms too; digits 0),
-# LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
+# Variables: PLAN (or the first argument: converged | table1 | sweep; digits: converged, else table1), PLAN_ONLY=1
+# (print the jobs and flags, run nothing), OUT (./output_table1), SEEDS (digits: converged "0 1 2 3 4", sweep and
+# table1 "0 1 2"; else "0"), ARMS (table1: none infobatch seta d3p random dynunc d2, plus scratch on the digits;
+# converged: none d3p random rs2 infobatch whole_eqc), RATIO (default | match | both; digits table1: both,
+# converged and sweep: match, else default), SWEEP_RATIOS ("30 50 70", percent pruned), SWEEP_METHODS (random rs2
+# infobatch dynunc d2 whole_eqc), DATA_SET (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS,
+# FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds that are fine-tuned; digits table1 "0", converged/sweep none, else all),
+# LP_SEEDS (seeds that get a linear probe; digits converged/sweep none, else all), FT_EQUAL (1: fine-tune the
+# equal-ratio arms too; digits 0), LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
 # Multi-GPU: NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (3). Extra flags:
 # PRETRAIN_ARGS, FINETUNE_ARGS, LINPROBE_ARGS, KNN_ARGS. Folder mode: MODEL (the MAE model; the fine-tuned ViT is
 # its encoder: mae_vit_base_patch16 -> vit_base_patch16), INPUT_SIZE, BATCH (per GPU), EPOCHS; ACCUM (default:
-# effective batch 4096), LP_BATCH, LP_ACCUM (default: effective 16384), NUM_WORKERS, STATIC_WARMUP (J).
+# effective batch 4096), LP_BATCH, LP_ACCUM (default: effective 16384; both capped for a small folder, see
+# fit_batches), NUM_WORKERS, STATIC_WARMUP (J).
 # CIFAR-10: DATA_PATH holds cifar-10-batches-py/ (python version), CIFAR100_PATH (default DATA_PATH) holds
 # cifar-100-python/ for the second fine-tuning; no download.
 #
 # Arms: none = Whole dataset, infobatch, seta, d3p, random = random dynamic matched epoch by epoch to the D3P run of
-# the same seed, dynunc, d2; scratch (digits) = linear probe / fine-tune of a randomly initialised ViT. Equal ratio
-# (RATIO=match|both): infobatch_eq, seta_eq, dynunc_eq, d2_eq run at the prune ratio the D3P arm of the same seed
-# realised, with flags from tools/match_ratio.py (InfoBatch and SeTa are calibrated on their default-ratio arm of
-# the same seed, which therefore also runs); random is the matched arm. One folder per arm and seed:
-# OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for equal-ratio arms.
-# Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with --auto_resume. The
-# table (OUT/table1.md, OUT/table1.json) is printed at the end from whatever has finished; stage wall times are
-# in OUT/timings.txt.
+# the same seed, rs2 (RS2: random subsets without replacement), dynunc, d2; scratch (digits) = linear probe /
+# fine-tune of a randomly initialised ViT. Equal ratio (RATIO=match|both): infobatch_eq, seta_eq, rs2_eq, dynunc_eq,
+# d2_eq run at the prune ratio the D3P arm of the same seed realised, with flags from tools/match_ratio.py
+# (InfoBatch and SeTa are calibrated on their default-ratio arm of the same seed, which therefore also runs);
+# random is the matched arm. whole_eqc = Train less: the whole data for the epochs that cost what the D3P arm of
+# the seed cost (warm-up and cosine compressed; tools/match_ratio.py whole_eqc). Sweep arms <method>_p<PCT> run at
+# PCT% pruned (whole_eqc_p<PCT>: at that compute); a ratio out of a method's reach is logged as SKIP. One folder
+# per arm and seed: OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for
+# matched arms. Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with
+# --auto_resume. The table (OUT/table1.md, OUT/table1.json, OUT/figure.png) is printed at the end from whatever
+# has finished; stage wall times are in OUT/timings.txt.
 #
 # Digits sizing (this 2-core machine, one thread per process, 16x16 inputs, idle: ~4 s per whole-data epoch,
-# k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included):
-# 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
+# k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included).
+# converged: 5 seeds x 7 pre-trainings (Whole, D3P, Random, RS2, Train less, InfoBatch at D3P's ratio and its
+# calibration run) of 80 epochs, each pruned arm ~85% of Whole's samples: ~6 x 80 whole-data epochs per seed,
+# ~9,600 s, + 35 k-NN (~280 s) + process starts (~180 s): ~10,000 single-core seconds, ~85 min with 2 lanes
+# (LP_SEEDS="0 1 2 3 4" adds 35 linear probes, ~9 min). 80 epochs: the Whole arm's k-NN rises from 76% at 20 epochs
+# to 89% at 40 (docs/does_pruning_pay.md); 80 is the longest run 5 seeds of 7 arms fit in 90 minutes.
+# sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs, ~100 min.
+# table1: 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
 # (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
-# FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: 20 pre-training epochs
-# (D3P decides at epochs 3, 8, 13, 18: s=3, p=5, n=2; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875;
+# FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: D3P s=3, p=5, n=2 (decisions at
+# epochs 3, 8, 13, ...; 32 bins for N=1,500), static warm-up J=5, r=0.5, delta=0.875, lr warm-up 3 epochs;
 # fine-tune 10 epochs (blr 5e-3, no mixup/cutmix/RandAugment); linear probe 10 epochs, LARS, blr 16 (MAE's blr 0.1
 # is tuned for batch 16384 and leaves a batch-64 probe at chance). With 297 validation images (1 image = 0.34
 # points) the k-NN column (no training, no seed of its own) separates methods best.
@@ -48,12 +66,45 @@ DATA_SET=${DATA_SET:-$([[ -n "${DATA_PATH:-}" ]] && echo imagenet || echo digits
 NPROC=${NPROC:-1}; NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}; MAX_RESTARTS=${MAX_RESTARTS:-3}
 GPUS=$((NPROC * NNODES))
-mkdir -p "$OUT"
+PLAN=${PLAN:-${1:-$([[ $DATA_SET == digits ]] && echo converged || echo table1)}}
+case $PLAN in table1|converged|sweep) ;; *) echo "error: PLAN=$PLAN: choose converged, table1 or sweep" >&2; exit 2;; esac
+CONVERGED_EPOCHS=80  # digits: where the Whole arm's k-NN flattens (docs/does_pruning_pay.md)
+ARMS_GIVEN=${ARMS:-}; RATIO_GIVEN=${RATIO:-}
 TIMES="$OUT/timings.txt"
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$TIMES"; }
 die() { echo "error: $*" >&2; exit 2; }
 max() { (( $1 > $2 )) && echo "$1" || echo "$2"; }
+
+# fit_batches N: a folder of N training images. MAE's effective batches (pre-training 4096, linear probe 16384)
+# would leave a small folder one optimizer step per epoch (the partial accumulation group) with a learning rate
+# scaled for the full batch. Each effective batch is capped at the largest power of two <= N / 32 (at least 32
+# steps per epoch; ImageNet keeps MAE's), split into BATCH (x4 for the probe) per GPU and accumulation. The probe's
+# LARS keeps MAE's absolute learning rate 0.1 x 16384 / 256 = 6.4 (blr 0.1 x 16384 / effective; the digits'
+# batch-64 probe needed the same order, blr 16 = lr 4). Sets ACCUM, LP_BATCH, LP_ACCUM, LP_BLR unless given, and
+# lowers the default BATCH (also the fine-tuning batch) when the pre-training batch needs it.
+fit_batches() {
+  local n=$1 pre=4096 lp=16384 per
+  while (( pre > 1 && pre * 32 > n )); do pre=$((pre / 2)); done
+  while (( lp > 1 && lp * 32 > n )); do lp=$((lp / 2)); done
+  (( lp >= 8 * GPUS )) || die "DATA_PATH/train holds $n images: too few for a linear probe with batches of 8 per \
+GPU and 32 steps per epoch ($((256 * GPUS)) images at least). Fix: use a larger folder, or set LP_BATCH and LP_ACCUM"
+  if [[ -z ${ACCUM:-} ]]; then
+    per=$(( pre / GPUS < BATCH ? pre / GPUS : BATCH ))
+    (( per >= 1 )) || die "DATA_PATH/train holds $n images: too few for $GPUS GPUs. Fix: fewer GPUs (NPROC)"
+    if (( per < BATCH )); then
+      [[ -z ${BATCH_GIVEN:-} ]] || die "DATA_PATH/train holds $n images: an effective pre-training batch of $pre" \
+        "(32 steps per epoch) leaves less than BATCH=$BATCH per GPU. Fix: BATCH=$per, or set ACCUM"
+      BATCH=$per
+    fi
+    ACCUM=$(max $(( pre / (BATCH * GPUS) )) 1)
+  fi
+  if [[ -z ${LP_BATCH:-} && -z ${LP_ACCUM:-} ]]; then
+    LP_BATCH=$(( BATCH * 4 < lp / GPUS ? BATCH * 4 : lp / GPUS ))
+    LP_ACCUM=$(max $(( lp / (LP_BATCH * GPUS) )) 1)
+    LP_BLR=$(awk -v e=$(( LP_BATCH * LP_ACCUM * GPUS )) 'BEGIN { printf "%.6g", 0.1 * 16384 / e }')
+  fi
+}
 
 # ------------------------------------------------------------------------------------------------------ recipes
 # Each recipe sets: MODEL VIT SIZE EPOCHS FT_EPOCHS LP_EPOCHS J (static warm-up), PRE FT LP KNN (flag arrays),
@@ -62,13 +113,20 @@ case $DATA_SET in
   digits)
     [[ -z "${DATA_PATH:-}" ]] || die "DATA_SET=digits is embedded: unset DATA_PATH"
     MODEL=mae_vit_tiny_patch4; VIT=vit_tiny_patch4; SIZE=16
-    EPOCHS=${EPOCHS:-20}; FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}; J=${STATIC_WARMUP:-5}
-    SEEDS=${SEEDS:-"0 1 2"}; RATIO=${RATIO:-both}; FT_SEEDS=${FT_SEEDS:-0}; FT_EQUAL=${FT_EQUAL:-0}
+    if [[ $PLAN == table1 ]]; then  # the under-trained regime: 20 epochs, every method, 3 seeds
+      EPOCHS=${EPOCHS:-20}; SEEDS=${SEEDS:-"0 1 2"}; RATIO=${RATIO:-both}; FT_SEEDS=${FT_SEEDS:-0}
+      ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2 scratch"}
+    else  # converged: 5 seeds of the equal-compute table; sweep: 3 seeds; k-NN and linear probe, no fine-tuning
+      EPOCHS=${EPOCHS:-$CONVERGED_EPOCHS}; FT_SEEDS=${FT_SEEDS:-none}; RATIO=${RATIO:-match}; ARMS=${ARMS:-}
+      LP_SEEDS=${LP_SEEDS:-none}  # k-NN only: the linear probes (~30 s each) would take the table past 90 min
+      [[ $PLAN == converged ]] && SEEDS=${SEEDS:-"0 1 2 3 4"} || SEEDS=${SEEDS:-"0 1 2"}
+    fi
+    FT_EPOCHS=${FT_EPOCHS:-10}; LP_EPOCHS=${LP_EPOCHS:-10}; J=${STATIC_WARMUP:-5}; FT_EQUAL=${FT_EQUAL:-0}
     LANES=${LANES:-2}
-    ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2 scratch"}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
     DATA=()
-    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs 3 --batch_size 64 --blr 1.5e-3 --d3p_start 3
+    WARMUP=3
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$WARMUP" --batch_size 64 --blr 1.5e-3 --d3p_start 3
          --d3p_period 5 --d3p_window 2 --d3p_bins 32 --num_workers 0 --save_every 10)
     FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs 1 --batch_size 64 --blr 5e-3 --layer_decay 0.75
         --weight_decay 0.05 --drop_path 0 --mixup 0 --cutmix 0 --reprob 0 --aa none --smoothing 0.1 --num_workers 0
@@ -93,7 +151,8 @@ case $DATA_SET in
     BATCH=${BATCH:-$(max $((512 / GPUS)) 1)}
     NW=${NUM_WORKERS:-8}
     DATA=(--data_set cifar10 --data_path "$DATA_PATH")
-    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$(( EPOCHS < 40 ? 1 : 40 ))" --batch_size "$BATCH"
+    WARMUP=$(( EPOCHS < 40 ? 1 : 40 ))
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$WARMUP" --batch_size "$BATCH"
          --blr 1.5e-4 --weight_decay 0.05 --num_workers "$NW" --save_every 20 --keep_last 2)
     FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( FT_EPOCHS < 5 ? 0 : 5 ))" --batch_size "$BATCH"
         --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25
@@ -115,23 +174,38 @@ case $DATA_SET in
     J=${STATIC_WARMUP:-$(( EPOCHS / 3 < 2 ? 2 : (EPOCHS / 3 > 10 ? 10 : EPOCHS / 3) ))}
     SEEDS=${SEEDS:-0}; RATIO=${RATIO:-default}; FT_SEEDS=${FT_SEEDS:-$SEEDS}; FT_EQUAL=${FT_EQUAL:-1}; LANES=1
     ARMS=${ARMS:-"none infobatch seta d3p random dynunc d2"}
-    BATCH=${BATCH:-128}
+    BATCH_GIVEN=${BATCH:+1}; BATCH=${BATCH:-128}
+    LP_BLR=0.1
+    if [[ $DATA_SET == folder && ( -z ${ACCUM:-} || ( -z ${LP_BATCH:-} && -z ${LP_ACCUM:-} ) ) ]]; then
+      NTRAIN=$(find -L "$DATA_PATH/train" -type f | wc -l)
+      fit_batches "$NTRAIN"
+    fi
     ACCUM=${ACCUM:-$(max $(( 4096 / (BATCH * GPUS) )) 1)}
     LP_BATCH=${LP_BATCH:-$(( BATCH * 4 ))}; LP_ACCUM=${LP_ACCUM:-$(max $(( 16384 / (LP_BATCH * GPUS) )) 1)}
     NW=${NUM_WORKERS:-10}
     DATA=(--data_set "$DATA_SET" --data_path "$DATA_PATH")
-    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$(( EPOCHS / 20 ))" --batch_size "$BATCH"
+    WARMUP=$(( EPOCHS / 20 ))
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$WARMUP" --batch_size "$BATCH"
          --accum_iter "$ACCUM" --blr 1.5e-4 --weight_decay 0.05 --num_workers "$NW" --save_every 20 --keep_last 2)
     FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( FT_EPOCHS / 20 ))" --batch_size "$BATCH"
         --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --reprob 0.25
         --dist_eval --num_workers "$NW" --save_ckpt_freq 10)
     LP=(--model "$VIT" --input_size "$SIZE" --warmup_epochs "$(( LP_EPOCHS / 9 ))" --batch_size "$LP_BATCH"
-        --accum_iter "$LP_ACCUM" --blr 0.1 --weight_decay 0.0 --dist_eval --num_workers "$NW" --save_ckpt_freq 10)
+        --accum_iter "$LP_ACCUM" --blr "$LP_BLR" --weight_decay 0.0 --dist_eval --num_workers "$NW" --save_ckpt_freq 10)
     KNN=(--num_workers "$NW")
     FT2="";;
   *) die "unknown DATA_SET=$DATA_SET: choose digits, cifar10, folder or imagenet";;
 esac
+case $PLAN in
+  converged) ARMS=${ARMS_GIVEN:-"none d3p random rs2 infobatch whole_eqc"}; RATIO=${RATIO_GIVEN:-match};;
+  sweep) SWEEP_RATIOS=${SWEEP_RATIOS:-"30 50 70"}; SWEEP_METHODS=${SWEEP_METHODS:-"random rs2 infobatch dynunc d2 whole_eqc"}
+         for p in $SWEEP_RATIOS; do [[ $p =~ ^[0-9]+$ ]] && (( p >= 1 && p <= 99 )) \
+           || die "SWEEP_RATIOS: $p is not a percentage in 1..99"; done
+         for m in $SWEEP_METHODS; do [[ " random rs2 infobatch seta dynunc d2 whole_eqc " == *" $m "* ]] \
+           || die "SWEEP_METHODS: $m is not one of random rs2 infobatch seta dynunc d2 whole_eqc"; done;;
+esac
 case $RATIO in default|match|both) ;; *) die "RATIO=$RATIO: choose default, match or both";; esac
+LP_SEEDS=${LP_SEEDS:-$SEEDS}
 
 # launch NAME SCRIPT ARGS...: one process, or torchrun over NPROC x NNODES (elastic restarts resume the stage)
 launch() {
@@ -173,29 +247,61 @@ wait_pretrain() {
   done
 }
 
-# pretrain_flags ARM SEED: the method flags of an arm (equal-ratio arms: solved by tools/match_ratio.py)
+# arm_method ARM: the --prune_method of an arm (whole_eqc* trains the whole data; X_eq and X_p<PCT> run method X)
+arm_method() {
+  case $1 in
+    whole_eqc*) echo none;;
+    *_eq) echo "${1%_eq}";;
+    *_p[0-9]*) echo "${1%_p*}";;
+    *) echo "$1";;
+  esac
+}
+
+# pretrain_flags ARM SEED: ARM_FLAGS (the method's flags; equal-ratio, equal-compute and sweep arms: solved by
+# tools/match_ratio.py) and ARM_EPOCHS. Returns 1 on failure, 3 when the arm's ratio is out of its method's reach.
 pretrain_flags() {
-  local arm=$1 seed=$2 method=${1%_eq} d3p="$OUT/d3p_seed$2/pretrain"
-  ARM_FLAGS=(--prune_method "$method")
+  local arm=$1 seed=$2 method d3p="$OUT/d3p_seed$2/pretrain" target="" solver
+  method=$(arm_method "$arm")
+  ARM_FLAGS=(--prune_method "$method"); ARM_EPOCHS=$EPOCHS
   [[ $method == dynunc || $method == d2 ]] && ARM_FLAGS+=(--static_warmup_epochs "$J")
   [[ $method == dynunc ]] && ARM_FLAGS+=(--dynunc_window "$(( J < 3 ? J : 3 ))")  # window in [2, J]
-  if [[ $arm == random ]]; then
+  case $arm in
+    random) wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
+            ARM_FLAGS+=(--random_match "$d3p"); return 0;;
+    *_eq|whole_eqc) target=$d3p;;
+    *_p[0-9]*) target=$(awk -v p="${arm##*_p}" 'BEGIN { print p / 100 }');;
+    *) return 0;;
+  esac
+  if [[ $target == "$d3p" ]]; then
     wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
-    ARM_FLAGS+=(--random_match "$d3p")
-  elif [[ $arm == *_eq ]]; then
-    wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
-    local cal=()
-    if [[ $method == infobatch || $method == seta ]]; then
-      wait_pretrain "$method" "$seed" || { log "FAILED ${arm}_seed$seed: no finished calibration run ${method}_seed$seed"; return 1; }
-      cal=(--calibration "$OUT/${method}_seed$seed/pretrain")
-    fi
-    local solved more
-    if ! solved=$($PY tools/match_ratio.py "$method" --target "$d3p" "${cal[@]}" --static_warmup_epochs "$J" \
-                  --out "$OUT/${arm}_seed$seed/ratio_match.json" 2>>"$TIMES"); then
-      log "FAILED ${arm}_seed$seed: tools/match_ratio.py found no flags (see above)"; return 1
-    fi
-    log "${arm}_seed$seed at D3P's ratio: $solved"
-    read -r -a more <<< "$solved"
+  fi
+  local cal=()
+  if [[ $method == infobatch || $method == seta ]]; then
+    wait_pretrain "$method" "$seed" || { log "FAILED ${arm}_seed$seed: no finished calibration run ${method}_seed$seed"; return 1; }
+    cal=(--calibration "$OUT/${method}_seed$seed/pretrain")
+  fi
+  solver=$method; [[ $arm == whole_eqc* ]] && solver=whole_eqc
+  local solved more err="$OUT/${arm}_seed$seed/ratio_match.err"
+  mkdir -p "$OUT/${arm}_seed$seed"
+  if ! solved=$($PY tools/match_ratio.py "$solver" --target "$target" "${cal[@]}" --epochs "$EPOCHS" \
+                --static_warmup_epochs "$J" --warmup_epochs "$WARMUP" --out "$OUT/${arm}_seed$seed/ratio_match.json" \
+                2>"$err"); then
+    cat "$err" >> "$TIMES"
+    if grep -q "out of reach" "$err"; then log "SKIP ${arm}_seed$seed: $(cat "$err")"; return 3; fi
+    log "FAILED ${arm}_seed$seed: tools/match_ratio.py found no flags (see above)"; return 1
+  fi
+  cat "$err" >> "$TIMES"
+  local what
+  if [[ $solver == whole_eqc ]]; then
+    [[ $target == "$d3p" ]] && what="D3P's compute" || what="the compute of prune ratio $target"
+  else
+    [[ $target == "$d3p" ]] && what="D3P's ratio" || what="prune ratio $target"
+  fi
+  log "${arm}_seed$seed at $what: $solved"
+  read -r -a more <<< "$solved"
+  if [[ $solver == whole_eqc ]]; then  # --epochs E' --warmup_epochs W'
+    ARM_EPOCHS=${more[1]}; ARM_FLAGS+=("${more[@]:2}")
+  else
     ARM_FLAGS+=("${more[@]}")
   fi
 }
@@ -204,17 +310,19 @@ pretrain_flags() {
 run_arm() {
   local arm=$1 seed=$2 dir="$OUT/$1_seed$2" status=0 ckpt="" init=()
   if [[ $arm != scratch ]]; then
-    pretrain_flags "$arm" "$seed" || return 1
+    pretrain_flags "$arm" "$seed" || return $?
     run_stage "${arm}_seed$seed/pretrain" "$dir/pretrain" main_pretrain_d3p.py "${DATA[@]}" "${PRE[@]}" \
-      --epochs "$EPOCHS" "${ARM_FLAGS[@]}" --seed "$seed" --output_dir "$dir/pretrain" --auto_resume \
+      --epochs "$ARM_EPOCHS" "${ARM_FLAGS[@]}" --seed "$seed" --output_dir "$dir/pretrain" --auto_resume \
       ${PRETRAIN_ARGS:-} || return 1
-    ckpt="$dir/pretrain/checkpoint-$((EPOCHS - 1)).pth"; init=(--finetune "$ckpt")
+    ckpt="$dir/pretrain/checkpoint-$((ARM_EPOCHS - 1)).pth"; init=(--finetune "$ckpt")
     run_stage "${arm}_seed$seed/knn" "$dir/knn" main_knn.py "${DATA[@]}" --checkpoint "$ckpt" "${KNN[@]}" \
       --output_dir "$dir/knn" ${KNN_ARGS:-} || status=1
   fi
-  run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" main_finetune.py --linprobe "${DATA[@]}" "${LP[@]}" \
-    "${init[@]}" --epochs "$LP_EPOCHS" --seed "$seed" --output_dir "$dir/linprobe" --auto_resume \
-    ${LINPROBE_ARGS:-} || status=1
+  if [[ $arm == scratch || " $LP_SEEDS " == *" $seed "* ]]; then
+    run_stage "${arm}_seed$seed/linprobe" "$dir/linprobe" main_finetune.py --linprobe "${DATA[@]}" "${LP[@]}" \
+      "${init[@]}" --epochs "$LP_EPOCHS" --seed "$seed" --output_dir "$dir/linprobe" --auto_resume \
+      ${LINPROBE_ARGS:-} || status=1
+  fi
   if [[ " $FT_SEEDS " == *" $seed "* && ( $arm != *_eq || $FT_EQUAL == 1 ) ]]; then
     run_stage "${arm}_seed$seed/finetune" "$dir/finetune" main_finetune.py "${DATA[@]}" "${FT[@]}" "${init[@]}" \
       --epochs "$FT_EPOCHS" --seed "$seed" --output_dir "$dir/finetune" --auto_resume ${FINETUNE_ARGS:-} || status=1
@@ -230,21 +338,40 @@ run_arm() {
 # ------------------------------------------------------------------------------------------------------- jobs
 # Per seed: D3P first (random and the equal-ratio arms wait for it), the calibration arms next, equal-ratio last.
 has() { [[ " $ARMS " == *" $1 "* ]]; }
+# The sweep: Whole, the calibration runs of InfoBatch / SeTa, then each method at each ratio (X_p30, ...).
+# whole_eqc (whole data, fewer epochs) follows the D3P arm of its seed; whole_eqc_p30 costs 70% of Whole.
 JOBS=()
 for seed in $SEEDS; do
   arms=()
-  has d3p && arms+=(d3p)
-  for arm in infobatch seta; do has "$arm" && arms+=("$arm"); done  # with RATIO=match: the calibration runs
-  for arm in none dynunc d2 scratch random; do
-    has "$arm" || continue
-    [[ $RATIO == match && ( $arm == dynunc || $arm == d2 || $arm == scratch ) ]] && continue
-    arms+=("$arm")
-  done
-  if [[ $RATIO != default ]]; then
-    for arm in infobatch seta dynunc d2; do has "$arm" && has d3p && arms+=("${arm}_eq"); done
+  if [[ $PLAN == sweep ]]; then
+    for arm in infobatch seta; do [[ " $SWEEP_METHODS " == *" $arm "* ]] && arms+=("$arm"); done
+    arms+=(none)
+    for p in $SWEEP_RATIOS; do for m in $SWEEP_METHODS; do arms+=("${m}_p$p"); done; done
+  else
+    has d3p && arms+=(d3p)
+    for arm in infobatch seta; do has "$arm" && arms+=("$arm"); done  # with RATIO=match: the calibration runs
+    for arm in none dynunc d2 scratch random rs2; do
+      has "$arm" || continue
+      [[ $RATIO == match && ( $arm == dynunc || $arm == d2 || $arm == scratch || $arm == rs2 ) ]] && continue
+      arms+=("$arm")
+    done
+    if [[ $RATIO != default ]]; then
+      for arm in infobatch seta rs2 dynunc d2; do has "$arm" && has d3p && arms+=("${arm}_eq"); done
+    fi
+    has whole_eqc && has d3p && arms+=(whole_eqc)
   fi
   for arm in "${arms[@]}"; do JOBS+=("$arm:$seed"); done
 done
+if [[ ${PLAN_ONLY:-0} == 1 ]]; then  # print the plan and the flags, run nothing
+  echo "plan: $PLAN, $DATA_SET, $EPOCHS epochs (warm-up $WARMUP), seeds [$SEEDS], ratio $RATIO, $LANES lane(s)," \
+       "linear probe seeds [$LP_SEEDS], fine-tune seeds [$FT_SEEDS]"
+  echo "jobs: ${JOBS[*]}"
+  echo "pretrain: ${PRE[*]}"
+  echo "linprobe: ${LP[*]}"
+  echo "finetune: ${FT[*]}"
+  exit 0
+fi
+mkdir -p "$OUT"
 
 # Lanes claim jobs in list order (mkdir is atomic); a job only waits for jobs earlier in the list: no deadlock.
 CLAIMS="$OUT/.claims_node$NODE_RANK"  # every node walks the same list (its ranks join the same stages)
@@ -253,11 +380,11 @@ lane() {
   local job status=0
   for job in "${JOBS[@]}"; do
     mkdir "$CLAIMS/${job/:/_}" 2>/dev/null || continue
-    run_arm "${job%%:*}" "${job##*:}" || status=1
+    run_arm "${job%%:*}" "${job##*:}" || { (( $? == 3 )) || status=1; }  # 3: out of the method's reach
   done
   return $status
 }
-log "$DATA_SET: jobs [${JOBS[*]}], $EPOCHS pre-train / $LP_EPOCHS LP / $FT_EPOCHS FT epochs (FT seeds: $FT_SEEDS)," \
+log "$DATA_SET ($PLAN): jobs [${JOBS[*]}], $EPOCHS pre-train / $LP_EPOCHS LP / $FT_EPOCHS FT epochs (FT seeds: $FT_SEEDS)," \
     "${SIZE}px, $MODEL, $LANES lane(s), $GPUS process(es) per stage"
 T0=$SECONDS
 pids=()
@@ -274,7 +401,7 @@ for job in "${JOBS[@]}"; do
   [[ -d $d ]] && dirs+=("$d")
 done
 if (( ${#dirs[@]} )); then
-  $PY tools/make_table.py "${dirs[@]}" | tee "$OUT/table1.md"
+  $PY tools/make_table.py "${dirs[@]}" --plot "$OUT/figure.png" | tee "$OUT/table1.md"
   $PY tools/make_table.py "${dirs[@]}" --json > "$OUT/table1.json"
 fi
 exit $failed

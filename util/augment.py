@@ -5,7 +5,7 @@ timm draws RandAugment's op choice and Mixup's lambda, mode and CutMix box from 
 DataLoader worker torch seeds that RNG once, when the worker starts, from the loader's base seed, so
 persistent workers started by a resumed run replay the draws of the run's first epoch; in the training
 process nobody seeds it. Here:
-  SeededRandAugment  picks its ops with Python's `random`, which util.datasets.SeededItems seeds per item in
+  SeededRandAugment  picks its ops with Python's `random`, which util.item_seeding.SeededItems seeds per item in
                      the workers (and which, with --num_workers 0, is the training process's checkpointed stream).
   SeededMixup        draws from a np.random.Generator that the engine reseeds every step from
                      (seed, STREAM_MIXUP, epoch, rank, step).
@@ -23,7 +23,7 @@ import torch
 from timm.data import Mixup
 from timm.data.auto_augment import RandAugment
 
-from util.datasets import STREAM_MIXUP
+from util.item_seeding import STREAM_MIXUP
 
 
 class SeededRandAugment(RandAugment):

@@ -4,15 +4,19 @@ from __future__ import annotations
 import glob
 import os
 import random
+import re
 import tempfile
 import warnings
 from typing import Any
 
 import torch
 
-from d3p.checkpoints import CHECKPOINT_RE as _CKPT_RE
-from d3p.checkpoints import CheckpointFormatError, find_latest_checkpoint, load_plain  # noqa: F401  (one implementation, shared with d3p.export)
-from util.dist import all_gather_object, get_rank, get_world_size, is_main_process
+from d3p.checkpoints import load_plain
+from d3p.collectives import all_gather_object, get_rank, get_world_size
+from util.dist import is_main_process
+
+# checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
 class ResumeMismatchError(ValueError):
     """A checkpoint from another run (model, dataset size, method): resuming it would corrupt this one."""
@@ -86,6 +90,31 @@ def replica_checksums(model: torch.nn.Module) -> list[str]:
     return all_gather_object(h.hexdigest())
 
 
+def checkpoint_progress(match: re.Match) -> tuple[int, int]:
+    """Order checkpoints by training progress: (epochs fully done, steps into the next)."""
+    epoch = int(match.group(1))
+    return (epoch, int(match.group(2))) if match.group(2) else (epoch + 1, 0)
+
+
+def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint in `output_dir` that loads completely; torn or foreign files are skipped."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = CHECKPOINT_RE.search(os.path.basename(path))
+        if m:
+            found.append((checkpoint_progress(m), path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            ckpt = load_plain(path)
+        except Exception as exc:  # a torn file can fail in many ways (EOF, zip, unpickling)
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {exc}")
+            continue
+        if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
+            return path, ckpt
+        warnings.warn(f"skipping {path}: not a complete training checkpoint")
+    return None
+
+
 def checkpoint_path(output_dir: str, epoch: int, step: int | None = None) -> str:
     """checkpoint-E.pth after epoch E; checkpoint-E-stepK.pth when epoch E stopped after K steps."""
     suffix = "" if step is None else f"-step{step}"
@@ -108,7 +137,7 @@ def remove_superseded_partials(output_dir: str, completed_epoch: int) -> None:
     if not is_main_process():
         return
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*-step*.pth")):
-        m = _CKPT_RE.search(os.path.basename(path))
+        m = CHECKPOINT_RE.search(os.path.basename(path))
         if m and int(m.group(1)) <= completed_epoch:
             os.remove(path)
 
@@ -118,7 +147,7 @@ def prune_old_checkpoints(output_dir: str, keep: set[int]) -> None:
     if not is_main_process():
         return
     for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        m = _CKPT_RE.search(os.path.basename(path))
+        m = CHECKPOINT_RE.search(os.path.basename(path))
         if m and not m.group(2) and int(m.group(1)) not in keep:
             os.remove(path)
 
@@ -139,7 +168,7 @@ def find_resume_checkpoint(output_dir: str) -> tuple[str, dict] | None:
     ckpt, problem = (found[1], None) if found else (None, None)
     if ckpt is None:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_plain(path)
         except Exception as exc:  # missing on this node, torn, not yet visible: named below
             problem = f"{type(exc).__name__}: {exc}"
     if any_rank(problem is not None):  # collective: no rank goes on alone

@@ -11,7 +11,7 @@ Stats = tuple[Sequence[float], Sequence[float]]  # per-channel (mean, std) in [0
 class DeviceNormalize:
     """Move a batch to `device` and normalise it there, once.
 
-    uint8 [B, C, H, W] (raw pixels from util.datasets' transforms) -> float32 [B, C, H, W] =
+    uint8 [B, C, H, W] (raw pixels from util.image_transforms) -> float32 [B, C, H, W] =
     (x / 255 - mean) / std, computed with the float32 operations of torchvision's ToTensor + Normalize
     in the same order, so on the CPU the result is bit-identical to the former CPU pipeline. A floating
     batch was normalised by its CPU transform (timm's fine-tuning augmentation, whose random erasing
@@ -38,9 +38,9 @@ class DeviceNormalize:
         if self.mean is None:
             raise ValueError(
                 "a uint8 image batch reached the engine without normalisation statistics. Fix: pass "
-                "input_stats=util.datasets.dataset_stats(args) to the engine function"
+                "input_stats=util.datasets.dataset_stats(data_set) to the engine function"
             )
         # contiguous float32 [B, C, H, W] whatever the uint8 layout: the JPEG transforms ship channels-last
-        # pixels (util.datasets._resize_crop), transposed here by the conversion copy itself
+        # pixels (util.image_transforms._resize_crop), transposed here by the conversion copy itself
         out = torch.empty(samples.shape, dtype=torch.float32, device=self.device)
         return out.copy_(samples).div_(255).sub_(self.mean).div_(self.std)

@@ -9,10 +9,9 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from d3p.collectives import (  # noqa: F401  (re-exported: the one implementation of the collectives)
-    STRICT_COLLECTIVES_ENV, CollectiveDeviceError, all_gather, all_gather_object, all_reduce, collective_device,
-    get_rank, get_world_size, is_dist, strict_collectives, to_collective,
-)
+# the training scripts' collectives below are built on the d3p package's wrappers (device checks, strict mode);
+# code that calls a wrapper itself imports it from d3p.collectives
+from d3p.collectives import all_reduce, collective_device, get_rank, get_world_size, is_dist, to_collective
 
 
 def is_main_process() -> bool:

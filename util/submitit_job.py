@@ -13,6 +13,7 @@ import re
 import sys
 from typing import Any, Sequence
 
+from d3p.registry import import_prune_plugins
 from util.dist import task_gpu
 
 SUBMITIT_MISSING = (
@@ -110,6 +111,7 @@ class Trainer:
 
     def _output_dir(self, job_id: str) -> str:
         module = importlib.import_module(self.entry_module)
+        import_prune_plugins(self._argv_of(job_id))
         return module.get_args_parser().parse_args(self._argv_of(job_id)).output_dir
 
     def __call__(self) -> None:

@@ -1,5 +1,7 @@
-"""Bookkeeping shared by the dynamic baselines (none, infobatch, seta, random; spec section 10): kept
-sizes, the annealing start, uniform subsets, the loss scores of InfoBatch/SeTa and the state checks.
+"""What a method author builds on (public: `d3p.BaseStrategy`, `d3p.LossScoredStrategy`), the bookkeeping shared by
+the dynamic baselines (none, infobatch, seta, random; spec section 10): kept sizes, the annealing start, uniform
+subsets, the loss scores of InfoBatch/SeTa and the state checks; and the options several methods share
+(`PRUNE_RATIO`, `DELTA`: one Option object each, so their flags are defined once).
 
 All randomness comes from `epoch_rng(seed, epoch, purpose)`, so every rank computes the same plan and a
 resumed run computes the same plans as an uninterrupted one without storing generator state. Epochs are
@@ -14,7 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from d3p.registry import Option
 from d3p.strategy import EpochLosses, EpochPlan
+
+PRUNE_RATIO = Option("prune_ratio", 0.5, float, "r of InfoBatch/SeTa/random/static methods",
+                     valid=lambda r: 0.0 <= r < 1.0, rule="must lie in [0, 1)")
+DELTA = Option("delta", 0.875, float, "InfoBatch/SeTa: full data from 0-based epoch floor(delta*epochs)",
+               valid=lambda d: 0.0 < d <= 1.0, rule="must lie in (0, 1]")
 
 
 def kept_size(num_samples: int, prune_ratio: float) -> int:
@@ -22,7 +30,7 @@ def kept_size(num_samples: int, prune_ratio: float) -> int:
 
     Python's round (half to even) as written in the spec; clipped so that an epoch never trains on nothing.
     """
-    _check_ratio(prune_ratio)
+    check_ratio(prune_ratio)
     return int(min(max(round((1.0 - prune_ratio) * num_samples), 1), num_samples))
 
 
@@ -68,12 +76,12 @@ def update_scores(scores: np.ndarray, losses: EpochLosses | None) -> int:
     return int(seen.sum())
 
 
-def _check_ratio(prune_ratio: float) -> None:
+def check_ratio(prune_ratio: float) -> None:
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
 
 
-def _full_plan(num_samples: int, record_losses: bool, normalize_weights: bool = True) -> EpochPlan:
+def full_plan(num_samples: int, record_losses: bool, normalize_weights: bool = True) -> EpochPlan:
     return EpochPlan(
         kept=np.arange(num_samples, dtype=np.int64),
         weights=None,
@@ -82,13 +90,16 @@ def _full_plan(num_samples: int, record_losses: bool, normalize_weights: bool = 
     )
 
 
-class _Base:
-    """Shared bookkeeping: the name/num_samples check of load_state_dict."""
+class BaseStrategy:
+    """The base of a method: `name` (the registered name), `num_samples`, and `check_state`, the name/num_samples
+    check a `load_state_dict` starts with. A subclass implements `d3p.PruningStrategy`'s plan_epoch, end_epoch,
+    state_dict (plain data, with "name" and "num_samples") and load_state_dict."""
 
     name: str = ""
     num_samples: int
 
-    def _check_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """ValueError unless `state` was saved by a strategy of this name and dataset size."""
         if state.get("name") != self.name:
             raise ValueError(f"state_dict is for strategy {state.get('name')!r}, this is {self.name!r}")
         if int(state.get("num_samples", -1)) != self.num_samples:
@@ -97,38 +108,43 @@ class _Base:
             )
 
 
-class _LossScored(_Base):
-    """Methods scored by each sample's latest training loss (InfoBatch, SeTa): the scores are their whole state."""
+class LossScoredStrategy(BaseStrategy):
+    """Methods scored by each sample's latest training loss (InfoBatch, SeTa): the scores are their whole state.
+
+    A subclass sets `scores` (float64 [N]) and `hyperparameters` (attribute names saved with the state), implements
+    `plan_with_stats(epoch) -> (plan, statistics)` as a pure function of the scores, seed and epoch, and in
+    end_epoch updates the scores (`update_scores`) and logs `stats_of(epoch)`.
+    """
 
     scores: np.ndarray
-    _hyper: tuple[str, ...] = ()
+    hyperparameters: tuple[str, ...] = ()
     _last: tuple[int, dict[str, Any]] | None = None  # (epoch, statistics of its plan)
 
-    def _plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
+    def plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
         raise NotImplementedError
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
-        plan, stats = self._plan_with_stats(epoch)
+        plan, stats = self.plan_with_stats(epoch)
         self._last = (epoch, stats)
         return plan
 
-    def _stats_of(self, epoch: int) -> dict[str, Any]:
+    def stats_of(self, epoch: int) -> dict[str, Any]:
         """The statistics of `epoch`'s plan; recomputed after a resume (the plan is a pure function of
         the scores before this epoch's update, the seed and the epoch)."""
         if self._last is None or self._last[0] != epoch:
-            self._last = (epoch, self._plan_with_stats(epoch)[1])
+            self._last = (epoch, self.plan_with_stats(epoch)[1])
         return self._last[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "num_samples": self.num_samples,
-            **{k: getattr(self, k) for k in self._hyper},
+            **{k: getattr(self, k) for k in self.hyperparameters},
             "scores": torch.from_numpy(self.scores.copy()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the scores; hyper-parameters stay those given to the constructor (the current flags)."""
-        self._check_state(state)
+        self.check_state(state)
         self.scores = state["scores"].numpy().astype(np.float64, copy=True)
         self._last = None

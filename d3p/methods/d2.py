@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from d3p.methods.common import kept_size
-from d3p.methods.static_base import _StaticBase
+from d3p.methods.common import PRUNE_RATIO, kept_size
+from d3p.methods.static_base import STATIC_WARMUP, StaticSelector, check_warmup
+from d3p.registry import Option, register_method
 from d3p.strategy import EpochPlan, epoch_rng
 
 
@@ -518,7 +519,7 @@ def d2_prune(
     return kept, {"gamma": g, **info, "graph_forward_seconds": t2 - t1, "select_seconds": t3 - t2}
 
 
-class D2Pruning(_StaticBase):
+class D2Pruning(StaticSelector):
     """D2 Pruning as a static selector.
 
     Epochs 0..J-1 full data with losses recorded; the last warm-up epoch (J-1) also asks the engine for unmasked,
@@ -573,12 +574,12 @@ class D2Pruning(_StaticBase):
         self.nprobe = int(nprobe)
         self.gamma_used: float | None = None
 
-    def _warmup_plan(self, epoch: int) -> EpochPlan:
-        plan = super()._warmup_plan(epoch)
+    def warmup_plan(self, epoch: int) -> EpochPlan:
+        plan = super().warmup_plan(epoch)
         plan.compute_embeddings = epoch == self.warmup_epochs - 1
         return plan
 
-    def _select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+    def select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
         if embeddings is None:
             raise ValueError("d2: the last warm-up epoch needs the embeddings (plan.compute_embeddings was True)")
         emb = np.asarray(embeddings)
@@ -595,10 +596,43 @@ class D2Pruning(_StaticBase):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        state = self._base_state()
+        state = self.base_state()
         state["gamma_used"] = self.gamma_used
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.gamma_used = state.get("gamma_used")
+
+
+# ------------------------------------------------------------------------------------------------ registration
+D2_OPTIONS = (
+    PRUNE_RATIO,
+    STATIC_WARMUP,
+    Option("d2_neighbors", 10, int),
+    Option("d2_gamma", None, float, "default: 1 / median k-NN distance"),
+    Option("d2_mode", "sum", choices=("sum", "product")),
+    Option("d2_sampling", "absolute", choices=("weighted", "absolute")),
+    Option("d2_knn", "auto", choices=("auto", "faiss", "torch"),
+           help="k-NN backend: faiss when installed (faiss-gpu on CUDA), else exact chunked torch"),
+    Option("d2_knn_index", "auto", choices=("auto", "flat", "ivf"),
+           help="faiss index: flat (exact) or ivf (approximate); auto: flat on GPU or N <= 100k, else ivf"),
+    Option("d2_nprobe", 8, int, "ivf: cells searched per query", valid=lambda p: p >= 1, rule="must be >= 1"),
+)
+
+
+def _check_d2(o: dict[str, Any], epochs: int | None) -> list[str]:
+    problems = check_warmup(o, epochs)
+    if o["d2_knn"] == "torch" and o["d2_knn_index"] == "ivf":
+        problems.append("--d2_knn_index ivf needs --d2_knn faiss or auto (the torch k-NN is exact only)")
+    return problems
+
+
+@register_method("d2", "static", D2_OPTIONS, check=_check_d2,
+                 help="D2 Pruning: message passing on a k-NN graph of the embeddings (static)")
+def build_d2(num_samples: int, seed: int, knn_device: str, prune_ratio: float, static_warmup_epochs: int,
+             d2_neighbors: int, d2_gamma: float | None, d2_mode: str, d2_sampling: str, d2_knn: str,
+             d2_knn_index: str, d2_nprobe: int) -> D2Pruning:
+    # the k-NN runs on the training device (faiss-gpu or torch on CUDA; faiss IVF at scale on CPU)
+    return D2Pruning(num_samples, static_warmup_epochs, prune_ratio, d2_neighbors, d2_gamma, d2_mode, d2_sampling,
+                     seed=seed, knn_device=knn_device, knn_backend=d2_knn, knn_index=d2_knn_index, nprobe=d2_nprobe)

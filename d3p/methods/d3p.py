@@ -6,7 +6,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3p.schedule import D3PSchedule
+from d3p.registry import Option, register_method
+from d3p.schedule import D3PSchedule, validate_schedule
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 _DECISION_RNG = 1  # `purpose` of epoch_rng for the trimming draw
@@ -150,3 +151,33 @@ class D3P:
         self.weights = state["weights"].numpy().copy()
         self.decisions = int(state["decisions"])
         self.seed = int(state["seed"])
+
+
+# ------------------------------------------------------------------------------------------------ registration
+D3P_OPTIONS = (
+    Option("d3p_start", 3, int, "s: first prune epoch (1-based)", aliases=("--s",)),
+    Option("d3p_period", 10, int, "p: epochs between decisions", aliases=("--p",)),
+    Option("d3p_window", 3, int, "n: recorded epochs per decision", aliases=("--n",)),
+    Option("d3p_bins", 128, int, "histogram bins", aliases=("--bin_num",), valid=lambda b: b >= 2, rule="must be >= 2"),
+    Option("d3p_quantile", 0.999, float, "grid end of the ideal density", valid=lambda q: 0.0 < q < 1.0,
+           rule="must lie in (0, 1)"),
+    Option("d3p_anneal_epochs", 0, int, "full data in the last K epochs"),
+)
+
+
+def _check_d3p(o: dict[str, Any], epochs: int | None) -> list[str]:
+    return validate_schedule(o["d3p_start"], o["d3p_period"], o["d3p_window"], o["d3p_anneal_epochs"])
+
+
+def _d3p_kept_set(state: dict[str, Any]) -> np.ndarray:
+    """~pruned of the last decision (all samples before the first)."""
+    pruned = np.asarray(state["pruned"].numpy() if hasattr(state["pruned"], "numpy") else state["pruned"], bool)
+    return np.flatnonzero(~pruned).astype(np.int64)
+
+
+@register_method("d3p", "dynamic", D3P_OPTIONS, needs_epochs=True, check=_check_d3p, kept_set=_d3p_kept_set,
+                 help="Distribution-aware Dynamic Data Pruning")
+def build_d3p(num_samples: int, epochs: int | None, seed: int, min_kept: int, d3p_start: int, d3p_period: int,
+              d3p_window: int, d3p_bins: int, d3p_quantile: float, d3p_anneal_epochs: int) -> D3P:
+    schedule = D3PSchedule(d3p_start, d3p_period, d3p_window, epochs, d3p_anneal_epochs)
+    return D3P(num_samples, schedule, d3p_bins, d3p_quantile, seed=seed, min_kept=min_kept)

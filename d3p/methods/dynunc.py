@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from d3p.methods.common import kept_size
-from d3p.methods.static_base import _StaticBase
+from d3p.methods.common import PRUNE_RATIO, kept_size
+from d3p.methods.static_base import STATIC_WARMUP, StaticSelector, check_warmup
+from d3p.registry import Option, register_method
 
 
 def dynunc_scores(loss_history: np.ndarray, window: int, column_chunk: int = 65536) -> np.ndarray:
@@ -51,7 +52,7 @@ def dynunc_select(loss_history: np.ndarray, window: int, ratio: float) -> np.nda
     return top_k_indices(scores, kept_size(scores.size, ratio))
 
 
-class DynUnc(_StaticBase):
+class DynUnc(StaticSelector):
     """Dyn-Unc as a static selector: epochs 0..J-1 full data with losses recorded; at the end of epoch J-1 keep
     the round((1-r)*N) samples of highest dynamic uncertainty (window w over the J epochs) for all later epochs."""
 
@@ -63,7 +64,14 @@ class DynUnc(_StaticBase):
             raise ValueError(f"window must be in [2, warmup_epochs={warmup_epochs}], got {window}")
         self.window = int(window)
 
-    def _select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+    def select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
         scores = dynunc_scores(history, self.window)
         self.subset = top_k_indices(scores, self.n_keep)
         return {"score_mean": float(scores.mean()), "score_kept_min": float(scores[self.subset].min())}
+
+
+@register_method("dynunc", "static", (PRUNE_RATIO, STATIC_WARMUP, Option("dynunc_window", 3, int)),
+                 check=check_warmup, help="Dyn-Unc: keep the samples of highest loss volatility (static)")
+def build_dynunc(num_samples: int, seed: int, prune_ratio: float, static_warmup_epochs: int,
+                 dynunc_window: int) -> DynUnc:
+    return DynUnc(num_samples, static_warmup_epochs, prune_ratio, dynunc_window, seed=seed)

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from d3p.methods.common import _LossScored, _check_ratio, _full_plan, anneal_start, update_scores
+from d3p.methods.common import DELTA, PRUNE_RATIO, LossScoredStrategy, anneal_start, check_ratio, full_plan, update_scores
+from d3p.registry import register_method
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 
@@ -14,7 +15,7 @@ from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 _PURPOSE_INFOBATCH = 11
 
 
-class InfoBatch(_LossScored):
+class InfoBatch(LossScoredStrategy):
     """InfoBatch (Qin et al., ICLR 2024), epoch-level version of spec section 10.
 
     score[i] = latest training loss of i (float64 [N]); all equal at the start, so epoch 0 keeps everything.
@@ -25,14 +26,14 @@ class InfoBatch(_LossScored):
     """
 
     name = "infobatch"
-    _hyper = ("num_epochs", "prune_ratio", "delta", "seed")
+    hyperparameters = ("num_epochs", "prune_ratio", "delta", "seed")
 
     def __init__(
         self, num_samples: int, num_epochs: int, prune_ratio: float = 0.5, delta: float = 0.875, seed: int = 0
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        _check_ratio(prune_ratio)
+        check_ratio(prune_ratio)
         self.num_samples = int(num_samples)
         self.num_epochs = int(num_epochs)
         self.prune_ratio = float(prune_ratio)
@@ -43,10 +44,10 @@ class InfoBatch(_LossScored):
         self.scores = np.ones(self.num_samples, dtype=np.float64)
         self._last: tuple[int, dict[str, Any]] | None = None  # (epoch, stats of its plan), recomputable
 
-    def _plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
+    def plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
         n = self.num_samples
         if epoch >= self.anneal_epoch:
-            return _full_plan(n, record_losses=True, normalize_weights=False), {
+            return full_plan(n, record_losses=True, normalize_weights=False), {
                 "below_mean": 0, "pruned": 0, "annealing": True}
         below = self.scores < self.scores.mean()
         rng = epoch_rng(self.seed, epoch, _PURPOSE_INFOBATCH)
@@ -66,7 +67,7 @@ class InfoBatch(_LossScored):
     def end_epoch(
         self, epoch: int, losses: EpochLosses | None, embeddings: np.ndarray | None = None
     ) -> dict[str, Any]:
-        stats = self._stats_of(epoch)
+        stats = self.stats_of(epoch)
         updated = update_scores(self.scores, losses)
         n = self.num_samples
         return {
@@ -77,3 +78,9 @@ class InfoBatch(_LossScored):
             "infobatch_annealing": stats["annealing"],
             "infobatch_scores_updated": updated,
         }
+
+
+@register_method("infobatch", "dynamic", (PRUNE_RATIO, DELTA), needs_epochs=True,
+                 help="InfoBatch: prune below-mean-loss samples at random, rescale the kept ones")
+def build_infobatch(num_samples: int, epochs: int, seed: int, prune_ratio: float, delta: float) -> InfoBatch:
+    return InfoBatch(num_samples, epochs, prune_ratio, delta, seed=seed)

@@ -5,11 +5,13 @@ from typing import Any
 
 import numpy as np
 
-from d3p.methods.common import _Base, _full_plan
+from d3p.methods.common import BaseStrategy, full_plan
+from d3p.registry import register_method
 from d3p.strategy import EpochLosses, EpochPlan
 
 
-class NoPruning(_Base):
+@register_method("none", "dynamic", help="the whole dataset every epoch")
+class NoPruning(BaseStrategy):
     """Full data every epoch, no loss recording (the 'Whole dataset' row)."""
 
     name = "none"
@@ -20,7 +22,7 @@ class NoPruning(_Base):
         self.num_samples = int(num_samples)
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
-        return _full_plan(self.num_samples, record_losses=False)
+        return full_plan(self.num_samples, record_losses=False)
 
     def end_epoch(
         self, epoch: int, losses: EpochLosses | None, embeddings: np.ndarray | None = None
@@ -31,4 +33,7 @@ class NoPruning(_Base):
         return {"name": self.name, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_state(state)
+        self.check_state(state)
+
+
+

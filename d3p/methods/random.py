@@ -1,25 +1,24 @@
 """`RandomDynamic` ('random'): a fresh uniform random subset per epoch, optionally matched epoch by
-epoch to a recorded run (`read_kept_counts`)."""
+epoch to the kept counts of a recorded run (option `random_match`)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from d3p.methods.common import _Base, _check_ratio, kept_size, uniform_subset
+from d3p.methods.common import PRUNE_RATIO, BaseStrategy, check_ratio, kept_size, uniform_subset
+from d3p.registry import Option, register_method
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 
 _PURPOSE_RANDOM = 31
 
 
-class RandomDynamic(_Base):
+class RandomDynamic(BaseStrategy):
     """A fresh uniform random subset each epoch (no weights, no recording).
 
     Size round((1-r)*N), or exactly kept_counts[epoch] when kept_counts is given (the fair control matched epoch by
-    epoch to a recorded D3P run; see `read_kept_counts`).
+    epoch to a recorded D3P run: the counts of its log, indexed by 0-based epoch).
     """
 
     name = "random"
@@ -29,7 +28,7 @@ class RandomDynamic(_Base):
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        _check_ratio(prune_ratio)
+        check_ratio(prune_ratio)
         self.num_samples = int(num_samples)
         self.prune_ratio = float(prune_ratio)
         self.seed = int(seed)
@@ -74,50 +73,24 @@ class RandomDynamic(_Base):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Stateless apart from its config; checks that a matched run resumes with the same kept counts."""
-        self._check_state(state)
+        self.check_state(state)
         saved = state.get("kept_counts")
         if saved is not None and self.kept_counts is not None and list(saved) != self.kept_counts:
             raise ValueError("state_dict was saved with different kept_counts than this strategy was given")
 
 
-def read_kept_counts(run_dir: str | Path) -> list[int]:
-    """Kept counts of a recorded run, indexed by 0-based epoch, from RUN_DIR/log.txt.
+RANDOM_MATCH = Option(
+    "random_match", None,
+    help="a recorded run to match: keep as many samples per epoch as it did (entry scripts: its RUN_DIR; "
+         "DataPruner: its kept counts, a list indexed by epoch)",
+    only_for_owner=True,
+)
 
-    log.txt holds one JSON object per line with integer fields `epoch` (0-based) and `kept`. Blank lines are
-    skipped; when an epoch appears twice (a resumed run re-logged it) the last line wins. Raises ValueError naming
-    the file and the offending line, field or missing epochs; FileNotFoundError if the file does not exist.
-    """
-    path = Path(run_dir) / "log.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected the log.txt of a recorded D3P run)")
-    counts: dict[int, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        values = {}
-        for field_name in ("epoch", "kept"):
-            if field_name not in row:
-                raise ValueError(f"{path}:{lineno}: missing field {field_name!r} (fields: {sorted(row)})")
-            value = row[field_name]
-            if isinstance(value, bool) or not (
-                isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-            ):
-                raise ValueError(f"{path}:{lineno}: field {field_name!r} must be an integer, got {value!r}")
-            values[field_name] = int(value)
-        if values["epoch"] < 0 or values["kept"] < 0:
-            raise ValueError(f"{path}:{lineno}: negative epoch or kept count: {values}")
-        counts[values["epoch"]] = values["kept"]
-    if not counts:
-        raise ValueError(f"{path}: no epoch lines")
-    last = max(counts)
-    missing = [e for e in range(last + 1) if e not in counts]
-    if missing:
-        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-        raise ValueError(f"{path}: epochs {shown} are missing (found epochs up to {last})")
-    return [counts[e] for e in range(last + 1)]
+
+@register_method("random", "dynamic", (PRUNE_RATIO, RANDOM_MATCH),
+                 help="a fresh uniform random subset per epoch (or of the sizes of a recorded run)")
+def build_random(num_samples: int, seed: int, prune_ratio: float, random_match: Sequence[int] | None) -> RandomDynamic:
+    if isinstance(random_match, (str, bytes)) or (random_match is not None and hasattr(random_match, "__fspath__")):
+        raise TypeError(f"random_match takes the kept counts per epoch (a list of ints), got the path "
+                        f"{random_match!r}. Fix: read the recorded run's per-epoch kept counts and pass those")
+    return RandomDynamic(num_samples, prune_ratio, seed=seed, kept_counts=random_match)

@@ -6,7 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from d3p.methods.common import _LossScored, _check_ratio, anneal_start, kept_size, uniform_subset, update_scores
+from d3p.methods.common import (
+    DELTA, PRUNE_RATIO, LossScoredStrategy, anneal_start, check_ratio, kept_size, uniform_subset, update_scores,
+)
+from d3p.registry import Option, register_method
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 
@@ -121,7 +124,7 @@ def seta_window(num_groups: int, window_scale: float, t: int) -> tuple[int, int]
     return t % (num_groups - width + 1), width
 
 
-class SeTa(_LossScored):
+class SeTa(LossScoredStrategy):
     """SeTa (Zhou et al., CVPR 2025), spec section 10.
 
     Epoch e < floor(delta*E) (the t-th pruned epoch, t = e): a uniform random subset of round((1-r)*N) samples is
@@ -141,7 +144,7 @@ class SeTa(_LossScored):
     """
 
     name = "seta"
-    _hyper = ("num_epochs", "prune_ratio", "groups", "window_scale", "delta", "seed", "initial_score")
+    hyperparameters = ("num_epochs", "prune_ratio", "groups", "window_scale", "delta", "seed", "initial_score")
 
     def __init__(
         self,
@@ -162,7 +165,7 @@ class SeTa(_LossScored):
             raise ValueError(f"groups must be >= 1, got {groups}")
         if not 0.0 < window_scale <= 1.0:
             raise ValueError(f"window_scale must be in (0, 1], got {window_scale}")
-        _check_ratio(prune_ratio)
+        check_ratio(prune_ratio)
         self.num_samples = int(num_samples)
         self.num_epochs = int(num_epochs)
         self.prune_ratio = float(prune_ratio)
@@ -181,7 +184,7 @@ class SeTa(_LossScored):
         purpose = _PURPOSE_SETA_ANNEAL if epoch >= self.anneal_epoch else _PURPOSE_SETA_SUBSET
         return uniform_subset(self.num_samples, self.subset_size, epoch_rng(self.seed, epoch, purpose))
 
-    def _plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
+    def plan_with_stats(self, epoch: int) -> tuple[EpochPlan, dict[str, Any]]:
         if epoch >= self.anneal_epoch:
             kept = self.epoch_subset(epoch)
             return EpochPlan(kept=kept, record_losses=False), {"annealing": True, "kept": int(kept.size)}
@@ -204,7 +207,7 @@ class SeTa(_LossScored):
     def end_epoch(
         self, epoch: int, losses: EpochLosses | None, embeddings: np.ndarray | None = None
     ) -> dict[str, Any]:
-        stats = self._stats_of(epoch)
+        stats = self.stats_of(epoch)
         update_scores(self.scores, losses)
         n = self.num_samples
         log: dict[str, Any] = {
@@ -221,3 +224,13 @@ class SeTa(_LossScored):
                 seta_unscored_in_subset=stats["unscored"],
             )
         return log
+
+
+SETA_OPTIONS = (PRUNE_RATIO, DELTA, Option("seta_groups", 10, int), Option("seta_window_scale", 0.5, float))
+
+
+@register_method("seta", "dynamic", SETA_OPTIONS, needs_epochs=True,
+                 help="SeTa: random subset, 1-D k-means on the loss, sliding window")
+def build_seta(num_samples: int, epochs: int, seed: int, prune_ratio: float, delta: float, seta_groups: int,
+               seta_window_scale: float) -> SeTa:
+    return SeTa(num_samples, epochs, prune_ratio, seta_groups, seta_window_scale, delta, seed=seed)

@@ -1,5 +1,6 @@
-"""The frame of the static selectors (Dyn-Unc, D2 Pruning): full-data warm-up epochs recording the
-loss, one selection at the end of warm-up epoch J-1, then training on the fixed subset."""
+"""The frame of the static selectors (Dyn-Unc, D2 Pruning; public: `d3p.StaticSelector`): full-data warm-up epochs
+recording the loss, one selection at the end of warm-up epoch J-1, then training on the fixed subset; and the
+warm-up option they share (`STATIC_WARMUP`)."""
 from __future__ import annotations
 
 import time
@@ -8,8 +9,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from d3p.methods.common import _Base, kept_size
+from d3p.methods.common import BaseStrategy, kept_size
+from d3p.registry import Option
 from d3p.strategy import EpochLosses, EpochPlan
+
+STATIC_WARMUP = Option("static_warmup_epochs", 10, int, "J: full-data epochs before a static selection")
+
+
+def check_warmup(options: dict[str, Any], epochs: int | None) -> list[str]:
+    """A static method's warm-up must leave at least one epoch to train on the subset."""
+    warmup = options["static_warmup_epochs"]
+    if epochs is not None and not 1 <= warmup < epochs:
+        return [f"--static_warmup_epochs must lie in [1, --epochs), got {warmup}"]
+    return []
 
 
 def impute_history(history: np.ndarray) -> tuple[np.ndarray, int]:
@@ -34,9 +46,15 @@ def impute_history(history: np.ndarray) -> tuple[np.ndarray, int]:
     return h, count
 
 
-class _StaticBase(_Base):
+class StaticSelector(BaseStrategy):
     """Warm-up on full data for J epochs recording losses, select once at the end of epoch J-1, then keep the
-    subset fixed. `subset` (int64 sorted, or None before the decision) is what the engine saves as kept_static.npy."""
+    subset fixed. `subset` (int64 sorted, or None before the decision) is the selected coreset; the state_dict holds
+    it as "subset" (what `d3p-export` reads for a method of kind "static").
+
+    A subclass calls `super().__init__(num_samples, warmup_epochs, prune_ratio, seed)` and implements
+    `select(history float64 [J, N], embeddings float [N, D] or None) -> statistics to log`, which sets
+    `self.subset`; it may override `warmup_plan(epoch)` (e.g. to ask for embeddings in the last warm-up epoch).
+    """
 
     def __init__(self, num_samples: int, warmup_epochs: int, prune_ratio: float, seed: int) -> None:
         if num_samples < 1:
@@ -51,12 +69,12 @@ class _StaticBase(_Base):
         self.history = np.full((self.warmup_epochs, self.num_samples), np.nan, dtype=np.float32)
         self.subset: np.ndarray | None = None
 
-    def _warmup_plan(self, epoch: int) -> EpochPlan:
+    def warmup_plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(kept=np.arange(self.num_samples, dtype=np.int64), record_losses=True)
 
     def plan_epoch(self, epoch: int) -> EpochPlan:
         if epoch < self.warmup_epochs:
-            return self._warmup_plan(epoch)
+            return self.warmup_plan(epoch)
         if self.subset is None:
             raise RuntimeError(
                 f"{self.name}: epoch {epoch} needs the subset selected at the end of warm-up epoch "
@@ -64,7 +82,7 @@ class _StaticBase(_Base):
             )
         return EpochPlan(kept=self.subset.copy(), record_losses=False)
 
-    def _select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
+    def select(self, history: np.ndarray, embeddings: np.ndarray | None) -> dict[str, Any]:
         raise NotImplementedError
 
     def end_epoch(
@@ -82,14 +100,14 @@ class _StaticBase(_Base):
         if epoch == self.warmup_epochs - 1:
             t0 = time.perf_counter()
             history, imputed = impute_history(self.history)
-            stats = self._select(history, embeddings)
+            stats = self.select(history, embeddings)
             log.update({f"{self.name}_{key}": value for key, value in stats.items()})
             log[f"{self.name}_imputed_losses"] = imputed
             log[f"{self.name}_selected"] = int(self.subset.size) if self.subset is not None else 0
             log[f"{self.name}_select_seconds"] = time.perf_counter() - t0
         return log
 
-    def _base_state(self) -> dict[str, Any]:
+    def base_state(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "num_samples": self.num_samples,
@@ -101,11 +119,11 @@ class _StaticBase(_Base):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return self._base_state()
+        return self.base_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the recorded history and the subset; hyper-parameters stay the constructor's."""
-        self._check_state(state)
+        self.check_state(state)
         history = state["history"].numpy().astype(np.float32, copy=True)
         if history.shape != self.history.shape:
             raise ValueError(f"state_dict history has shape {history.shape}, expected {self.history.shape}")
