@@ -50,6 +50,11 @@ _EXPORTS = {
     "PrunedDistributedSampler": "d3p.sampler",
     "CostLedger": "d3p.ledger",
     "RankDivergenceError": "d3p.distributed",
+    "IndexedDataset": "d3p.data",
+    "pruned_loader": "d3p.data",
+    "CollectiveTimeoutError": "d3p.collectives",
+    "PruningCallback": "d3p.lightning",  # imports lightning when first used
+    "PruningTrainer": "d3p.hf",  # imports transformers when first used
 }
 __all__ = sorted(_EXPORTS)
 

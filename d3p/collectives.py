@@ -131,3 +131,29 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A rank waited longer than its timeout for the other ranks to join a collective."""
+
+
+def all_gather_within(t: torch.Tensor, timeout_s: float, what: str) -> list[torch.Tensor]:
+    """`all_gather(t)` that gives up after `timeout_s` seconds with an error naming `what` (the call that
+    waited), instead of the backend's silent wait. The process group is unusable afterwards: the error is
+    meant to end the run with a clear message."""
+    if not is_dist():
+        return [t]
+    import datetime
+
+    _check_placed("all_gather", [t])
+    out = [torch.zeros_like(t) for _ in range(get_world_size())]
+    work = dist.all_gather([_plain(o) for o in out], _plain(t), async_op=True)
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # gloo: "Operation timed out!"; NCCL: a watchdog timeout
+        raise CollectiveTimeoutError(
+            f"rank {get_rank()} waited {timeout_s:g} s in {what} for the other ranks, which never joined. Likely "
+            f"cause: {what.split('(')[0]} is called on some ranks only (e.g. under `if rank == 0:`). Fix: call it "
+            f"on every rank, in the same order ({e})"
+        ) from e
+    return out

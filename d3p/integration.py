@@ -1,5 +1,15 @@
 """The public API: `DataPruner`, the one object a training loop uses to prune its data.
 
+The short form (docs/library.md): five changed lines, the forward-only pass and the indices handled here.
+
+    pruner = d3p.DataPruner(len(dataset), "d3p", epochs=E, loss_fn=per_sample_loss)    # loss_fn: -> float [B]
+    for epoch in range(start_epoch, E):
+        for x, y in pruner.epoch(loader, epoch, model):   # begin_epoch; after the last batch: forward-only, end_epoch
+            loss = pruner.loss(model(x), y)               # the same loss_fn, per sample, weighted, recorded
+    checkpoint["pruning"] = pruner.state_dict()           # and pruner.load_state_dict(checkpoint["pruning"])
+
+Every hook, explicitly (examples/train_classifier_explicit.py):
+
     pruner = d3p.DataPruner(len(dataset), method="d3p", epochs=E, seed=0)   # or DataPruner.from_args(args, N)
     loader = DataLoader(IndexedData(dataset), sampler=pruner.sampler, ...)  # items carry their dataset index
     for epoch in range(start_epoch, E):
@@ -18,13 +28,14 @@ Negative dataset indices mark a substituted (unreadable) sample: weight 0, no re
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from d3p.collectives import get_rank, get_world_size
-from d3p.distributed import check_ranks_agree, reduce_epoch_losses
+from d3p.collectives import all_gather_within, get_rank, get_world_size, is_dist, to_collective
+from d3p.data import pruned_loader
+from d3p.distributed import RankDivergenceError, check_ranks_agree, reduce_epoch_losses
 from d3p.ledger import CostLedger
 from d3p.options import options_of, validate_options
 from d3p.recorder import LossRecorder
@@ -69,14 +80,18 @@ class DataPruner:
     epochs: the run's total epochs (the schedules of d3p, infobatch, seta depend on it).
     seed: the same on every rank; decisions and shuffles derive from (seed, epoch) only.
     min_kept: a decision never keeps fewer samples (use batch_size * world_size).
-    num_replicas, rank: default from torch.distributed when initialised, else 1 and 0.
+    num_replicas, rank: default: read from torch.distributed at every `begin_epoch` (a pruner built before
+        `init_process_group` still splits the data across the ranks), else 1 and 0.
     knn_device: where D2's k-NN runs (the training device).
+    loss_fn: (outputs, targets) -> float [B] per-sample losses: the one loss of both passes (`loss`, `epoch`).
+    sync_timeout: seconds `begin_epoch`/`end_epoch` wait for the other ranks before an error names the call.
     **options: the method's options, named as the flags (`d3p.registry.get_method(name).options`).
     """
 
     def __init__(self, num_samples: int, method: str | PruningStrategy = "d3p", epochs: int | None = None,
                  seed: int = 0, *, min_kept: int = 1, num_replicas: int | None = None, rank: int | None = None,
-                 knn_device: str = "cpu", **options: Any):
+                 knn_device: str = "cpu", loss_fn: Callable[..., torch.Tensor] | None = None,
+                 sync_timeout: float = 1800.0, **options: Any):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}: the dataset is empty")
         if isinstance(method, str):
@@ -88,8 +103,15 @@ class DataPruner:
             self.strategy = method
         if self.strategy.num_samples != int(num_samples):
             raise ValueError(f"the strategy was built for {self.strategy.num_samples} samples, not {num_samples}")
+        # None: read from torch.distributed at each begin_epoch, so that a pruner built before
+        # init_process_group does not train every rank on the whole kept set
+        self._ranks_from_dist = num_replicas is None and rank is None
+        if num_replicas is None and rank is not None or num_replicas is not None and rank is None:
+            raise ValueError("give both num_replicas and rank, or neither (then they come from torch.distributed)")
         num_replicas = get_world_size() if num_replicas is None else num_replicas
         rank = get_rank() if rank is None else rank
+        self.loss_fn = loss_fn
+        self.sync_timeout = float(sync_timeout)
         self.seed = int(seed)
         own = get_method(self.strategy.name).options if self.strategy.name in method_names() else ()
         self.options = {o.name: options.get(o.name, o.default) for o in own}
@@ -106,6 +128,10 @@ class DataPruner:
         self._epoch_start = 0.0
         self._batches = 0
         self._forward_recorded = False
+        self._epoch: int | None = None
+        self._pending_index: torch.Tensor | None = None  # the batch `epoch()` yielded last, until `loss` takes it
+        self._loaders: dict[int, tuple[Any, Any, Any]] = {}  # id(user loader) -> (it, train loader, forward loader)
+        self.last_log: dict[str, Any] | None = None  # end_epoch's log of the last epoch `epoch()` ran
 
     @classmethod
     def from_args(cls, args, num_samples: int, min_kept: int = 1, **kwargs: Any) -> "DataPruner":
@@ -123,8 +149,34 @@ class DataPruner:
         return self.strategy.name
 
     # ------------------------------------------------------------------------------------- the epoch
+    def _same_call_on_every_rank(self, call: str, epoch: int) -> None:
+        """One all-gather of (call, epoch): every rank must be in the same pruner call, or the error names it
+        (rather than a collective of another call matching this one, or a silent hang)."""
+        if not is_dist():
+            return
+        calls = ("begin_epoch", "end_epoch")
+        mine = torch.tensor([calls.index(call), int(epoch)], dtype=torch.int64)
+        got = [tuple(int(v) for v in t.cpu()) for t in
+               all_gather_within(to_collective(mine), self.sync_timeout, f"DataPruner.{call}({epoch})")]
+        if len(set(got)) != 1:
+            where = ", ".join(f"rank {r}: {calls[c]}({e})" for r, (c, e) in enumerate(got))
+            raise RankDivergenceError(
+                f"the ranks are in different DataPruner calls ({where}). Every rank must call begin_epoch and "
+                "end_epoch for every epoch, in the same order. Fix: call them outside any `if rank == 0:`")
+
+    def _refresh_ranks(self) -> None:
+        """Re-read world size and rank (when not given): the process group may have started after __init__."""
+        if not self._ranks_from_dist:
+            return
+        world, rank = get_world_size(), get_rank()
+        if (world, rank) != (self.sampler.num_replicas, self.sampler.rank):
+            self.sampler.set_replicas(world, rank)
+            self.forward_sampler.set_replicas(world, rank)
+
     def begin_epoch(self, epoch: int) -> EpochPlan:
         """Ask the method for the epoch's plan, prove the ranks agree, rebuild the samplers."""
+        self._same_call_on_every_rank("begin_epoch", epoch)
+        self._refresh_ranks()
         plan = self.strategy.plan_epoch(epoch)
         self.fingerprint = check_ranks_agree(plan, epoch)
         self.sampler.set_indices(plan.kept)
@@ -140,6 +192,8 @@ class DataPruner:
         self._epoch_start = time.time()
         self._batches = 0
         self._forward_recorded = False
+        self._epoch = int(epoch)
+        self._pending_index = None
         return plan
 
     @property
@@ -174,9 +228,31 @@ class DataPruner:
             weights = valid if weights is None else weights * valid
         return weights
 
+    def _check_batch(self, per_sample: torch.Tensor, indices: torch.Tensor) -> None:
+        """Shapes and dtypes only (no device sync): a mistake here would otherwise weigh or record wrong samples."""
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype not in (
+                torch.int64, torch.int32):
+            what = type(indices).__name__ if not isinstance(indices, torch.Tensor) else \
+                f"{indices.dtype} tensor of shape {tuple(indices.shape)}"
+            raise TypeError(f"the batch's dataset indices must be an int64 tensor [B], got {what}. Fix: make each "
+                            "item carry its index (wrap the dataset in d3p.IndexedDataset) and pass that column")
+        if not isinstance(per_sample, torch.Tensor) or per_sample.dim() != 1:
+            shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
+            raise ValueError(f"DataPruner needs one loss per sample, float [B], got shape {shape}"
+                             + (" (a scalar: the loss was already reduced over the batch). Fix: compute the loss "
+                                "with reduction='none', e.g. F.cross_entropy(logits, y, reduction='none') or "
+                                "d3p.per_sample_cross_entropy" if shape == () else
+                                ". Fix: reduce every dimension but the batch's, e.g. loss.flatten(1).mean(1)"))
+        if per_sample.shape[0] != indices.shape[0]:
+            raise ValueError(f"{per_sample.shape[0]} per-sample losses for {indices.shape[0]} dataset indices: "
+                             "the loss and the indices must come from the same batch, in the same order. Fix: "
+                             "compute the loss on the whole batch whose indices you pass (no slicing, Mixup pairs "
+                             "or drop of the last sample after reading the indices)")
+
     def batch_loss(self, per_sample: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The batch's loss from per-sample losses [B] and dataset indices int64 [B]: sum(w l)/sum(w) for D3P,
         mean(w l) for InfoBatch/SeTa, mean(l) with no weights. Records the losses when the method needs them."""
+        self._check_batch(per_sample, indices)
         weights = self.batch_weights(indices, per_sample.device)
         loss = weighted_batch_loss(per_sample.float(), weights, self.plan.normalize_weights)
         if self.recorder is not None:
@@ -188,8 +264,86 @@ class DataPruner:
         """Losses [B] of samples outside the training pass (the forward-only pass over
         `forward_only_indices`); charged to the ledger as forward-only work."""
         if self.recorder is not None:
+            self._check_batch(losses, indices)
             self.recorder.record(indices, losses)
             self._forward_recorded = True
+
+    # ------------------------------------------------------------------ the short form: loss_fn + epoch()
+    def per_sample_loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """`loss_fn(outputs, targets)` -> float [B]: the one loss of the training and the forward-only pass."""
+        if self.loss_fn is None:
+            raise TypeError("this DataPruner has no loss_fn. Fix: DataPruner(..., loss_fn=f) with f(outputs, "
+                            "targets) -> one loss per sample (e.g. d3p.per_sample_cross_entropy, or "
+                            "nn.CrossEntropyLoss(reduction='none')), or call batch_loss(per_sample, indices)")
+        return self.loss_fn(outputs, targets)
+
+    def loss(self, outputs: Any, targets: Any, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's training loss: `loss_fn` per sample, then `batch_loss` (the method's weights, recorded).
+
+        indices: int64 [B]; default: those of the batch `epoch()` yielded last (each batch's indices serve
+        one call)."""
+        if indices is None:
+            if self._pending_index is None:
+                raise ValueError("no dataset indices for this batch: iterate `for batch in pruner.epoch(loader, "
+                                 "epoch, model)` (it carries them), or pass them: pruner.loss(outputs, targets, "
+                                 "indices) with items from d3p.IndexedDataset. One call per batch")
+            indices, self._pending_index = self._pending_index, None
+        return self.batch_loss(self.per_sample_loss(outputs, targets), indices)
+
+    def _loaders_for(self, loader: Any) -> tuple[Any, Any]:
+        """(training loader, forward-only loader): `loader`'s settings over its dataset, drawing from this
+        pruner's samplers. Built once per user loader (persistent workers stay alive)."""
+        cached = self._loaders.get(id(loader))
+        if cached is None or cached[0] is not loader:
+            cached = (loader, pruned_loader(loader, self.sampler), pruned_loader(loader, self.forward_sampler))
+            self._loaders[id(loader)] = cached
+        return cached[1], cached[2]
+
+    def epoch(self, loader: Any, epoch: int, model: torch.nn.Module | None = None,
+              forward: Callable[[Any], torch.Tensor] | None = None) -> Iterator[Any]:
+        """One epoch of `loader`'s batches, pruned: `begin_epoch(epoch)`; the batches of the kept samples,
+        as `loader` would give them (its collate_fn, workers, ...), each batch's indices kept for `loss`;
+        after the last batch, the forward-only pass when the method needs one (D3P's recording epochs; nothing
+        otherwise) and `end_epoch(epoch)`, whose log is then `pruner.last_log`.
+
+        loader: the DataLoader of the unpruned run (shuffle=True or a DistributedSampler; its sampler is
+            replaced by `pruner.sampler`). Batches of (inputs, targets).
+        model: what the forward-only pass runs, as is (the same mode as training), without gradient.
+        forward: batch -> float [B] per-sample losses for the forward-only pass (default: `loss_fn(model(
+            inputs), targets)` on the model's device). Give it when the training step does more (autocast, ...).
+        A loop that breaks out early skips the epoch's end: call `end_epoch` then, on every rank.
+        """
+        train_loader, forward_loader = self._loaders_for(loader)
+        self.begin_epoch(epoch)
+        self.last_log = None
+        for batch, indices in train_loader:
+            if self._pending_index is not None:
+                raise ValueError("the previous batch's indices were never used: call pruner.loss(outputs, "
+                                 "targets) once per batch (or batch_loss(per_sample, indices))")
+            self._pending_index = indices
+            yield batch
+        self._pending_index = None
+        self.forward_only_pass(forward_loader, model, forward)
+        self.last_log = self.end_epoch(epoch)
+
+    @torch.no_grad()
+    def forward_only_pass(self, loader: Any, model: torch.nn.Module | None = None,
+                          forward: Callable[[Any], torch.Tensor] | None = None) -> int:
+        """Record the losses of this epoch's forward-only samples (nothing when there are none); returns the
+        samples this rank processed. loader: batches (batch, int64 [B] indices) drawn from
+        `pruner.forward_sampler` (see `d3p.data.pruned_loader`)."""
+        if not self.forward_only_indices.size:
+            return 0
+        if forward is None:
+            if model is None:
+                raise TypeError("this epoch has a forward-only pass (D3P's recording epoch) but no model: "
+                                "pass pruner.epoch(loader, epoch, model) or forward=")
+            forward = _default_forward(model, self.per_sample_loss)
+        seen = 0
+        for batch, indices in loader:
+            self.record(indices, forward(batch))
+            seen += int(indices.numel())
+        return seen
 
     def carry_over(self, loss_sum: np.ndarray, count: np.ndarray) -> None:
         """Losses recorded in this epoch before a preemption (resuming mid-epoch; give them on one rank)."""
@@ -213,6 +367,7 @@ class DataPruner:
         """
         if self.plan is None:
             raise RuntimeError("DataPruner.end_epoch called without begin_epoch")
+        self._same_call_on_every_rank("end_epoch", epoch)
         decision = self.strategy.end_epoch(epoch, self.epoch_losses(), embeddings) or {}
         forward_seen = self.forward_sampler.total_size if self._forward_recorded else 0
         if embeddings is not None:
@@ -268,3 +423,18 @@ class DataPruner:
         if counts is None:
             counts = torch.zeros(self.num_samples, dtype=torch.int32)
         self.trained_counts = counts.numpy().astype(np.int32).copy()
+
+
+def _default_forward(model: torch.nn.Module, per_sample_loss: Callable[[Any, Any], torch.Tensor]
+                     ) -> Callable[[Any], torch.Tensor]:
+    """batch (inputs, targets) -> per_sample_loss(model(inputs), targets), both moved to the model's device."""
+    device = next(model.parameters()).device
+
+    def forward(batch: Any) -> torch.Tensor:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError("the default forward-only step takes batches (inputs, targets). Fix: pass "
+                            "forward=lambda batch: per-sample losses [B] to pruner.epoch")
+        inputs, targets = (t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch)
+        return per_sample_loss(model(inputs), targets)
+
+    return forward

@@ -31,8 +31,18 @@ class PrunedDistributedSampler(Sampler[int]):
         self._offset = 0  # global positions done before a resume on another world size
         self._kept = np.arange(self.num_samples, dtype=np.int64)
         self._order = self._kept
+        self._version = 0  # bumped by set_indices / set_replicas: which plan an iteration drew from
+        self._iterated: tuple[int, int] | None = None  # (epoch, version) of the last __iter__
         self._local = self._kept[self.rank :: self.num_replicas]
         self.set_epoch(0)
+
+    def set_replicas(self, num_replicas: int, rank: int) -> None:
+        """Split across `num_replicas` ranks as `rank` from the next `set_epoch` on (the pruner reads them from
+        torch.distributed at each epoch when it was not given them)."""
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self._version += 1
 
     def set_indices(self, kept: np.ndarray) -> None:
         """The dataset indices to iterate from the next `set_epoch` on (int array, any order)."""
@@ -42,6 +52,7 @@ class PrunedDistributedSampler(Sampler[int]):
         if kept.min() < 0 or kept.max() >= self.num_samples:
             raise ValueError(f"kept indices outside [0, {self.num_samples})")
         self._kept = kept
+        self._version += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Rebuild this rank's index list for `epoch`."""
@@ -107,7 +118,14 @@ class PrunedDistributedSampler(Sampler[int]):
         `resume_epoch` on another world size: the part done before it plus the padded rest)."""
         return self._offset + len(self._local) * self.num_replicas
 
+    @property
+    def iterated_current(self) -> bool:
+        """True when the last iteration began after the current epoch's `set_indices`/`set_epoch` (a loader
+        whose iteration started earlier, e.g. workers prefetching, draws the previous plan)."""
+        return self._iterated == (self.epoch, self._version)
+
     def __iter__(self) -> Iterator[int]:
+        self._iterated = (self.epoch, self._version)
         return iter(self._local[self._start :].tolist())
 
     def __len__(self) -> int:

@@ -1,10 +1,11 @@
-"""Supervised training of a timm model with dynamic data pruning, using only d3p's public API.
+"""Supervised training of a timm model with dynamic data pruning: an ordinary PyTorch loop, five lines changed.
 
     python examples/train_classifier.py --prune_method d3p                       (embedded digits, CPU)
     torchrun --nproc_per_node 8 examples/train_classifier.py --data_path /data/imagenet --model resnet50 \
         --input_size 224 --epochs 90 --prune_method infobatch                    (ImageFolder: train/ and val/)
 
-Every d3p flag (--prune_method, --d3p_start, --prune_ratio, ...) is available; the run resumes from
+The lines marked `# d3p` are all that pruning adds to the loop; examples/train_classifier_explicit.py shows every
+hook. Every d3p flag (--prune_method, --d3p_start, --prune_ratio, ...) is available; the run resumes from
 OUTPUT_DIR/checkpoint.pth when it exists. One JSON line per epoch: the pruner's log plus top-1.
 """
 import argparse
@@ -15,51 +16,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import util  # noqa: F401,E402  (this repository's torchvision shim for CPU-only torch; drop it in your project)
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import d3p  # noqa: E402
-
-
-class WithIndex(Dataset):
-    """Items (image, label, dataset index): the pruner needs each sample's index."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        return x, y, i
-
-
-def datasets(args):
-    if args.data_path is None:  # scikit-learn's 8x8 digit scans, resized, fixed split
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32)[:, None].div(8).sub(1).expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=args.input_size, mode="bilinear", align_corners=False)
-        y = torch.tensor(digits.target)
-        order = torch.from_numpy(np.random.default_rng(0).permutation(len(y)))
-        train, val = order[297:], order[:297]
-        if args.subset:
-            train = train[: args.subset]
-        return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val]), 10
-    from torchvision import datasets as tvd, transforms as T
-
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train = tvd.ImageFolder(os.path.join(args.data_path, "train"), T.Compose(
-        [T.RandomResizedCrop(args.input_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-    val = tvd.ImageFolder(os.path.join(args.data_path, "val"), T.Compose(
-        [T.Resize(int(args.input_size * 8 / 7)), T.CenterCrop(args.input_size), T.ToTensor(), norm]))
-    return train, val, len(train.classes)
+from examples.digits import digit_images, image_folders  # noqa: E402
 
 
 def main():
@@ -83,52 +47,51 @@ def main():
         parser.error("; ".join(problems))
 
     distributed = "RANK" in os.environ  # launched by torchrun
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # one GPU per process: the collectives of this rank then run on its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    train_set, val_set, classes = datasets(args)
-    train_set = WithIndex(train_set)
+    train_set, val_set, classes = digit_images(args.input_size, args.subset) if args.data_path is None \
+        else image_folders(args.data_path, args.input_size)
 
     extra = dict(img_size=args.input_size, patch_size=4, depth=4) if args.model.startswith("vit_tiny") else {}
     model = timm.create_model(args.model, num_classes=classes, **extra).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    pruner = d3p.DataPruner.from_args(args, len(train_set), min_kept=args.batch_size * world)
+    # d3p: the pruner takes the criterion's place; one loss per sample (reduction="none") serves both passes
+    pruner = d3p.DataPruner.from_args(args, len(train_set), min_kept=args.batch_size * world,
+                                      loss_fn=nn.CrossEntropyLoss(label_smoothing=args.smoothing, reduction="none"))
     ckpt_path, start = os.path.join(args.output_dir, "checkpoint.pth"), 0
     if os.path.isfile(ckpt_path):  # resume: model, optimizer and the pruning state (plain data)
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        pruner.load_state_dict(ckpt["pruning"])
+        pruner.load_state_dict(ckpt["pruning"])  # d3p
         start = ckpt["epoch"] + 1
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    loader = DataLoader(train_set, args.batch_size, sampler=pruner.sampler)
-    forward_loader = DataLoader(train_set, args.batch_size, sampler=pruner.forward_sampler)
+    loader = DataLoader(train_set, args.batch_size, sampler=DistributedSampler(train_set) if distributed else None,
+                        shuffle=not distributed)
 
     for epoch in range(start, args.epochs):
-        pruner.begin_epoch(epoch)  # the method's plan: the sampler now yields this epoch's kept samples
         net.train()
-        for x, y, index in loader:
-            per_sample = d3p.per_sample_cross_entropy(net(x.to(device)), y.to(device), args.smoothing)
-            loss = pruner.batch_loss(per_sample, index)  # the method's weights; records the losses
+        for x, y in pruner.epoch(loader, epoch, net):  # d3p: the kept samples; after them, the forward-only pass
+            loss = pruner.loss(net(x.to(device)), y.to(device))  # d3p: criterion per sample, weighted, recorded
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if pruner.forward_only_indices.size:  # D3P's recording epochs: losses of the pruned samples too
-            model.eval()
-            with torch.no_grad():
-                for x, y, index in forward_loader:
-                    pruner.record(index, d3p.per_sample_cross_entropy(model(x.to(device)), y.to(device)))
-        log = pruner.end_epoch(epoch)  # losses reduced across ranks once, the decision, the cost ledger
-        log.update(epoch=epoch, top1=evaluate(model, val_set, device))
+        log = dict(pruner.last_log, epoch=epoch, top1=evaluate(model, val_set, device))  # the pruner's log: optional
         if rank == 0:
             os.makedirs(args.output_dir, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "pruning": pruner.state_dict()}, ckpt_path)
+                        "pruning": pruner.state_dict()}, ckpt_path)  # d3p
             print(json.dumps(log), flush=True)
     if rank == 0:
-        print(json.dumps({"summary": pruner.summary()}), flush=True)
+        summary = pruner.summary()
+        print(json.dumps({"summary": summary}), flush=True)
+        print(f"prune ratio {summary['prune_ratio']:.3f}, compute saved {summary['compute_saved']:.3f}", flush=True)
     if distributed:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ import sys
 
 import util  # noqa: F401
 
+import numpy as np
 import torch
 
 from d3p.collectives import STRICT_COLLECTIVES_ENV
@@ -62,3 +63,27 @@ def read_log(run_dir: str) -> list[dict]:
 
 def load_ckpt(run_dir: str, epoch: int) -> dict:
     return torch.load(os.path.join(run_dir, f"checkpoint-{epoch}.pth"), map_location="cpu", weights_only=True)
+
+
+TIMES = ("epoch_seconds", "wall_seconds", "data_seconds", "total_data_seconds", "seconds_per_trained_sample",
+         "run_seconds_per_trained_sample", "d3p_seconds", "d2_seconds", "dynunc_seconds")
+
+
+def assert_state_equal(a, b, path="state"):
+    """Exact equality of nested plain data (NaN == NaN)."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            if k not in TIMES:
+                assert_state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), path
+    else:
+        assert a == b, path

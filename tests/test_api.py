@@ -1,6 +1,7 @@
 """The public API (d3p.DataPruner) driven by the 30-line loop of tests/api_loop.py: every method, exact resume
 from a plain-data state, 2 gloo ranks deciding identically; and the API's own rules."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -8,36 +9,12 @@ import torch
 
 import d3p
 from api_loop import D3P_OPTIONS, N, train
-from conftest import run_torchrun
+from conftest import TIMES as _TIMES, assert_state_equal as _equal, run_script, run_torchrun
 
 METHODS = {
     "none": {}, "d3p": D3P_OPTIONS, "infobatch": {}, "seta": {}, "random": {}, "rs2": {},
     "dynunc": dict(static_warmup_epochs=2, dynunc_window=2), "d2": dict(static_warmup_epochs=2, d2_neighbors=5),
 }
-_TIMES = ("epoch_seconds", "wall_seconds", "data_seconds", "total_data_seconds", "seconds_per_trained_sample",
-          "run_seconds_per_trained_sample", "d3p_seconds", "d2_seconds", "dynunc_seconds")
-
-
-def _equal(a, b, path="state"):
-    """Exact equality of nested plain data (NaN == NaN)."""
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            if k not in _TIMES:
-                _equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), path
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_through_the_api_and_resumes_exactly(method):
     straight, logs = train(method, 6, **METHODS[method])
@@ -129,3 +106,136 @@ def test_two_gloo_ranks_decide_identically(tmp_path):
     assert r0["pruned"].any() and r0["kept"][-1] < N
     # the ranks' sampler shares together cover the kept set (padding to an even count)
     assert np.array_equal(r0["trained"], r0["kept"] + r0["kept"] % 2)
+
+
+# ----------------------------------------------------------------------- the short form and the mistakes it catches
+def _digits_like():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
+
+
+def _short_loop(epochs=5):
+    """The five-line form: loss_fn, pruner.epoch, pruner.loss."""
+    torch.manual_seed(0)
+    data = _digits_like()
+    model, loss_fn = torch.nn.Linear(8, 3), torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    pruner = d3p.DataPruner(N, "d3p", epochs=epochs, seed=3, min_kept=16, loss_fn=loss_fn, **D3P_OPTIONS)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    for epoch in range(epochs):
+        for x, y in pruner.epoch(loader, epoch, model):
+            loss = pruner.loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, pruner
+
+
+def _explicit_loop(epochs=5):
+    """Every hook written out, with the same loss for both passes."""
+    torch.manual_seed(0)
+    data = d3p.IndexedDataset(_digits_like())
+    model, loss_fn = torch.nn.Linear(8, 3), torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    pruner = d3p.DataPruner(N, "d3p", epochs=epochs, seed=3, min_kept=16, **D3P_OPTIONS)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=pruner.sampler)
+    forward_loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=pruner.forward_sampler)
+    for epoch in range(epochs):
+        pruner.begin_epoch(epoch)
+        for x, y, index in loader:
+            loss = pruner.batch_loss(loss_fn(model(x), y), index)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if pruner.forward_only_indices.size:
+            with torch.no_grad():
+                for x, y, index in forward_loader:
+                    pruner.record(index, loss_fn(model(x), y))
+        pruner.end_epoch(epoch)
+    return model, pruner
+
+
+def test_short_form_is_the_explicit_loop():
+    """pruner.epoch + pruner.loss do exactly the explicit hooks: the same weights and pruning state, bit for bit."""
+    short_model, short = _short_loop()
+    explicit_model, explicit = _explicit_loop()
+    assert all(torch.equal(a, b) for a, b in zip(short_model.state_dict().values(),
+                                                   explicit_model.state_dict().values()))
+    _equal(short.state_dict(), explicit.state_dict())
+    assert short.state_dict()["strategy"]["pruned"].any()
+    # the forward-only pass ran inside pruner.epoch (D3P's recording epochs)
+    assert any(e["samples_forward_only"] > 0 for e in short.ledger.epochs)
+
+
+def test_short_form_does_nothing_extra_when_nothing_is_needed():
+    """No forward-only pass when the method needs none: no model needed, no extra batch drawn."""
+    data = _digits_like()
+    pruner = d3p.DataPruner(N, "none", loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    seen = []
+    for x, y in pruner.epoch(loader, 0):  # model=None: nothing would need it
+        seen.append(len(x))
+        pruner.loss(torch.zeros(len(x), 3, requires_grad=True), y)
+    assert sum(seen) == N and pruner.last_log["samples_forward_only"] == 0
+
+
+def test_mistakes_get_an_error_that_names_the_fix():
+    pruner = d3p.DataPruner(N, "d3p", epochs=4, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), **D3P_OPTIONS)
+    pruner.begin_epoch(0)
+    logits, y, index = torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 3])
+    # items without an index: no indices for the batch, or a column that is not an index
+    with pytest.raises(ValueError, match="no dataset indices.*IndexedDataset"):
+        pruner.loss(logits, y)
+    with pytest.raises(TypeError, match="int64 tensor.*IndexedDataset"):
+        pruner.batch_loss(torch.ones(4), torch.ones(4))
+    # a scalar (mean-reduced) loss where per-sample losses are needed
+    with pytest.raises(ValueError, match="scalar.*reduction='none'"):
+        pruner.batch_loss(torch.nn.functional.cross_entropy(logits, y), index)
+    mean_reduced = d3p.DataPruner(N, "none", loss_fn=torch.nn.CrossEntropyLoss())
+    mean_reduced.begin_epoch(0)
+    with pytest.raises(ValueError, match="scalar.*reduction='none'"):
+        mean_reduced.loss(logits, y, index)
+    # a loss whose batch size does not match the indices
+    with pytest.raises(ValueError, match="3 per-sample losses for 4 dataset indices"):
+        pruner.batch_loss(torch.ones(3), index)
+    with pytest.raises(ValueError, match="3 per-sample losses for 4 dataset indices"):
+        pruner.record(index, torch.ones(3))
+    assert pruner.recorder.totals()[1].sum() == 0  # nothing of the refused batches was recorded
+    # a loader whose sampler the pruner would silently drop
+    weighted = torch.utils.data.DataLoader(_digits_like(), batch_size=8,
+                                           sampler=torch.utils.data.WeightedRandomSampler(torch.ones(N), N))
+    with pytest.raises(ValueError, match="WeightedRandomSampler.*shuffle=True"):
+        next(iter(pruner.epoch(weighted, 1)))
+    # no loss_fn for the short form
+    with pytest.raises(TypeError, match="loss_fn"):
+        d3p.DataPruner(N, "none").loss(logits, y, index)
+
+
+def test_cluster_traps_under_two_ranks(tmp_path):
+    """Pruner built before init_process_group; end_epoch on some ranks only (mismatch, and timeout)."""
+    res = run_torchrun(2, ["tests/traps_worker.py", str(tmp_path)], timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 1. world size read at begin_epoch: each rank trains its half, together the whole set once
+    assert r0["world_size"] == r1["world_size"] == 2
+    n = 40  # tests/traps_worker.py's dataset
+    assert len(r0["share"]) == len(r1["share"]) == n // 2 and sorted(r0["share"] + r1["share"]) == list(range(n))
+    assert r0["samples_trained"] == n
+    # 2. both ranks name both calls
+    for r in (r0, r1):
+        assert "rank 0: end_epoch(1)" in r["mismatch"] and "rank 1: begin_epoch(2)" in r["mismatch"], r["mismatch"]
+    # 3. rank 0 gives up after sync_timeout, naming the call and the fix
+    assert "DataPruner.end_epoch(1)" in r0["timeout"] and "every rank" in r0["timeout"], r0["timeout"]
+    assert 3.5 < r0["waited"] < 8
+
+
+def test_import_d3p_does_not_import_the_frameworks():
+    """The integrations import lightning / transformers only when used."""
+    code = ("import sys, d3p, torch; "
+            "p = d3p.DataPruner(8, 'none', loss_fn=torch.nn.CrossEntropyLoss(reduction='none')); "
+            "d3p.IndexedDataset([(1, 2)]); p.begin_epoch(0); "
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules];"
+            "assert not bad, bad")
+    res = run_script(["-c", code], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
