@@ -1,4 +1,4 @@
-"""A 30-line training loop that uses only the public d3p API. tests/test_api.py runs it in process (every
+"""A 30-line training loop that uses only the public d3p API. tests/library/test_api.py runs it in process (every
 method, resume) and under torchrun (2 gloo ranks: `python tests/api_loop.py OUT_DIR`)."""
 import os
 import sys

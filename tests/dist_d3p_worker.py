@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_d3p_method.py: every rank records its sampler share of
+"""Run under torchrun by tests/library/test_d3p_method.py: every rank records its sampler share of
 synthetic losses, reduces them once per epoch, and lets D3P decide. Writes rank{r}.npz."""
 import os
 import sys

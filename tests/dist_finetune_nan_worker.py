@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_finetune.py: rank 1's second batch is NaN. Both ranks must stop
+"""Run under torchrun by tests/training/test_finetune.py: rank 1's second batch is NaN. Both ranks must stop
 at that step with engine_finetune's FloatingPointError (exit 3) instead of rank 0 hanging."""
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""2 gloo ranks drive d3p.DataPruner with RS2 (tests/test_rs2.py): each rank saves its sampler share and the plan
+"""2 gloo ranks drive d3p.DataPruner with RS2 (tests/library/test_rs2.py): each rank saves its sampler share and the plan
 fingerprint of every epoch. N = 45, r = 0.7: chunks of 14, the fourth epoch of each pass wraps (13 samples)."""
 import os
 import sys

@@ -1,4 +1,4 @@
-"""2 gloo ranks under torchrun (tests/test_hf.py): a PruningTrainer whose loader went through accelerate's
+"""2 gloo ranks under torchrun (tests/library/test_hf.py): a PruningTrainer whose loader went through accelerate's
 prepare (re-split across ranks) is refused with the fix named; then the HF classifier example on 2 ranks.
 `python tests/hf_worker.py OUT_DIR`."""
 import json

@@ -1,4 +1,4 @@
-"""2 gloo ranks under torchrun (tests/test_lightning.py): Lightning's own sampler replacement is refused with the
+"""2 gloo ranks under torchrun (tests/library/test_lightning.py): Lightning's own sampler replacement is refused with the
 fix named, then a DDP run with the pruner's sampler. `python tests/lightning_worker.py OUT_DIR`."""
 import json
 import os

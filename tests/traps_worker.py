@@ -1,4 +1,4 @@
-"""The library's cluster traps under 2 gloo ranks (tests/test_api.py): `python tests/traps_worker.py OUT_DIR`.
+"""The library's cluster traps under 2 gloo ranks (tests/library/test_api.py): `python tests/traps_worker.py OUT_DIR`.
 
 1. a DataPruner built before init_process_group splits the data across the ranks all the same;
 2. end_epoch on rank 0 while rank 1 is already in the next begin_epoch: both ranks get an error naming the calls;

@@ -48,9 +48,9 @@ def m(name: str, file: str, edits: list[tuple[str, str]], tests: list[str], why:
     return Mutation(name, file, tuple(edits), tuple(tests), why)
 
 
-STATS = "tests/test_d3p_stats.py"
-METHOD = "tests/test_d3p_method.py"
-PRETRAIN = "tests/test_pretrain.py"
+STATS = "tests/library/test_d3p_stats.py"
+METHOD = "tests/library/test_d3p_method.py"
+PRETRAIN = "tests/training/test_pretrain.py"
 
 # ---------------------------------------------------------------------------------------------------------------
 # The list. Keep each snippet short but unique in its file; after a refactor, fix the snippets the run reports STALE.
@@ -94,24 +94,24 @@ MUTATIONS: list[Mutation] = [
       "pre-training lr ignoring world_size (only a 2-process run can see it)"),
     m("lr_finetune_no_accum_world", "main_finetune.py",
       [("eff_batch_size = args.batch_size * args.accum_iter * get_world_size()", "eff_batch_size = args.batch_size")],
-      ["tests/test_finetune.py::test_finetune_one_epoch"],
+      ["tests/training/test_finetune.py::test_finetune_one_epoch"],
       "fine-tuning lr = blr x batch / 256, ignoring accum_iter x world_size"),
     m("lr_finetune_no_world", "main_finetune.py",
       [("eff_batch_size = args.batch_size * args.accum_iter * get_world_size()",
         "eff_batch_size = args.batch_size * args.accum_iter")],
-      ["tests/test_finetune_prune.py::test_two_process_supervised_pruning"],
+      ["tests/training/test_finetune_prune.py::test_two_process_supervised_pruning"],
       "fine-tuning lr ignoring world_size (only a 2-process run can see it)"),
     m("knn_temperature_fixed", "main_knn.py",
       [("args.k, args.temperature,\n", "args.k, 0.07,\n")],
-      ["tests/test_knn.py::test_k_and_temperature_flags_reach_the_classifier"],
+      ["tests/training/test_knn.py::test_k_and_temperature_flags_reach_the_classifier"],
       "main_knn passes 0.07 instead of --temperature to the classifier"),
     m("knn_k_fixed", "main_knn.py",
       [("args.k, args.temperature,\n", "20, args.temperature,\n")],
-      ["tests/test_knn.py::test_k_and_temperature_flags_reach_the_classifier"],
+      ["tests/training/test_knn.py::test_k_and_temperature_flags_reach_the_classifier"],
       "main_knn passes 20 instead of --k to the classifier"),
     m("no_flip_in_memory", "util/image_transforms.py",
       [("            ops.append(transforms.RandomHorizontalFlip())", "            pass")],
-      ["tests/test_loader_pipeline.py::test_every_pretraining_pipeline_flips_half_the_crops"],
+      ["tests/training/test_loader_pipeline.py::test_every_pretraining_pipeline_flips_half_the_crops"],
       "no horizontal flip in the in-memory (CIFAR) pre-training pipeline"),
     m("window_loss_sum", "d3p/methods/d3p.py",
       [("= losses.mean.astype(np.float32)", "= losses.loss_sum.astype(np.float32)")],
@@ -127,7 +127,7 @@ MUTATIONS: list[Mutation] = [
     # ---- issue 21: mutations the weak tests let through ----------------------------------------------------------
     m("finetune_never_steps", "engine_finetune.py",
       [("parameters=params, update_grad=update,", "parameters=params, update_grad=False,")],
-      ["tests/test_finetune.py::test_finetune_one_epoch"],
+      ["tests/training/test_finetune.py::test_finetune_one_epoch"],
       "fine-tuning never steps the optimizer"),
     m("bf16_runs_fp32", "engine_pretrain.py",
       [("    return torch.autocast(device_type=device.type, dtype=dtype)", "    return contextlib.nullcontext()")],
@@ -135,7 +135,7 @@ MUTATIONS: list[Mutation] = [
       "--precision bf16 silently runs in fp32 in pre-training"),
     m("example_never_steps", "examples/train_classifier.py",
       [("            optimizer.step()\n", "            pass\n")],
-      ["tests/test_example.py::test_example_prunes_and_resumes"],
+      ["tests/training/test_example.py::test_example_prunes_and_resumes"],
       "the API example's loop never steps the optimizer"),
     m("unscored_imputed", "d3p/methods/d3p.py",
       [("window = self.window if not unscored else self.window[:, scored]",
@@ -146,7 +146,7 @@ MUTATIONS: list[Mutation] = [
       "samples without a loss imputed with the epoch mean and decided with the others (changes everyone's e_k)"),
     m("d2_last_epoch_difficulty", "d3p/methods/d2.py",
       [("difficulty = history.mean(axis=0)", "difficulty = history[-1]")],
-      ["tests/test_static.py::test_d2_strategy_and_resume"],
+      ["tests/library/test_static.py::test_d2_strategy_and_resume"],
       "D2's difficulty = the last warm-up epoch's loss instead of the warm-up mean"),
     # ---- a few of the 22 the first audit found caught (kept so they stay caught) -------------------------------
     m("cld_as_mean", "d3p/stats.py",
@@ -163,7 +163,7 @@ MUTATIONS: list[Mutation] = [
       "only the hard tail pruned"),
     m("sampler_no_padding", "d3p/sampler.py",
       [("            order = np.resize(order, total)", "            pass")],
-      ["tests/test_sampler.py::test_equal_length_cover_and_no_pruned_index"],
+      ["tests/library/test_sampler.py::test_equal_length_cover_and_no_pruned_index"],
       "distributed sampler without padding (ranks step different counts: DDP hangs)"),
     m("weighted_loss_mean", "d3p/integration.py",
       [("        return (weights * per_sample).sum() / weights.sum()", "        return (weights * per_sample).mean()")],
@@ -176,12 +176,12 @@ MUTATIONS: list[Mutation] = [
     m("knn_votes_uniform", "main_knn.py",
       [("weights = torch.exp(torch.gather(similarity, 1, order).double() / temperature)",
         "weights = torch.ones_like(torch.gather(similarity, 1, order).double())")],
-      ["tests/test_knn.py::test_knn_equals_brute_force_reference"],
+      ["tests/training/test_knn.py::test_knn_equals_brute_force_reference"],
       "k-NN votes uniform instead of exp(s / T)"),
     m("no_flip_jpeg", "util/image_transforms.py",
       [("flip = self.flip and torch.rand(1).item() < 0.5", "flip = self.flip and torch.rand(1).item() < 0.0")],
-      ["tests/test_loader_pipeline.py::test_every_pretraining_pipeline_flips_half_the_crops",
-       "tests/test_loader_pipeline.py::test_crop_scale_and_aspect_histograms_match"],
+      ["tests/training/test_loader_pipeline.py::test_every_pretraining_pipeline_flips_half_the_crops",
+       "tests/training/test_loader_pipeline.py::test_crop_scale_and_aspect_histograms_match"],
       "no horizontal flip in the uint8 JPEG crop"),
     m("forward_only_counted_as_trained", "d3p/integration.py",
       [("samples_trained=self.sampler.total_size,", "samples_trained=self.sampler.total_size + forward_seen,")],

@@ -119,7 +119,7 @@ def decode_pixels(img: Image.Image | EncodedJpeg, max_reduction: float,
     (each chroma sample repeated over its 2x2 or 2x1 pixels, fused with the colour conversion) instead
     of its default triangle filter: ~6% less decode time. Luma and the IDCT are untouched, so pixels
     differ only where colour changes within 2 pixels; after a random resized crop to 224 that is 0.4
-    levels on average and no shift of the channel means (tests/test_loader_pipeline.py). PIL has no such
+    levels on average and no shift of the channel means (tests/training/test_loader_pipeline.py). PIL has no such
     switch: its fallback decodes are always the default ones.
     """
     if isinstance(img, EncodedJpeg):

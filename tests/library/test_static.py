@@ -19,7 +19,7 @@ from d3p.methods.static_base import impute_history
 from d3p.static import main
 from d3p.strategy import EpochLosses
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/library/ -> the repository
 
 
 def roundtrip(state: dict) -> dict:

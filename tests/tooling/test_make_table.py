@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_table  # noqa: E402
 

@@ -16,7 +16,7 @@ from d3p.decide import main as decide_main
 from d3p.plot import decision_figure, plot_decision
 from d3p.stats import decide
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/library/ -> the repository
 KEYS = {"N", "pruned", "easy", "hard", "trimmed", "upweighted", "prune_ratio", "seconds"}
 
 

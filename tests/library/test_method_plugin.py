@@ -34,7 +34,7 @@ def test_the_method_is_one_file_that_nothing_else_names():
                 with open(path, encoding="utf-8", errors="replace") as f:
                     if "keep_hardest" in f.read():
                         naming.append(os.path.relpath(path, REPO))
-    assert sorted(naming) == ["tests/plugins/keep_hardest.py", "tests/test_method_plugin.py"]
+    assert sorted(naming) == ["tests/library/test_method_plugin.py", "tests/plugins/keep_hardest.py"]
 
 
 def test_data_pruner_builds_it_by_name_and_it_prunes_by_its_rule(plugin):

@@ -12,7 +12,8 @@ import torch
 
 from d3p import export
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from conftest import REPO  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import export_run  # noqa: E402
 
 N = 50

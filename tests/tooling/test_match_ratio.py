@@ -12,7 +12,7 @@ from d3p.methods.infobatch import InfoBatch
 from d3p.methods.seta import SeTa
 from d3p.strategy import EpochLosses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as ROOT  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import match_ratio  # noqa: E402
 
