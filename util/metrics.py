@@ -76,8 +76,9 @@ class MetricLogger:
             yield obj
             bar.update(1)
             if i % 10 == 0 or i == total - 1:
-                bar.set_postfix_str(
-                    " ".join(f"{k}={m.median:.4g}" for k, m in list(self.meters.items())[:4]), refresh=False
-                )
+                # meters the engine has not flushed yet (it syncs with the host every print_freq steps) are
+                # left out rather than shown as 0
+                shown = [(k, m) for k, m in self.meters.items() if m.deque][:4]
+                bar.set_postfix_str(" ".join(f"{k}={m.median:.4g}" for k, m in shown), refresh=False)
             end = time.time()
         bar.close()
