@@ -71,9 +71,14 @@ def test_nan_is_found_at_the_sync_point_with_its_step_and_is_a_floating_point_er
     for value in (1.0, float("nan"), 2.0):
         sync.add(torch.tensor(value))
     assert sync.due(12) and not SyncPoint(7, 10, 20, 3).due(10)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 7, step 11 \(seen on rank 0"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at epoch 7, step 11 \(of steps 0-19; seen on rank 0; "):
         sync.check()
     assert issubclass(NonFiniteLossError, RuntimeError)
+    sync = SyncPoint(epoch=0, start_step=0, num_steps=4, print_freq=4)
+    for value in (1.0, 2.0, float("-inf"), float("nan")):  # the earliest bad step and its own value
+        sync.add(torch.tensor(value))
+    with pytest.raises(NonFiniteLossError, match=r"loss \(-inf\) at epoch 0, step 2 \(of steps 0-3;"):
+        sync.check()
 
 
 class _Recorder:

@@ -253,11 +253,12 @@ def test_checkpoint_with_another_class_is_refused_by_name(tmp_path, capsys):
 def test_non_finite_loss_on_one_rank_stops_both():
     from conftest import run_torchrun
 
-    res = run_torchrun(2, ["tests/dist_finetune_nan_worker.py"], timeout=120)
+    res = run_torchrun(2, ["tests/dist_finetune_nan_worker.py"], timeout=120)  # a hang would time out
     assert res.returncode != 0
+    # every rank names the same value, epoch, step and rank: the one that saw it, not only itself
+    line = "stopped: non-finite training loss (nan) at epoch 0, step 1 (of steps 0-2; seen on rank 1; all ranks stopped)"
     for rank in (0, 1):
-        assert f"rank {rank} stopped: non-finite training" in res.stderr, res.stderr[-3000:]
-    assert res.stderr.count("at epoch 0, step 1/3 (seen on rank 1; all ranks stopped)") == 2
+        assert f"rank {rank} {line}" in res.stderr, res.stderr[-3000:]
 
 
 def test_last_partial_accumulation_group_is_scaled_in_finetuning():
