@@ -186,6 +186,49 @@ def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in ref_log], rel=1e-6)
 
 
+# one process, no workers, batches of 32: D3P decides after every epoch (window 1), so epoch 1 trains the kept
+# samples and records the pruned ones in a forward-only pass of several batches (a stop is polled every batch)
+FINETUNE_ONE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "32", "--num_workers", "0",
+                "--mixup", "0", "--cutmix", "0", "--aa", "none", "--blr", "2e-3", "--warmup_epochs", "1",
+                "--epochs", "2", "--print_freq", "1", "--keep_last", "0", "--prune_method", "d3p", "--d3p_start",
+                "1", "--d3p_period", "1", "--d3p_window", "1", "--d3p_bins", "16"]
+
+
+@pytest.fixture(scope="module")
+def finetune_one_ref(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("ft_ref"))
+    res = run_script(["main_finetune.py", *FINETUNE_ONE, "--output_dir", ref])
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = read_log(ref)
+    assert log[1]["pruned"] > 0 and log[1]["samples_forward_only"] > 2 * 32  # a pass of 3 or more batches
+    return ref
+
+
+@pytest.mark.parametrize("fault, line", [
+    ("sigterm_forward:1:0", "stopped by signal in epoch 1 after training, during its forward-only pass"),
+    ("sigterm_eval:0:1", "stopped by signal after epoch 0"),
+])
+def test_finetune_sigterm_in_forward_only_pass_or_evaluation_resumes_exactly(tmp_path, finetune_one_ref, fault,
+                                                                              line):
+    """Fine-tuning stopped in its D3P forward-only pass (the state from before the pass is saved; the resume
+    replays the pass) or in an evaluation (the epoch is saved with its log line pending; the resume evaluates
+    first): the resumed run ends as the uninterrupted one, weights, optimizer, pruning state and log."""
+    out = str(tmp_path / "run")
+    res = run_script(["tests/fault_runner.py", *FINETUNE_ONE, "--output_dir", out],
+                     env_extra={"FAULT": fault, "FAULT_SCRIPT": "finetune"})
+    assert res.returncode == run.EXIT_STOPPED, res.stderr[-3000:]
+    assert f"{line}; checkpoint saved, resume with --auto_resume" in res.stdout, res.stdout[-3000:]
+    if fault.startswith("sigterm_eval"):
+        assert "evaluation stopped by a signal" in res.stdout and not os.path.exists(os.path.join(out, "log.txt"))
+    res = run_script(["main_finetune.py", *FINETUNE_ONE, "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_bit_identical(finetune_one_ref, out, "checkpoint-1.pth")
+    ref_log, log = read_log(finetune_one_ref), read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1]
+    for key in ("samples_trained", "samples_forward_only", "kept", "test_acc1", "test_loss", "train_loss"):
+        assert [r[key] for r in log] == [r[key] for r in ref_log], key
+
+
 def test_pretrain_sigterm_in_d2_embedding_pass_saves_and_resume_is_exact(tmp_path):
     """SIGTERM during D2's embedding pass (the end of its warm-up epoch 0): the ranks stop at the pass's next
     sync point, save the state from before the pass and exit 143; the resume replays the pass and selects the
