@@ -143,12 +143,13 @@ def test_pretrain_resumed_on_one_rank_trains_each_kept_sample_once(tmp_path, pre
 
 
 def test_pretrain_resumed_on_two_ranks_after_one(tmp_path):
-    """The reverse: 1 process stopped after 2 steps of epoch 2 (32 samples), 2 ranks continue it."""
+    """The reverse: 1 process stopped after 2 steps of epoch 2 (32 samples), 2 ranks continue it, with another
+    --batch_size too (the resume counts samples, not steps)."""
     out = str(tmp_path / "run")
     one = [*PRETRAIN, "--num_workers", "0", "--batch_size", "16", "--output_dir", out]
     res = run_script(["tests/fault_runner.py", *one], env_extra={"FAULT": "sigterm:2:1"})
     assert res.returncode == run.EXIT_STOPPED, res.stderr[-2000:]
-    res = run_torchrun(2, ["main_pretrain_d3p.py", *one, "--auto_resume"])
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *one, "--batch_size", "8", "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming epoch 2 after step 2 (32 of" in res.stdout and "this run has 2" in res.stdout, res.stdout[-2000:]
     log = read_log(out)
