@@ -73,16 +73,18 @@ loader = run.make_loader(data, PrunedDistributedSampler(64, shuffle=False), args
 seen = []
 for step, (x, _, index) in enumerate(loader):
     if step == 1:
-        os.killpg(os.getpgid(0), signal.SIGTERM)  # the whole group: this process and its 2 workers
+        os.killpg(os.getpgid(0), signal.SIGNAL)  # the whole group: this process and its 2 workers
     seen += index.tolist()
 print("flag", stop(), "seen", sorted(seen) == list(range(64)))
 """
 
 
-def test_loader_workers_outlive_a_sigterm_to_the_process_group():
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
+def test_loader_workers_outlive_a_stop_signal_to_the_process_group(name):
     """Without the workers ignoring it, torch's worker handler dies on a SIGTERM from a process other than
-    its parent, and the loop raises "DataLoader worker (pid N) is killed by signal: Terminated"."""
-    res = run_script(["-c", LOADER_SCRIPT], timeout=120)
+    its parent, and the loop raises "DataLoader worker (pid N) is killed by signal: Terminated"; SLURM's
+    USR1/USR2 warning would kill a worker by its default action."""
+    res = run_script(["-c", LOADER_SCRIPT.replace("SIGNAL", name)], timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "flag True seen True" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "killed by signal" not in res.stderr
