@@ -317,6 +317,15 @@ def build_loaders(args):
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
+    effective = args.batch_size * args.accum_iter * world
+    if effective > len(dataset_train):  # at most one optimizer step per epoch, its lr scaled for `effective`
+        raise ConfigError(
+            f"the effective batch (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {world} "
+            f"rank(s) = {effective}) is larger than the training set ({len(dataset_train)} images): each epoch "
+            f"would make at most one optimizer step, with a learning rate scaled for {effective} samples. Fix: "
+            f"lower --batch_size or --accum_iter so that their product times the ranks is at most "
+            f"{len(dataset_train)}"
+        )
     pruner = d3p.DataPruner.from_args(args, len(dataset_train), min_kept=args.batch_size * world,
                                       **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)

@@ -27,10 +27,31 @@ def get_rank() -> int:
 
 
 def collective_device() -> torch.device:
-    """Device on which tensors must live for collectives of the active backend."""
+    """Device on which tensors must live for collectives of the active backend: this rank's current GPU
+    under NCCL (refused when the process never chose its GPU, see rank_device_problem)."""
     if is_dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        current = torch.cuda.current_device()
+        problem = rank_device_problem(os.environ.get("LOCAL_RANK"), torch.cuda.device_count(), current)
+        if problem:
+            raise CollectiveDeviceError(problem)
+        return torch.device("cuda", current)
     return torch.device("cpu")
+
+
+def rank_device_problem(local_rank: str | None, device_count: int, current: int) -> str | None:
+    """The message for a torchrun rank whose current GPU is still cuda:0 although it sees its own GPU
+    cuda:LOCAL_RANK: the script never called torch.cuda.set_device, and every rank's collectives would land
+    on GPU 0 (NCCL then fails on the duplicate GPU, or all ranks crowd one GPU). None when fine (also when each
+    process sees only its own GPU, as SLURM's --gpus-per-task arranges)."""
+    if local_rank is None or not local_rank.isdigit():
+        return None
+    rank = int(local_rank)
+    if rank == 0 or rank >= device_count or current != 0:
+        return None
+    return (f"this process is local rank {rank} of a node with {device_count} visible GPUs, but its current GPU "
+            "is cuda:0, so its NCCL collectives would run on rank 0's GPU. Fix: call "
+            "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) at the start of the script, before "
+            "init_process_group and before building the model")
 
 
 

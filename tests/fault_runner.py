@@ -10,6 +10,7 @@ the first torchrun attempt: the elastic restart must then finish the run), nan (
 become NaN, so the loss does). The fault fires when `epoch` reaches batch `step` on rank `rank` (0).
 sigterm_forward: SIGTERM at batch `step` of `epoch`'s forward-only pass instead of its training.
 sigterm_embed: SIGTERM at batch `step` of `epoch`'s embedding pass (D2).
+sigterm_eval (fine-tuning only): SIGTERM at batch `step` of the run's `epoch`-th evaluation (0-based).
 stale_listing: rank `rank` sees no checkpoint of epoch >= `epoch` when it lists --output_dir (node-
 local or lagging storage); `step` is unused.
 """
@@ -25,7 +26,8 @@ from util import checkpoint as ckpt_util
 
 
 def _faulty_loader(loader, kind: str, at_step: int):
-    for step, (images, targets, index) in enumerate(loader):
+    for step, batch in enumerate(loader):
+        images, *rest = batch
         if step == at_step:
             if kind == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -36,7 +38,7 @@ def _faulty_loader(loader, kind: str, at_step: int):
                 os.kill(os.getpid(), signal.SIGKILL)
             elif kind == "nan":
                 images = torch.full_like(images, float("nan"), dtype=torch.float32)  # uint8 cannot hold NaN
-        yield images, targets, index
+        yield (images, *rest)
 
 
 class _Sized:
@@ -72,7 +74,25 @@ def main() -> int:
                 loader = _Sized(loader, kind, int(step))
             return real_ft(model, criterion, loader, optimizer, device, ep, *args, **kwargs)
 
-        main_finetune.train_one_epoch = finetune_epoch
+        real_ft_forward, real_evaluate, evaluations = main_finetune.forward_only_pass, main_finetune.evaluate, [0]
+
+        def finetune_forward(model, criterion, loader, device, ep, *args, **kwargs):
+            if ep == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
+                loader = _Sized(loader, "sigterm", int(step))
+            return real_ft_forward(model, criterion, loader, device, ep, *args, **kwargs)
+
+        def evaluate(loader, *args, **kwargs):  # `epoch` counts the run's evaluations (one per epoch)
+            if evaluations[0] == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
+                loader = _Sized(loader, "sigterm", int(step))
+            evaluations[0] += 1
+            return real_evaluate(loader, *args, **kwargs)
+
+        if kind == "sigterm_forward":
+            main_finetune.forward_only_pass = finetune_forward
+        elif kind == "sigterm_eval":
+            main_finetune.evaluate = evaluate
+        else:
+            main_finetune.train_one_epoch = finetune_epoch
         main_finetune.cli(sys.argv[1:])
         return 0
 

@@ -172,22 +172,29 @@ def broadcast_object(obj):
     return box[0]
 
 
-def agree_at_sync_point(stop: bool, bad_step: int | None, num_steps: int) -> tuple[bool, int | None, int | None]:
+def agree_at_sync_point(stop: bool, bad_step: int | None, num_steps: int, bad_value: float = float("nan")
+                        ) -> tuple[bool, int | None, int | None, float | None]:
     """One int64 all-reduce (MAX) at a host-sync point: (any rank asked to stop, the earliest step
-    at which any rank saw a non-finite loss or None, the lowest rank that saw it or None).
+    at which any rank saw a non-finite loss or None, the lowest rank that saw it or None, that rank's
+    loss value there: nan, inf or -inf, or None).
 
     Why one collective for both: a rank that raised on its own NaN would leave the others waiting in
-    their next collective; with this, every rank learns of the NaN at the same point and stops.
+    their next collective; with this, every rank learns of the NaN at the same point and stops, and all
+    of them can name the same step, rank and value.
     `bad_step` lies in [0, num_steps); it is encoded so that MAX picks the earliest step, then the
-    lowest rank: (num_steps - step) * world + (world - 1 - rank), 0 meaning none.
+    lowest rank, and carries that rank's kind of value in the lowest digit:
+    ((num_steps - step) * world + (world - 1 - rank)) * 3 + kind, 0 meaning none.
     """
     world, rank = get_world_size(), get_rank()
-    key = 0 if bad_step is None else (num_steps - int(bad_step)) * world + (world - 1 - rank)
+    kinds = (float("nan"), float("inf"), float("-inf"))
+    kind = 0 if bad_value != bad_value else (1 if bad_value > 0 else 2)
+    key = 0 if bad_step is None else ((num_steps - int(bad_step)) * world + (world - 1 - rank)) * 3 + kind
     if is_dist():
         t = all_reduce(to_collective(torch.tensor([1 if stop else 0, key], dtype=torch.int64)), op="max")
         stop_any, key = t.tolist()
         stop = bool(stop_any)
     if key == 0:
-        return stop, None, None
+        return stop, None, None, None
+    key, kind = divmod(key, 3)
     q, r = divmod(key, world)
-    return stop, num_steps - q, world - 1 - r
+    return stop, num_steps - q, world - 1 - r, kinds[kind]

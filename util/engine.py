@@ -12,7 +12,6 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from d3p.collectives import get_rank
 from util.dist import agree_at_sync_point
 
 StopPoll = Callable[[], bool]
@@ -46,14 +45,14 @@ def no_sync_unless(model: torch.nn.Module, update: bool):
     return model.no_sync()
 
 
-def nonfinite_loss_error(epoch: int, step: int, rank: int, value: float | None = None) -> NonFiniteLossError:
-    """The error every rank raises once the ranks agreed that `rank` saw a NaN/inf loss at `step`."""
-    seen = f"loss is {value}" if value is not None else "a non-finite loss"
+def nonfinite_loss_error(epoch: int, step: int, num_steps: int, rank: int, value: float) -> NonFiniteLossError:
+    """The error every rank raises once the ranks agreed that `rank` saw the loss `value` (nan, inf, -inf) at
+    `step` (0-based, as MAE counts epochs) of `num_steps`: the same message on every rank."""
     return NonFiniteLossError(
-        f"{seen} at epoch {epoch}, step {step} (seen on rank {rank}; all ranks stopped). Training stopped; the "
-        "last checkpoint in --output_dir is intact (nothing was saved after the failure). Fix: lower --blr, use "
-        "--precision bf16/fp32 instead of fp16, add --clip_grad, or check the data for broken images; "
-        "then restart with --auto_resume"
+        f"non-finite training loss ({value}) at epoch {epoch}, step {step} (of steps 0-{num_steps - 1}; seen on "
+        f"rank {rank}; all ranks stopped). Training stopped; the last checkpoint in --output_dir is intact (nothing "
+        "was saved after the failure). Fix: lower --blr, use --precision bf16/fp32 instead of fp16, add "
+        "--clip_grad, or check the data for broken images; then restart with --auto_resume"
     )
 
 
@@ -85,10 +84,10 @@ class SyncPoint:
         bad = np.flatnonzero(~np.isfinite(values))
         wants_stop = self.stop_requested is not None and self.stop_requested()
         local_bad = None if not bad.size else self.first + int(bad[0])
-        stop_all, bad_step, bad_rank = agree_at_sync_point(wants_stop, local_bad, self.num_steps)
+        local_value = float(values[bad[0]]) if bad.size else float("nan")
+        stop_all, bad_step, bad_rank, value = agree_at_sync_point(wants_stop, local_bad, self.num_steps, local_value)
         if bad_step is not None:
-            mine = bad.size and bad_rank == get_rank() and local_bad == bad_step
-            raise nonfinite_loss_error(self.epoch, bad_step, bad_rank, float(values[bad[0]]) if mine else None)
+            raise nonfinite_loss_error(self.epoch, bad_step, self.num_steps, bad_rank, value)
         first = self.first
         self.first += len(self.pending)
         self.pending = []

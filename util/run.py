@@ -224,9 +224,13 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, ba
 
 def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int,
                      collate_fn: Callable | None = None) -> DataLoader:
-    """An evaluation loader (no augmentation to seed); its workers ignore stop signals too."""
+    """An evaluation loader (no augmentation to seed); its workers ignore stop signals too.
+
+    Its own generator, as in make_loader: creating an iterator would otherwise draw a worker seed from the
+    global torch RNG. With persistent workers that happens once per run, so a run resumed mid-training would
+    draw it at another point than the uninterrupted run, and every drop-path mask after it would differ."""
     return _tracked(DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False,
-                               collate_fn=collate_fn, **_worker_options(args)))
+                               collate_fn=collate_fn, generator=torch.Generator(), **_worker_options(args)))
 
 
 def _worker_options(args: argparse.Namespace) -> dict:

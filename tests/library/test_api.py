@@ -168,6 +168,51 @@ def test_short_form_is_the_explicit_loop():
     assert any(e["samples_forward_only"] > 0 for e in short.ledger.epochs)
 
 
+def test_short_form_records_both_passes_with_one_loss_in_the_training_mode():
+    """Issue 22 item 4: the pruned samples' losses come from the same loss_fn (label smoothing included) and the
+    same model mode (dropout active) as the trained samples' ones, without gradient; otherwise they would look
+    easier than they are and stay pruned."""
+    calls = []
+
+    class Probe(torch.nn.Module):  # notes the mode and the gradient state of every forward
+        def __init__(self):
+            super().__init__()
+            self.linear, self.drop = torch.nn.Linear(8, 3), torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            calls.append(("forward", self.training, torch.is_grad_enabled()))
+            return self.drop(self.linear(x))
+
+    smoothed = torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")
+
+    def loss_fn(outputs, targets):
+        calls.append(("loss", None, None))
+        return smoothed(outputs, targets)
+
+    torch.manual_seed(0)
+    model = Probe()
+    pruner = d3p.DataPruner(N, "d3p", epochs=5, seed=3, min_kept=16, loss_fn=loss_fn, **D3P_OPTIONS)
+    loader = torch.utils.data.DataLoader(_digits_like(), batch_size=16, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for epoch in range(5):
+        model.train()
+        calls.clear()
+        batches = 0
+        for x, y in pruner.epoch(loader, epoch, model):
+            loss = pruner.loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            batches += 1
+        forward_only = calls[2 * batches:]
+        if pruner.last_log["samples_forward_only"]:
+            break
+    assert forward_only, "no recording epoch with a forward-only pass"
+    assert calls[:2 * batches] == [("forward", True, True), ("loss", None, None)] * batches
+    # the forward-only pass: the same model mode (dropout on), no gradient, and the same loss_fn per batch
+    assert forward_only == [("forward", True, False), ("loss", None, None)] * (len(forward_only) // 2)
+
+
 def test_short_form_does_nothing_extra_when_nothing_is_needed():
     """No forward-only pass when the method needs none: no model needed, no extra batch drawn."""
     data = _digits_like()
@@ -228,6 +273,18 @@ def test_cluster_traps_under_two_ranks(tmp_path):
     # 3. rank 0 gives up after sync_timeout, naming the call and the fix
     assert "DataPruner.end_epoch(1)" in r0["timeout"] and "every rank" in r0["timeout"], r0["timeout"]
     assert 3.5 < r0["waited"] < 8
+
+
+def test_a_rank_that_never_chose_its_gpu_is_refused_with_the_fix():
+    """Issue 22 item 4: under torchrun without torch.cuda.set_device(local_rank), every rank's current GPU is
+    cuda:0 and the library's NCCL collectives would all land there. collective_device() refuses that case
+    (the decision is a pure function of LOCAL_RANK, the visible GPUs and the current one, testable on CPU)."""
+    from d3p.collectives import rank_device_problem
+
+    message = rank_device_problem("3", 8, 0)
+    assert "local rank 3" in message and "torch.cuda.set_device(int(os.environ['LOCAL_RANK']))" in message
+    for fine in (("3", 8, 3), ("0", 8, 0), (None, 8, 0), ("3", 1, 0)):  # chosen; rank 0; no torchrun; 1 GPU each
+        assert rank_device_problem(*fine) is None, fine
 
 
 def test_import_d3p_does_not_import_the_frameworks():

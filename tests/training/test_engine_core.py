@@ -71,9 +71,14 @@ def test_nan_is_found_at_the_sync_point_with_its_step_and_is_a_floating_point_er
     for value in (1.0, float("nan"), 2.0):
         sync.add(torch.tensor(value))
     assert sync.due(12) and not SyncPoint(7, 10, 20, 3).due(10)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 7, step 11 \(seen on rank 0"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at epoch 7, step 11 \(of steps 0-19; seen on rank 0; "):
         sync.check()
     assert issubclass(NonFiniteLossError, RuntimeError)
+    sync = SyncPoint(epoch=0, start_step=0, num_steps=4, print_freq=4)
+    for value in (1.0, 2.0, float("-inf"), float("nan")):  # the earliest bad step and its own value
+        sync.add(torch.tensor(value))
+    with pytest.raises(NonFiniteLossError, match=r"loss \(-inf\) at epoch 0, step 2 \(of steps 0-3;"):
+        sync.check()
 
 
 class _Recorder:
@@ -115,3 +120,43 @@ def test_evaluation_stopped_by_a_signal_returns_none():
     assert engine_finetune.evaluate(batches, model, "cpu", stop_requested=lambda: True) is None
     stats = engine_finetune.evaluate(batches, model, "cpu", stop_requested=lambda: False)
     assert stats["num_samples"] == 12 and np.isfinite(stats["loss"])
+
+
+class _HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that copy a float tensor to the host (item, tolist, cpu, numpy, float(), bool()). On a
+    GPU each is a device sync; the float tensors here are the ones a GPU run keeps on the device (outputs,
+    losses, gradients), while the dataset indices stay on the host."""
+    HOST = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__float__,
+            torch.Tensor.__bool__}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.HOST and args and args[0].is_floating_point():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_finetune_steps_between_sync_points_make_no_host_sync():
+    """Issue 22 item 2: the fine-tuning engine copies losses to the host only at its sync points (every
+    print_freq steps), not per step: an epoch of 12 steps makes as many host copies as one of 6 (one sync
+    point each), with the pruner's weighting and recording in the step."""
+    import d3p
+
+    counts = []
+    for steps in (6, 12):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # (CPU AdamW reads its step counts)
+        pruner = d3p.DataPruner(48, "infobatch", epochs=3)
+        pruner.begin_epoch(1)  # weights and recording
+        with _HostSyncs() as syncs:
+            stats = engine_finetune.train_one_epoch(
+                model, per_sample_cross_entropy, _batches(steps), opt, torch.device("cpu"), 1,
+                ScaledOptimizerStep(None, "cpu"), args=argparse.Namespace(**{**ARGS, "print_freq": 100}),
+                pruner=pruner)
+        assert stats["optimizer_steps"] == steps // 2
+        counts.append(syncs.count)
+    assert counts[0] == counts[1] and counts[0] <= 10, counts

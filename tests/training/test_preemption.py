@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_log, run_script, run_torchrun
+from conftest import assert_state_equal, read_log, run_script, run_torchrun
 from util import run
 
 BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "32", "--train_subset", "126",
         "--warmup_epochs", "1", "--blr", "1e-3", "--print_freq", "1", "--save_every", "1", "--epochs", "4"]
 D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
 PRETRAIN = [*BASE, *D3P]
-# fine-tuning from scratch on the digits (1500 training images): 6 steps per rank and epoch on 2 ranks
+# fine-tuning from scratch on the digits (1500 training images): 6 steps per rank and epoch on 2 ranks. 4 epochs,
+# as in pre-training: epochs 2-3 (0-based) are the window of the decision at the end of epoch 3, so epoch 2 trains
+# the kept samples of epoch 1's decision and records the pruned ones in a forward-only pass. (With 3 epochs that
+# decision would fall after the run: D3PSchedule.is_recording is then false for epoch 2 and it has no such pass.)
 FINETUNE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "128", "--num_workers", "2",
-            "--mixup", "0", "--cutmix", "0", "--aa", "none", "--blr", "2e-3", "--warmup_epochs", "1", "--epochs", "3",
+            "--mixup", "0", "--cutmix", "0", "--aa", "none", "--blr", "2e-3", "--warmup_epochs", "1", "--epochs", "4",
             "--print_freq", "2", "--keep_last", "0", *D3P]
 
 
@@ -26,19 +29,13 @@ def _load(run_dir, name):
 
 
 def assert_bit_identical(a_dir, b_dir, name):
-    """Weights, optimizer state, pruning state (decisions, weights, ledger counts) of two checkpoints."""
+    """Weights, optimizer state and the whole pruning state (the method's loss window, decisions and weights;
+    the trained counts; the ledger without its timings) of two checkpoints, exactly (NaN equal to NaN)."""
     a, b = _load(a_dir, name), _load(b_dir, name)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ"
-    for k, state in a["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][k][key]), f"optimizer {k}.{key} differs"
-    sa, sb = a["pruning"]["strategy"], b["pruning"]["strategy"]
-    for key in ("pruned", "weights"):
-        assert torch.equal(sa[key], sb[key]), key
-    assert torch.equal(a["pruning"]["trained_counts"], b["pruning"]["trained_counts"])
-    fields = ("samples_trained", "samples_forward_only", "optimizer_steps", "kept", "pruned")
-    assert [[e[f] for f in fields] for e in a["pruning"]["ledger"]["epochs"]] == \
-        [[e[f] for f in fields] for e in b["pruning"]["ledger"]["epochs"]]
+    assert_state_equal(a["optimizer"], b["optimizer"], "optimizer")
+    assert_state_equal(a["pruning"], b["pruning"], "pruning")
+    assert a["pruning"]["ledger"]["epochs"], "an empty ledger compares equal"
 
 
 # ----------------------------------------------------------------------------------------------- unit
@@ -76,16 +73,18 @@ loader = run.make_loader(data, PrunedDistributedSampler(64, shuffle=False), args
 seen = []
 for step, (x, _, index) in enumerate(loader):
     if step == 1:
-        os.killpg(os.getpgid(0), signal.SIGTERM)  # the whole group: this process and its 2 workers
+        os.killpg(os.getpgid(0), signal.SIGNAL)  # the whole group: this process and its 2 workers
     seen += index.tolist()
 print("flag", stop(), "seen", sorted(seen) == list(range(64)))
 """
 
 
-def test_loader_workers_outlive_a_sigterm_to_the_process_group():
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
+def test_loader_workers_outlive_a_stop_signal_to_the_process_group(name):
     """Without the workers ignoring it, torch's worker handler dies on a SIGTERM from a process other than
-    its parent, and the loop raises "DataLoader worker (pid N) is killed by signal: Terminated"."""
-    res = run_script(["-c", LOADER_SCRIPT], timeout=120)
+    its parent, and the loop raises "DataLoader worker (pid N) is killed by signal: Terminated"; SLURM's
+    USR1/USR2 warning would kill a worker by its default action."""
+    res = run_script(["-c", LOADER_SCRIPT.replace("SIGNAL", name)], timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "flag True seen True" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "killed by signal" not in res.stderr
@@ -146,12 +145,13 @@ def test_pretrain_resumed_on_one_rank_trains_each_kept_sample_once(tmp_path, pre
 
 
 def test_pretrain_resumed_on_two_ranks_after_one(tmp_path):
-    """The reverse: 1 process stopped after 2 steps of epoch 2 (32 samples), 2 ranks continue it."""
+    """The reverse: 1 process stopped after 2 steps of epoch 2 (32 samples), 2 ranks continue it, with another
+    --batch_size too (the resume counts samples, not steps)."""
     out = str(tmp_path / "run")
     one = [*PRETRAIN, "--num_workers", "0", "--batch_size", "16", "--output_dir", out]
     res = run_script(["tests/fault_runner.py", *one], env_extra={"FAULT": "sigterm:2:1"})
     assert res.returncode == run.EXIT_STOPPED, res.stderr[-2000:]
-    res = run_torchrun(2, ["main_pretrain_d3p.py", *one, "--auto_resume"])
+    res = run_torchrun(2, ["main_pretrain_d3p.py", *one, "--batch_size", "8", "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming epoch 2 after step 2 (32 of" in res.stdout and "this run has 2" in res.stdout, res.stdout[-2000:]
     log = read_log(out)
@@ -178,13 +178,58 @@ def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming epoch 2 after step 2" in res.stdout
     assert not os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), "superseded partial checkpoint kept"
-    assert_bit_identical(ref, out, "checkpoint-2.pth")
+    for epoch in (2, 3):
+        assert_bit_identical(ref, out, f"checkpoint-{epoch}.pth")
     ref_log, log = read_log(ref), read_log(out)
-    assert ref_log[2]["pruned"] > 0 and ref_log[2]["samples_forward_only"] > 0  # the stop hit such an epoch
-    assert [r["epoch"] for r in log] == [0, 1, 2]
+    # the stop hit such an epoch: a recording epoch with pruned samples, recorded in its forward-only pass
+    assert ref_log[2]["pruned"] > 0 and ref_log[2]["samples_forward_only"] >= ref_log[2]["pruned"]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
     for key in ("samples_trained", "samples_forward_only", "test_acc1", "kept"):
         assert [r[key] for r in log] == [r[key] for r in ref_log], key
     assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in ref_log], rel=1e-6)
+
+
+# one process, no workers, batches of 32: D3P decides after every epoch (window 1), so epoch 1 trains the kept
+# samples and records the pruned ones in a forward-only pass of several batches (a stop is polled every batch)
+FINETUNE_ONE = ["--model", "vit_tiny_patch4", "--input_size", "16", "--batch_size", "32", "--num_workers", "0",
+                "--mixup", "0", "--cutmix", "0", "--aa", "none", "--blr", "2e-3", "--warmup_epochs", "1",
+                "--epochs", "2", "--print_freq", "1", "--keep_last", "0", "--prune_method", "d3p", "--d3p_start",
+                "1", "--d3p_period", "1", "--d3p_window", "1", "--d3p_bins", "16"]
+
+
+@pytest.fixture(scope="module")
+def finetune_one_ref(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("ft_ref"))
+    res = run_script(["main_finetune.py", *FINETUNE_ONE, "--output_dir", ref])
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = read_log(ref)
+    assert log[1]["pruned"] > 0 and log[1]["samples_forward_only"] > 2 * 32  # a pass of 3 or more batches
+    return ref
+
+
+@pytest.mark.parametrize("fault, line", [
+    ("sigterm_forward:1:0", "stopped by signal in epoch 1 after training, during its forward-only pass"),
+    ("sigterm_eval:0:1", "stopped by signal after epoch 0"),
+])
+def test_finetune_sigterm_in_forward_only_pass_or_evaluation_resumes_exactly(tmp_path, finetune_one_ref, fault,
+                                                                              line):
+    """Fine-tuning stopped in its D3P forward-only pass (the state from before the pass is saved; the resume
+    replays the pass) or in an evaluation (the epoch is saved with its log line pending; the resume evaluates
+    first): the resumed run ends as the uninterrupted one, weights, optimizer, pruning state and log."""
+    out = str(tmp_path / "run")
+    res = run_script(["tests/fault_runner.py", *FINETUNE_ONE, "--output_dir", out],
+                     env_extra={"FAULT": fault, "FAULT_SCRIPT": "finetune"})
+    assert res.returncode == run.EXIT_STOPPED, res.stderr[-3000:]
+    assert f"{line}; checkpoint saved, resume with --auto_resume" in res.stdout, res.stdout[-3000:]
+    if fault.startswith("sigterm_eval"):
+        assert "evaluation stopped by a signal" in res.stdout and not os.path.exists(os.path.join(out, "log.txt"))
+    res = run_script(["main_finetune.py", *FINETUNE_ONE, "--output_dir", out, "--auto_resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_bit_identical(finetune_one_ref, out, "checkpoint-1.pth")
+    ref_log, log = read_log(finetune_one_ref), read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1]
+    for key in ("samples_trained", "samples_forward_only", "kept", "test_acc1", "test_loss", "train_loss"):
+        assert [r[key] for r in log] == [r[key] for r in ref_log], key
 
 
 def test_pretrain_sigterm_in_d2_embedding_pass_saves_and_resume_is_exact(tmp_path):

@@ -57,3 +57,25 @@ def test_workers_ignore_the_stop_signals_then_run_the_loader_init():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
+    """A resume creates the (persistent) loaders' iterators at another point of the run than the uninterrupted
+    run did: a draw from the global RNG there would shift every later drop-path mask."""
+    import argparse
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from d3p.sampler import PrunedDistributedSampler
+    from util.datasets import IndexedDataset
+
+    args = argparse.Namespace(seed=0, num_workers=workers, pin_mem=False, device="cpu")
+    data = TensorDataset(torch.arange(8).float().view(8, 1), torch.zeros(8, dtype=torch.long))
+    loaders = [run.make_loader(IndexedDataset(data), PrunedDistributedSampler(8, shuffle=False), args, 4, 0),
+               run.make_eval_loader(data, range(8), args, 4)]
+    for loader in loaders:
+        before = torch.get_rng_state()
+        assert len(list(loader)) == 2
+        assert torch.equal(torch.get_rng_state(), before)
