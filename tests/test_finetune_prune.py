@@ -50,7 +50,7 @@ def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
     assert log[0]["kept"] == N and 0 < pruned == N - log[2]["kept"]
     assert [r["samples_forward_only"] for r in log] == [0, 0, pruned, pruned]  # recording epochs after pruning
     assert [r["samples_trained"] for r in log] == [r["kept"] for r in log]  # drop_last off: all kept trained
-    for key in ("train_loss", "test_acc1", "compute_saved", "prune_ratio", "plan_fingerprint", "optimizer_steps"):
+    for key in ("train_loss", "test_acc1", "compute_saved", "epoch_prune_ratio", "run_prune_ratio", "plan_fingerprint", "optimizer_steps"):
         assert key in log[3], key
     assert log[2]["optimizer_steps"] == -(-(N - pruned) // 64)
     summary = json.loads((straight / "summary.json").read_text())
