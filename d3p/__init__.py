@@ -44,6 +44,7 @@ _EXPORTS = {
     "add_pruning_args": "d3p.options",
     "validate_pruning_args": "d3p.options",
     "per_sample_cross_entropy": "d3p.losses",
+    "D3PFitWarning": "d3p.stats",
     "EpochPlan": "d3p.strategy",
     "EpochLosses": "d3p.strategy",
     "PruningStrategy": "d3p.strategy",
