@@ -95,8 +95,8 @@ def test_noisy_cross_entropy_warns_and_the_rails_act(noisy_runs):
     assert len(plain["fit_ks"]) == 2 and min(plain["fit_ks"]) > 1.5 * FIT_KS_THRESHOLD
     assert plain["fit_warnings"] == 2 and rails["fit_warnings"] == 2  # one D3PFitWarning per decision
     assert plain["rails_acted"] == [] and plain["max_weight"] > 4.0  # published: uncapped up-weights
-    assert rails["max_weight"] <= 4.0
-    assert all("up-weights capped at 4" in line for line in rails["rails_acted"])
+    assert rails["max_weight"] == 1.0  # the classification default: no up-weights
+    assert len(rails["rails_acted"]) == 2 and all("up-weights capped at 1" in line for line in rails["rails_acted"])
 
 
 def test_the_cap_bounds_every_weight_and_changes_nothing_else():
@@ -150,8 +150,8 @@ def test_defaults_are_the_published_method_and_classification_turns_the_rails_on
     mae = d3p.DataPruner(100, "d3p", epochs=10)
     assert (mae.strategy.max_weight, mae.strategy.min_kept_share, mae.strategy.poor_fit) == (0.0, 0.0, "warn")
     clf = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="classification")
-    assert clf.strategy.max_weight == 4.0 and clf.strategy.min_kept_share == 0.5
-    assert clf.options["d3p_max_weight"] == 4.0  # summary.json's flags say so
+    assert clf.strategy.max_weight == 1.0 and clf.strategy.min_kept_share == 0.5
+    assert clf.options["d3p_max_weight"] == 1.0  # summary.json's flags say so
     own = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="classification", d3p_max_weight=0.0)
     assert own.strategy.max_weight == 0.0  # an explicit option wins over the preset
     with pytest.raises(ValueError, match="loss_kind must be one of"):
@@ -163,7 +163,7 @@ def test_defaults_are_the_published_method_and_classification_turns_the_rails_on
     pre = main_pretrain_d3p.get_args_parser().parse_args([])
     ft = main_finetune.get_args_parser().parse_args([])
     assert (pre.d3p_max_weight, pre.d3p_min_kept, pre.d3p_poor_fit) == (0.0, 0.0, "warn")
-    assert (ft.d3p_max_weight, ft.d3p_min_kept) == (4.0, 0.5)
+    assert (ft.d3p_max_weight, ft.d3p_min_kept) == (1.0, 0.5)
     parser = argparse.ArgumentParser()
     d3p.add_pruning_args(parser)
     assert "must be 0 (no cap) or >= 1" in "; ".join(

@@ -221,9 +221,9 @@ D3P_OPTIONS = (
            rule="must lie in (0, 1)"),
     Option("d3p_anneal_epochs", 0, int, "full data in the last K epochs"),
     # the safety rails (docs/supervised.md): off by default, the published method; on for classification losses
-    Option("d3p_max_weight", 0.0, float, "cap on D3P's up-weights (0: no cap, the published method; "
-           "classification default 4)", valid=lambda w: w == 0 or w >= 1, rule="must be 0 (no cap) or >= 1",
-           presets=(("classification", 4.0),)),
+    Option("d3p_max_weight", 0.0, float, "cap on D3P's up-weights (0: no cap, the published method; 1: no "
+           "up-weights, the classification default)", valid=lambda w: w == 0 or w >= 1,
+           rule="must be 0 (no cap) or >= 1", presets=(("classification", 1.0),)),
     Option("d3p_min_kept", 0.0, float, "floor on the share of samples a decision keeps, in [0, 1] (0: none; "
            "classification default 0.5)", valid=lambda f: 0.0 <= f <= 1.0, rule="must lie in [0, 1]",
            presets=(("classification", 0.5),)),
