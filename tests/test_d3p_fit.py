@@ -207,3 +207,23 @@ def test_the_epoch_and_the_run_prune_ratio():
     log = ledger.record_epoch(1, 40, 0, 1, 1.0, 0.0, kept=40)
     assert log["epoch_prune_ratio"] == 0.6 and log["run_prune_ratio"] == 1 - 140 / 200 and "prune_ratio" not in log
     assert ledger.summary()["prune_ratio"] == 1 - 140 / 200  # summary.json: the run's figure
+
+
+def test_main_finetune_label_noise_flag(tmp_path):
+    import main_finetune
+
+    def args(*argv):
+        a = main_finetune.get_args_parser().parse_args(["--model", "vit_tiny_patch4", "--input_size", "16",
+                                                        "--num_workers", "0", "--output_dir", str(tmp_path), *argv])
+        main_finetune.resolve_defaults(a)
+        return a
+
+    with pytest.raises(main_finetune.ConfigError, match="--label_noise 1.0 must lie in"):
+        main_finetune.validate_args(args("--label_noise", "1.0"))
+    clean = main_finetune.build_loaders(args())[0]
+    noisy = main_finetune.build_loaders(args("--label_noise", "0.2", "--seed", "3"))[0]
+    bad = np.load(tmp_path / "mislabelled.npy")
+    expect, mask = symmetric_label_noise(clean.base.targets, 10, 0.2, seed=3)
+    np.testing.assert_array_equal(bad, mask)
+    assert bad.sum() == 300 and noisy.base.targets == expect.tolist()
+    assert noisy[int(np.flatnonzero(bad)[0])][1] != clean[int(np.flatnonzero(bad)[0])][1]  # the items carry it
