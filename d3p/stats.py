@@ -503,7 +503,8 @@ class D3PDecision:
     cld:      float64 (N,) the score.
     support:  float64 (2,) [a, b]; NaN when no support was found (nothing pruned).
     observed, expected: int64 (bins,) histogram inside the support (zeros without support).
-    easy, hard, trimmed: samples pruned below a, above b, from over-filled bins (before restore).
+    easy, hard, trimmed: samples pruned below a, above b, from over-filled bins (before restore; with
+              poor_fit="keep_tail" the `hard` ones are kept, counted in tail_kept).
     upweighted: samples with weight > 1. restored: pruned samples given back for min_kept.
     prune_ratio: pruned.sum() / N. seconds: wall time of the decision.
     reason:   '' normally; why nothing was pruned otherwise.

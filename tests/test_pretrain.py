@@ -10,6 +10,7 @@ import torch
 import main_pretrain_d3p
 from conftest import load_ckpt, read_log, run_torchrun
 from d3p import DataPruner, EpochPlan, weighted_batch_loss
+from d3p.stats import FIT_KS_THRESHOLD
 from engine_pretrain import train_one_epoch
 
 BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
@@ -128,7 +129,7 @@ def test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle(tmp_path):
     assert log[4]["run_prune_ratio"] == pytest.approx(1 - sum(r["samples_trained"] for r in log) / (5 * 192))
     assert "prune_ratio" not in log[4]
     # the fit diagnostic at every decision; MAE's losses fit: no warning, no rail acted (all off by default)
-    assert all(0 <= log[e]["d3p_fit_ks"] < 0.2 and "d3p_warning" not in log[e] for e in (1, 4))
+    assert all(0 <= log[e]["d3p_fit_ks"] < FIT_KS_THRESHOLD and "d3p_warning" not in log[e] for e in (1, 4))
     assert all(log[e]["d3p_capped"] == 0 and log[e]["d3p_tail_kept"] == 0 for e in (1, 4))
     state = load_ckpt(straight, 2)["pruning"]["strategy"]
     assert (state["weights"] > 1).any(), "histogram matching up-weighted nothing"
