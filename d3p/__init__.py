@@ -14,7 +14,7 @@ The public API (see docs/api.md and examples/train_classifier.py):
     import_prune_plugins  import the --prune_plugin modules named in argv (before the parser is built)
 
 Layout — shared machinery: stats.py (CLD, ideal density, decision), schedule.py, strategy.py (the
-PruningStrategy protocol and EpochPlan), registry.py (methods by name, their kinds and options), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
+PruningStrategy protocol and EpochPlan), fit.py (the fit threshold and D3PFitWarning), registry.py (methods by name, their kinds and options), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
 the rank guard), ledger.py, options.py, integration.py (the API), losses.py, checkpoints.py; one module per
 method in d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py
 (d3p-static), plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
@@ -46,7 +46,7 @@ _EXPORTS = {
     "add_pruning_args": "d3p.options",
     "validate_pruning_args": "d3p.options",
     "per_sample_cross_entropy": "d3p.losses",
-    "D3PFitWarning": "d3p.stats",
+    "D3PFitWarning": "d3p.fit",
     "EpochPlan": "d3p.strategy",
     "EpochLosses": "d3p.strategy",
     "PruningStrategy": "d3p.strategy",

@@ -34,6 +34,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy.special import ndtr, ndtri
 
+from d3p.fit import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS, D3PFitWarning
+
 __all__ = [
     "D3PFitWarning",
     "DegenerateWindowError",
@@ -58,20 +60,6 @@ _CELLS_PER_SD = 200
 _MIN_CELLS = 8192
 _MIN_CELLS_N1 = 1 << 18  # n=1 keeps the df=1 singularity at 0 (no convolution smooths it)
 _MAX_CELLS = 1 << 21
-
-
-# The KS distance between the observed CLD and the ideal distribution above which D3P's model of the losses counts
-# as a poor fit (docs/supervised.md#the-fit-diagnostic has the measurements behind the value).
-FIT_KS_THRESHOLD = 0.2
-# What a decision does when the fit is poor: only warn (the published method), keep the hard tail (samples above
-# the support stay, weight 1), or keep everything (no pruning, no weights until the next decision).
-POOR_FIT_ACTIONS = ("warn", "keep_tail", "keep_all")
-
-
-class D3PFitWarning(UserWarning):
-    """D3P's ideal (generalised chi-square) CLD distribution fits the observed CLD poorly: its decision rests on
-    a model of the losses that does not hold (typically a classifier's cross-entropy, above all with noisy
-    labels)."""
 
 
 class DegenerateWindowError(ValueError):

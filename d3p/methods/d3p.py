@@ -10,7 +10,7 @@ import torch
 
 from d3p.registry import Option, register_method
 from d3p.schedule import D3PSchedule, validate_schedule
-from d3p.stats import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS, D3PFitWarning
+from d3p.fit import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS, D3PFitWarning
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 _DECISION_RNG = 1  # `purpose` of epoch_rng for the trimming draw
