@@ -136,6 +136,9 @@ def test_poor_fit_actions():
     assert free.poor_fit and free.hard > 0
     tail = decide(window, bins=32, rng=0, poor_fit="keep_tail")
     assert tail.tail_kept == free.hard and not tail.pruned[free.cld > free.support[1]].any()
+    with pytest.warns(D3PFitWarning):  # the strategy logs the rail when it acts
+        log = _decide_on(_strategy(4000, poor_fit="keep_tail"), window)
+    assert log["d3p_tail_kept"] == free.hard and f"{free.hard} hard samples kept" in log["d3p_rails"]
     everything = decide(window, bins=32, rng=0, poor_fit="keep_all")
     assert not everything.pruned.any() and (everything.weights == 1).all() and "keep_all" in everything.reason
     # a fitting window is decided as usual whatever the action
