@@ -125,7 +125,8 @@ def run(arm: str, noise: float, seed: int, epochs: int, out_dir: str, kept_count
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="./output_noisy")
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
