@@ -158,7 +158,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
     g.add_argument("--label_noise", default=0.0, type=float, metavar="RATE",
                    help="replace this share of the training labels by another class, seeded by --seed "
-                        "(util/label_noise.py; the noisy-label benchmark of docs/supervised.md); test labels stay clean")
+                        "(util/label_noise.py; docs/supervised.md); the test labels stay clean")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
