@@ -28,6 +28,7 @@ import time
 
 import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch; must precede timm/torchvision)
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -42,6 +43,7 @@ from util import checkpoint as ckpt_util
 from util import datasets as data_util
 from util import image_transforms
 from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN
+from util.label_noise import apply_label_noise
 from util.loader import default_num_workers
 from util import lr_decay
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
@@ -154,6 +156,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="dataset kind (default: digits without --data_path, imagenet layout with it)")
     g.add_argument("--download", action="store_true", help="cifar10/cifar100: download into --data_path")
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
+    g.add_argument("--label_noise", default=0.0, type=float, metavar="RATE",
+                   help="replace this share of the training labels by another class, seeded by --seed "
+                        "(util/label_noise.py; docs/supervised.md); the test labels stay clean")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
@@ -167,7 +172,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # output, checkpoints (MAE's --save_ckpt_freq is an alias of --save_every), resume, loader, devices
     run.add_run_args(p, save_every=1, keep_last=1)
 
-    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), default="none")
+    # classification defaults: D3P's safety rails on (docs/supervised.md)
+    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), default="none", loss_kind="classification")
     return p
 
 
@@ -226,6 +232,7 @@ def validate_args(args) -> None:
          "--mixup_prob and --mixup_switch_prob must be in [0, 1]"),
         (args.clip_grad is None or args.clip_grad > 0, f"--clip_grad {args.clip_grad} must be > 0 (leave it out to disable)"),
         (args.nb_classes is None or args.nb_classes >= 1, f"--nb_classes {args.nb_classes} must be >= 1"),
+        (0 <= args.label_noise < 1, f"--label_noise {args.label_noise} must lie in [0, 1)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -308,8 +315,14 @@ def build_loaders(args):
         tf = linprobe_transform
     else:
         tf = finetune_transform
-    dataset_train = data_util.IndexedDataset(
-        data_util.build_dataset("train", args.data_set, args.data_path, tf(True, args), args.download))
+    base_train = data_util.build_dataset("train", args.data_set, args.data_path, tf(True, args), args.download)
+    if args.label_noise:
+        mislabelled = apply_label_noise(base_train, args.label_noise, args.seed)
+        print(f"label noise: {int(mislabelled.sum())} of {mislabelled.size} training labels replaced")
+        if args.output_dir and get_rank() == 0:
+            os.makedirs(args.output_dir, exist_ok=True)
+            np.save(os.path.join(args.output_dir, "mislabelled.npy"), mislabelled)
+    dataset_train = data_util.IndexedDataset(base_train)
     dataset_val = data_util.build_dataset("val", args.data_set, args.data_path, tf(False, args), args.download)
     world, rank = get_world_size(), get_rank()
     if len(dataset_train) // world < args.batch_size:

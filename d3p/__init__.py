@@ -7,12 +7,14 @@ The public API (see docs/api.md and examples/train_classifier.py):
     add_pruning_args      the "pruning" flag group of an argparse parser   (d3p/options.py)
     validate_pruning_args messages for forbidden flag values / combinations
     per_sample_cross_entropy  cross-entropy per sample (label smoothing, soft Mixup/CutMix targets)
+    D3PFitWarning         D3P's model of the losses fits poorly (docs/supervised.md); DataPruner(...,
+                          loss_kind="classification") turns its safety rails on
     register_method, Option   add a method of your own (d3p/registry.py; docs/methods_api.md), on the bases
     BaseStrategy, LossScoredStrategy, StaticSelector, implementing PruningStrategy with EpochPlan
     import_prune_plugins  import the --prune_plugin modules named in argv (before the parser is built)
 
 Layout — shared machinery: stats.py (CLD, ideal density, decision), schedule.py, strategy.py (the
-PruningStrategy protocol and EpochPlan), registry.py (methods by name, their kinds and options), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
+PruningStrategy protocol and EpochPlan), fit.py (the fit threshold and D3PFitWarning), registry.py (methods by name, their kinds and options), sampler.py, recorder.py, distributed.py (the per-epoch reduction and
 the rank guard), ledger.py, options.py, integration.py (the API), losses.py, checkpoints.py; one module per
 method in d3p/methods/; command-line tools: decide.py (d3p-decide), export.py (d3p-export), static.py
 (d3p-static), plot.py. The package depends on numpy, scipy and torch only (matplotlib for figures, imported when drawn).
@@ -44,6 +46,7 @@ _EXPORTS = {
     "add_pruning_args": "d3p.options",
     "validate_pruning_args": "d3p.options",
     "per_sample_cross_entropy": "d3p.losses",
+    "D3PFitWarning": "d3p.fit",
     "EpochPlan": "d3p.strategy",
     "EpochLosses": "d3p.strategy",
     "PruningStrategy": "d3p.strategy",

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = decision.summary()
     line = {k: summary[k] for k in ("N", "pruned", "easy", "hard", "trimmed", "upweighted",
                                     "prune_ratio", "seconds")}
-    line.update(restored=summary["restored"], reason=summary["reason"])
+    line.update(restored=summary["restored"], reason=summary["reason"], fit_ks=summary["fit_ks"],
+                poor_fit=summary["poor_fit"], max_weight=summary["max_weight"])
     print(json.dumps(line), flush=True)
     return 0
 

@@ -37,7 +37,7 @@ from d3p.collectives import all_gather_within, get_rank, get_world_size, is_dist
 from d3p.data import pruned_loader
 from d3p.distributed import RankDivergenceError, check_ranks_agree, reduce_epoch_losses
 from d3p.ledger import CostLedger
-from d3p.options import options_of, validate_options
+from d3p.options import options_of, preset_options, validate_options
 from d3p.recorder import LossRecorder
 from d3p.registry import all_options, build, get_method, method_names
 from d3p.sampler import PrunedDistributedSampler
@@ -85,15 +85,19 @@ class DataPruner:
     knn_device: where D2's k-NN runs (the training device).
     loss_fn: (outputs, targets) -> float [B] per-sample losses: the one loss of both passes (`loss`, `epoch`).
     sync_timeout: seconds `begin_epoch`/`end_epoch` wait for the other ranks before an error names the call.
+    loss_kind: "reconstruction" (MAE's loss: the published defaults) or "classification" (a cross-entropy: the
+        options not given take their classification defaults, which turn D3P's safety rails on; docs/supervised.md).
     **options: the method's options, named as the flags (`d3p.registry.get_method(name).options`).
     """
 
     def __init__(self, num_samples: int, method: str | PruningStrategy = "d3p", epochs: int | None = None,
                  seed: int = 0, *, min_kept: int = 1, num_replicas: int | None = None, rank: int | None = None,
                  knn_device: str = "cpu", loss_fn: Callable[..., torch.Tensor] | None = None,
-                 sync_timeout: float = 1800.0, **options: Any):
+                 sync_timeout: float = 1800.0, loss_kind: str = "reconstruction", **options: Any):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}: the dataset is empty")
+        options = {**preset_options(loss_kind), **options}
+        self.loss_kind = loss_kind
         if isinstance(method, str):
             problems = validate_options(method, epochs, options)
             if problems:

@@ -41,6 +41,8 @@ class CostLedger:
                 "data_seconds": float(data_seconds),
                 "kept": int(kept),
                 "pruned": int(self.num_samples - kept),
+                # this epoch's own share of samples not trained (the run's figure is run_prune_ratio)
+                "epoch_prune_ratio": 1.0 - int(kept) / self.num_samples,
                 # images the loaders decoded this epoch: trained + forward-only (loss and embedding passes)
                 "samples_loaded": int(samples_trained) + int(samples_forward_only),
                 "seconds_per_trained_sample": float(epoch_seconds) / max(int(samples_trained), 1),
@@ -61,7 +63,8 @@ class CostLedger:
             "total_samples_trained": trained,
             "total_samples_forward_only": fwd,
             "total_optimizer_steps": sum(e["optimizer_steps"] for e in self.epochs),
-            "prune_ratio": 1.0 - trained / full,
+            # the paper's prune ratio of the run so far: 1 - trained / (epochs * N), cumulative over epochs
+            "run_prune_ratio": 1.0 - trained / full,
             "compute_saved": 1.0 - (trained + FORWARD_ONLY_COST * fwd) / full,
             "total_samples_loaded": trained + fwd,
             "loader_saved": 1.0 - (trained + fwd) / full,
@@ -79,7 +82,7 @@ class CostLedger:
             "samples_trained": t["total_samples_trained"],
             "samples_forward_only": t["total_samples_forward_only"],
             "optimizer_steps": t["total_optimizer_steps"],
-            "prune_ratio": t["prune_ratio"],
+            "prune_ratio": t["run_prune_ratio"],  # the run's (summary.json describes the whole run)
             "compute_saved": t["compute_saved"],
             "samples_loaded": t["total_samples_loaded"],
             "loader_saved": t["loader_saved"],

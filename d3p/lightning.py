@@ -110,7 +110,7 @@ class PruningCallback(pl.Callback):
         self.pruner.forward_only_pass(self._forward_batches(trainer), forward=self._forward_fn(pl_module))
         log = self.pruner.end_epoch(trainer.current_epoch)
         self.pruner.last_log = log
-        for key in ("kept", "prune_ratio", "compute_saved"):
+        for key in ("kept", "epoch_prune_ratio", "run_prune_ratio", "compute_saved"):
             pl_module.log(f"d3p/{key}", float(log[key]), rank_zero_only=True, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ the forward-only pass

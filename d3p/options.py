@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from d3p.registry import RegisteredNames, all_options, get_method, method_names
 
-__all__ = ["PRUNE_METHODS", "add_pruning_args", "defaults", "options_of", "validate_options", "validate_pruning_args"]
+__all__ = ["PRUNE_METHODS", "add_pruning_args", "defaults", "options_of", "preset_options", "validate_options",
+           "validate_pruning_args"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,18 +24,27 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'd3p.options' has no attribute {name!r}")
 
 
-def defaults(methods: Sequence[str] | None = None) -> dict[str, Any]:
-    """Option name -> default, for the options of `methods` (default: every registered method)."""
-    return {name: option.default for name, option in all_options(methods).items()}
+def defaults(methods: Sequence[str] | None = None, loss_kind: str = "reconstruction") -> dict[str, Any]:
+    """Option name -> default, for the options of `methods` (default: every registered method), when training
+    with a loss of kind `loss_kind` (`d3p.registry.LOSS_KINDS`)."""
+    return {name: option.default_for(loss_kind) for name, option in all_options(methods).items()}
+
+
+def preset_options(loss_kind: str) -> dict[str, Any]:
+    """The options whose default differs for `loss_kind` -> that default (e.g. D3P's rails for "classification")."""
+    return {name: option.default_for(loss_kind) for name, option in all_options().items()
+            if option.default_for(loss_kind) != option.default}
 
 
 def add_pruning_args(
-    parser: argparse.ArgumentParser, methods: Sequence[str] | None = None, default: str = "d3p"
+    parser: argparse.ArgumentParser, methods: Sequence[str] | None = None, default: str = "d3p",
+    loss_kind: str = "reconstruction",
 ) -> argparse._ArgumentGroup:
     """Add the "pruning" flag group: --prune_method, --prune_plugin and the options of the methods `methods`
     supports (default: every registered one). `validate_pruning_args(args, methods)` refuses the other methods
     with a message. Methods registered by a --prune_plugin are among them when `import_prune_plugins(argv)` ran
-    before this call."""
+    before this call. loss_kind: the training loss's kind; the flags default to its presets ("classification":
+    D3P's safety rails on)."""
     names = None if methods is None else tuple(methods)
     shown = names if names is not None else method_names()
     g = parser.add_argument_group("pruning")
@@ -44,7 +54,8 @@ def add_pruning_args(
                    help="import a module (a .py file or a module name) that registers a method with "
                         "@d3p.register_method before the flags are read; repeatable")
     for option in all_options(names).values():
-        kwargs: dict[str, Any] = {"dest": option.name, "default": option.default, "help": option.help or None}
+        kwargs: dict[str, Any] = {"dest": option.name, "default": option.default_for(loss_kind),
+                                  "help": option.help or None}
         if option.type is not None:
             kwargs["type"] = option.type
         if option.choices is not None:

@@ -86,6 +86,8 @@ def decision_figure(
     ax.set_ylabel("samples per bin")
     head = title or "D3P decision"
     sub = f"N={N:,}  pruned {decision.prune_ratio:.1%}  up-weighted {decision.upweighted:,}"
+    if np.isfinite(decision.fit_ks):  # the goodness of fit of the ideal distribution (d3p.stats.fit_ks)
+        sub += f"  fit KS {decision.fit_ks:.3f}" + ("  POOR FIT: see docs/supervised.md" if decision.poor_fit else "")
     if decision.reason:
         sub += f"\n{decision.reason}"
     ax.set_title(f"{head}\n{sub}", fontsize=9)

@@ -23,10 +23,19 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-__all__ = ["CONTEXT", "KINDS", "MethodSpec", "Option", "all_options", "build", "get_method", "import_prune_plugin",
+__all__ = ["CONTEXT", "KINDS", "LOSS_KINDS", "MethodSpec", "Option", "all_options", "build", "get_method", "import_prune_plugin",
            "import_prune_plugins", "method_names", "methods", "register_method"]
 
 KINDS = ("dynamic", "static")
+# the kinds of loss a method's defaults may depend on: MAE's reconstruction loss (the published setting), or a
+# classifier's cross-entropy (D3P's model of the losses does not hold there: its safety rails are on)
+LOSS_KINDS = ("reconstruction", "classification")
+
+
+def check_loss_kind(loss_kind: str) -> None:
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {', '.join(LOSS_KINDS)}, got {loss_kind!r}. Fix: "
+                         "loss_kind='classification' for a cross-entropy, 'reconstruction' for MAE's loss")
 # what DataPruner knows besides the method's options; a factory receives those its signature names
 CONTEXT = ("epochs", "seed", "min_kept", "knn_device")
 
@@ -45,6 +54,8 @@ class Option:
     valid:   value -> bool; a False value is refused with "--name <rule>, got <value>".
     rule:    the words of that refusal, e.g. "must be >= 2".
     only_for_owner: giving a value other than the default with another --prune_method is an error.
+    presets: (loss kind, default) pairs: the default for training with that kind of loss (`LOSS_KINDS`), e.g.
+             (("classification", 4.0),); `default` holds for the others ("reconstruction": MAE's loss).
     """
 
     name: str
@@ -56,6 +67,12 @@ class Option:
     valid: Callable[[Any], bool] | None = None
     rule: str = ""
     only_for_owner: bool = False
+    presets: tuple[tuple[str, Any], ...] = ()
+
+    def default_for(self, loss_kind: str = "reconstruction") -> Any:
+        """The default for training with a loss of kind `loss_kind` (`LOSS_KINDS`)."""
+        check_loss_kind(loss_kind)
+        return dict(self.presets).get(loss_kind, self.default)
 
     def problem(self, value: Any) -> str | None:
         """The message naming a forbidden value, or None."""

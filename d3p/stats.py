@@ -34,8 +34,13 @@ import numpy as np
 from scipy import fft as sfft
 from scipy.special import ndtr, ndtri
 
+from d3p.fit import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS, D3PFitWarning
+
 __all__ = [
+    "D3PFitWarning",
     "DegenerateWindowError",
+    "FIT_KS_THRESHOLD",
+    "POOR_FIT_ACTIONS",
     "IdealCLDDensity",
     "HistogramMatch",
     "D3PDecision",
@@ -46,6 +51,7 @@ __all__ = [
     "support_boundary",
     "histogram_match",
     "decide",
+    "fit_ks",
 ]
 
 # Cells of the CLD grid per standard deviation of the ideal CLD (bulk cells then hold < 0.2% of
@@ -377,6 +383,24 @@ def support_boundary(
     return a, b
 
 
+def fit_ks(cld: np.ndarray, density: IdealCLDDensity) -> float:
+    """Kolmogorov-Smirnov distance sup_x |F_obs(x) - F_ideal(x)| between the observed CLD sample and the ideal
+    distribution (the goodness-of-fit of the model the decision rests on).
+
+    cld: float (N,). Exact for the piecewise-linear ideal CDF (``density.cdf``): the supremum over a step
+    function against a continuous one is reached at the sample points, from the left or the right. 0 for a
+    perfect fit, 1 when the two do not overlap. O(N log N) (one sort); no randomness.
+    """
+    x = np.sort(np.asarray(cld, dtype=np.float64))
+    n = x.size
+    if n == 0:
+        raise ValueError("fit_ks needs at least one CLD value")
+    ideal = density.cdf(x)
+    above = np.arange(1, n + 1, dtype=np.float64) / n - ideal  # F_obs just right of each point
+    below = ideal - np.arange(n, dtype=np.float64) / n  # F_obs just left of it
+    return float(max(above.max(), below.max(), 0.0))
+
+
 @dataclass
 class HistogramMatch:
     """Result of matching the observed CLD histogram to the ideal one inside [a, b].
@@ -467,11 +491,16 @@ class D3PDecision:
     cld:      float64 (N,) the score.
     support:  float64 (2,) [a, b]; NaN when no support was found (nothing pruned).
     observed, expected: int64 (bins,) histogram inside the support (zeros without support).
-    easy, hard, trimmed: samples pruned below a, above b, from over-filled bins (before restore).
+    easy, hard, trimmed: samples pruned below a, above b, from over-filled bins (before restore; with
+              poor_fit="keep_tail" the `hard` ones are kept, counted in tail_kept).
     upweighted: samples with weight > 1. restored: pruned samples given back for min_kept.
     prune_ratio: pruned.sum() / N. seconds: wall time of the decision.
     reason:   '' normally; why nothing was pruned otherwise.
     density:  the ideal distribution used (None when it could not be built).
+    fit_ks:   KS distance between the observed CLD and the ideal distribution (`fit_ks`); NaN without density.
+    poor_fit: fit_ks > the decision's fit_threshold.
+    capped:   up-weights lowered to max_weight. tail_kept: hard samples kept because the fit was poor
+              (poor_fit="keep_tail"). max_weight: the largest weight after the rails.
     """
 
     pruned: np.ndarray
@@ -489,6 +518,14 @@ class D3PDecision:
     seconds: float = 0.0
     reason: str = ""
     density: IdealCLDDensity | None = field(default=None, repr=False)
+    fit_ks: float = float("nan")
+    poor_fit: bool = False
+    capped: int = 0
+    tail_kept: int = 0
+
+    @property
+    def max_weight(self) -> float:
+        return float(self.weights.max()) if self.weights.size else 1.0
 
     @property
     def num_samples(self) -> int:
@@ -516,6 +553,11 @@ class D3PDecision:
             "seconds": self.seconds,
             "support": [float(v) for v in self.support],
             "reason": self.reason,
+            "fit_ks": None if np.isnan(self.fit_ks) else self.fit_ks,
+            "poor_fit": self.poor_fit,
+            "max_weight": self.max_weight,
+            "capped": self.capped,
+            "tail_kept": self.tail_kept,
         }
 
 
@@ -532,14 +574,22 @@ def decide(
     quantile: float = 0.999,
     rng: np.random.Generator | int | None = None,
     min_kept: int = 1,
+    max_weight: float = 0.0,
+    poor_fit: str = "warn",
+    fit_threshold: float = FIT_KS_THRESHOLD,
 ) -> D3PDecision:
-    """Make one D3P decision from an (n, N) loss window (spec sections 3-6).
+    """Make one D3P decision from an (n, N) loss window (spec sections 3-6), with its goodness of fit.
 
     bins:     histogram bins inside the support (>= 2).
     quantile: grid quantile of the ideal distribution, in (0, 1).
     rng:      Generator or seed (None = seed 0); all ranks must pass the same.
     min_kept: if fewer would be kept, pruned samples closest to the support (distance 0 for
               trimmed ones, ties broken at random) are restored until min_kept are kept.
+    The safety rails (not in the published method; their defaults leave the decision unchanged bit for bit):
+    max_weight: > 0 caps every up-weight at this value (0: no cap).
+    poor_fit: what to do when ``fit_ks`` exceeds ``fit_threshold`` (`POOR_FIT_ACTIONS`): "warn" decides as usual
+              (the caller warns), "keep_tail" keeps the samples above the support (weight 1), "keep_all" prunes
+              nothing and weighs nothing.
     A zero-variance epoch or an empty support prunes nothing and sets ``reason``;
     non-finite losses raise DegenerateWindowError (an upstream bug: every sample must have a
     loss in every recording epoch).
@@ -553,6 +603,10 @@ def decide(
     bins = int(bins)
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if not (max_weight == 0 or max_weight >= 1):
+        raise ValueError(f"max_weight must be 0 (no cap) or >= 1, got {max_weight}")
+    if poor_fit not in POOR_FIT_ACTIONS:
+        raise ValueError(f"poor_fit must be one of {POOR_FIT_ACTIONS}, got {poor_fit!r}")
     gen = _as_generator(rng)
     N = w.shape[1]
     min_kept = int(min(max(int(min_kept), 0), N))
@@ -562,11 +616,12 @@ def decide(
     weights = np.ones(N, dtype=np.float32)
     zeros = np.zeros(bins, dtype=np.int64)
 
-    def nothing(reason: str, density: IdealCLDDensity | None) -> D3PDecision:
+    def nothing(reason: str, density: IdealCLDDensity | None, ks: float = float("nan"),
+                support: np.ndarray | None = None) -> D3PDecision:
         return D3PDecision(
-            pruned=pruned, weights=weights, cld=cld, support=np.full(2, np.nan),
+            pruned=pruned, weights=weights, cld=cld, support=np.full(2, np.nan) if support is None else support,
             observed=zeros, expected=zeros.copy(), reason=reason, density=density,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, fit_ks=ks, poor_fit=bool(ks > fit_threshold),
         )
 
     try:
@@ -575,23 +630,38 @@ def decide(
         if err.kind == "non-finite":
             raise
         return nothing(f"{err}: nothing pruned", None)
+    ks = fit_ks(cld, density)
+    poor = bool(ks > fit_threshold)
 
     support = support_boundary(cld, density, bins)
     if support is None:
         return nothing(
             f"no fine bin of the observed CLD range expects >= 1 sample under the ideal "
             f"distribution (N={N}, bins={bins}): support empty, nothing pruned",
-            density,
+            density, ks,
         )
     a, b = support
+    if poor and poor_fit == "keep_all":
+        return nothing(
+            f"poor fit (KS {ks:.3f} > {fit_threshold:g}) and --d3p_poor_fit keep_all: nothing pruned, no weights",
+            density, ks, np.array([a, b], dtype=np.float64),
+        )
     easy_mask = cld < a
     hard_mask = cld > b
     match = histogram_match(cld, density, support, bins, gen)
+    easy, hard = int(np.count_nonzero(easy_mask)), int(np.count_nonzero(hard_mask))
+    tail_kept = 0
+    if poor and poor_fit == "keep_tail":
+        tail_kept, hard_mask = hard, np.zeros(N, dtype=bool)
     pruned = easy_mask | hard_mask
     pruned |= match.trimmed
     weights = match.weights
-    easy, hard = int(np.count_nonzero(easy_mask)), int(np.count_nonzero(hard_mask))
     del easy_mask, hard_mask
+    capped = 0
+    if max_weight > 0:
+        over = weights > np.float32(max_weight)
+        capped = int(np.count_nonzero(over))
+        weights[over] = np.float32(max_weight)
 
     restored = 0
     kept = N - int(np.count_nonzero(pruned))
@@ -622,4 +692,8 @@ def decide(
         seconds=time.perf_counter() - start,
         reason="",
         density=density,
+        fit_ks=ks,
+        poor_fit=poor,
+        capped=capped,
+        tail_kept=tail_kept,
     )

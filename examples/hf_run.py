@@ -22,7 +22,7 @@ def parser(description: str, output_dir: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--output_dir", default=output_dir)
-    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"))
+    d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), loss_kind="classification")
     return p
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> d3p.DataPruner:
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.ckpt")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--output_dir", default="./output_lightning")
-    d3p.add_pruning_args(parser, methods=d3p.method_names("dynamic"))
+    d3p.add_pruning_args(parser, methods=d3p.method_names("dynamic"), loss_kind="classification")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank

@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--output_dir", default="./output_classifier")
     d3p.import_prune_plugins()  # --prune_plugin FILE_OR_MODULE: a method of your own, before the flags are built
     dynamic = d3p.method_names("dynamic")  # this loop has no embedding pass for the static selectors
-    d3p.add_pruning_args(parser, methods=dynamic)
+    d3p.add_pruning_args(parser, methods=dynamic, loss_kind="classification")  # cross-entropy: D3P's rails on
     args = parser.parse_args()
     problems = d3p.validate_pruning_args(args, dynamic)
     if problems:

@@ -60,7 +60,7 @@ CI_LEVEL = 0.95
 _PER_SEED_FLAGS = ("random_match",)
 # flags solved per seed for an equal-ratio arm (tools/match_ratio.py)
 _MATCHED_FLAGS = ("prune_ratio", "seta_window_scale")
-_CONFIG_FIELDS = ("epochs", "model", "data_set", "num_samples")
+_CONFIG_FIELDS = ("epochs", "model", "data_set", "num_samples", "label_noise")
 FORWARD_ONLY_COST = 1.0 / 3.0
 DASH = "—"
 
@@ -358,9 +358,13 @@ def build_rows(runs: list[Run], acc: str = "final") -> list[dict[str, Any]]:
             "folders": [r.folder for r in members], "sources": [s for r in members for s in r.sources],
         }
         cols: dict[str, list[float]] = {"prune_ratio": [], "compute_saved": [], "loader_saved": [],
-                                        "wall_clock_saved": [], **{col: [] for col, _ in ACC_COLUMNS}}
+                                        "wall_clock_saved": [], **{col: [] for col, _ in ACC_COLUMNS},
+                                        **{col: [] for col, _ in NOISE_COLUMNS}}
         for p in pre:
             cols["prune_ratio"].append(100.0 * float(p["prune_ratio"]))
+            for col, _ in NOISE_COLUMNS:  # supervised runs with label noise (tools/train_mlp_digits.py)
+                if p.get(col) is not None:
+                    cols[col].append(100.0 * float(p[col]))
             if whole_cost:
                 cols["compute_saved"].append(100.0 * (1.0 - _cost(p) / whole_cost))
             elif p.get("compute_saved") is not None:
@@ -434,6 +438,9 @@ def format_diff(diff: dict[str, Any], seeds: int) -> str:
     return text
 
 
+# supervised runs with noisy labels: the share of mislabelled samples among the samples trained (over all epochs)
+# and in the loss weight (summary.json fields of tools/train_mlp_digits.py)
+NOISE_COLUMNS = (("mislabelled_kept", "Mislabelled in kept (%)"), ("mislabelled_weight", "Mislabelled in weight (%)"))
 ACC_TITLES = {"knn_top1": "k-NN top-1 (%)", "ft_top1": "FT top-1 (%)", "ft2_top1": "FT {} top-1 (%)",
               "lp_top1": "LP top-1 (%)"}
 
@@ -473,10 +480,12 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervise
     if ft2_name:  # e.g. the CIFAR-10 block: fine-tuned on CIFAR-10 and on CIFAR-100
         acc_cols.append(("ft2_top1", f"FT {ft2_name} top-1 (%)"))
     acc_cols.append(("lp_top1", "LP top-1 (%)"))
+    noise_cols = [(c, t) for c, t in NOISE_COLUMNS if any(r.get(c) is not None for r in rows)] if supervised else []
     head = ["Method", "Prune ratio (%)", *(h for _, h in acc_cols), "Compute saved (%)", "Loader saved (%)",
             "Wall-clock saved (%)"]
     if supervised:  # supervised runs with pruning: one accuracy column
         head = ["Method", "Prune ratio (%)", "Top-1 (%)", "Compute saved (%)", "Wall-clock saved (%)"]
+        head += [title for _, title in noise_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         name = r["method"] + (f" ({r['seeds']} seeds)" if r["seeds"] > 1 else "")
@@ -486,6 +495,7 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervise
             top1 = format_cell(r, "ft_top1" if r["ft_top1"] is not None else "lp_top1", True)
             cells = [name, format_cell(r, "prune_ratio"), top1, format_cell(r, "compute_saved"),
                      format_cell(r, "wall_clock_saved")]
+            cells += [format_cell(r, col) for col, _ in noise_cols]
         lines.append("| " + " | ".join(cells) + " |")
     has_whole = any(r["is_whole"] for r in rows)
     notes = [
@@ -510,6 +520,10 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervise
         notes[0] = (f"Top-1: {acc}_acc1 of each supervised run's summary.json; arrows: difference to Whole dataset; "
                     "prune ratio, compute saved (a forward-only sample = 1/3 of a trained one) and wall-clock saved "
                     "(training epochs) of the same runs; mean ± std over seeds.")
+        if noise_cols:
+            notes[0] += (" Mislabelled in kept: share of mislabelled samples among all samples trained over the run "
+                         "(epoch by epoch); in weight: their share of the loss weight (D3P's up-weights, InfoBatch's "
+                         "1/(1-r)); with whole data both equal the noise rate. Top-1 on clean test labels.")
     if skipped:
         notes.append("No pre-training summary yet (skipped): " + ", ".join(skipped))
     paired = "" if supervised else paired_markdown(rows)

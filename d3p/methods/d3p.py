@@ -1,6 +1,8 @@
 """D3P as a PruningStrategy: record losses in the window epochs, decide at each prune epoch."""
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 
 from d3p.registry import Option, register_method
 from d3p.schedule import D3PSchedule, validate_schedule
+from d3p.fit import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS, D3PFitWarning
 from d3p.strategy import EpochLosses, EpochPlan, epoch_rng
 
 _DECISION_RNG = 1  # `purpose` of epoch_rng for the trimming draw
@@ -18,6 +21,12 @@ class D3P:
 
     Per-sample state on CPU: the loss window float32 [n, N], the pruned mask bool [N] and the
     weights float32 [N] — 4n + 5 bytes per sample (17 for n = 3).
+
+    Every decision measures how well the ideal CLD distribution fits the observed one (`d3p.stats.fit_ks`) and
+    warns (`D3PFitWarning`) past `fit_threshold`. The safety rails, off by default (the published method):
+    max_weight > 0 caps the up-weights; min_kept_share > 0 keeps at least that share of the samples (the pruned
+    samples closest to the support come back first); poor_fit chooses what a poorly fitting decision does
+    (`d3p.stats.POOR_FIT_ACTIONS`).
     """
 
     name = "d3p"
@@ -30,6 +39,10 @@ class D3P:
         quantile: float = 0.999,
         seed: int = 0,
         min_kept: int = 1,
+        max_weight: float = 0.0,
+        min_kept_share: float = 0.0,
+        poor_fit: str = "warn",
+        fit_threshold: float = FIT_KS_THRESHOLD,
     ):
         self.num_samples = int(num_samples)
         self.schedule = schedule
@@ -37,6 +50,10 @@ class D3P:
         self.quantile = float(quantile)
         self.seed = int(seed)
         self.min_kept = int(min_kept)
+        self.max_weight = float(max_weight)
+        self.min_kept_share = float(min_kept_share)
+        self.poor_fit = str(poor_fit)
+        self.fit_threshold = float(fit_threshold)
         self.window = np.full((schedule.window, self.num_samples), np.nan, dtype=np.float32)
         self.pruned = np.zeros(self.num_samples, dtype=bool)
         self.weights = np.ones(self.num_samples, dtype=np.float32)
@@ -77,12 +94,18 @@ class D3P:
         scored = np.isfinite(self.window).all(axis=0)  # samples with a loss in every window epoch
         unscored = int(self.num_samples - scored.sum())
         window = self.window if not unscored else self.window[:, scored]
+        # the floor of the rail (a share of the dataset) and the batch floor (a full batch per rank), the larger
+        share_floor = math.ceil(self.min_kept_share * self.num_samples - 1e-9) if self.min_kept_share else 0
+        floor = max(self.min_kept, share_floor)
         decision = decide(
             window,  # float32; decide() works in float64 without copying the (n, N) window
             bins=self.bins,
             quantile=self.quantile,
             rng=epoch_rng(self.seed, epoch, _DECISION_RNG),
-            min_kept=self.min_kept,
+            min_kept=floor,
+            max_weight=self.max_weight,
+            poor_fit=self.poor_fit,
+            fit_threshold=self.fit_threshold,
         )
         if unscored:
             # a sample without a CLD cannot be placed against the ideal law: it is pruned (and counted)
@@ -106,18 +129,53 @@ class D3P:
             "d3p_decision_pruned": int(self.pruned.sum()),
             "d3p_unscored": unscored,
             "d3p_seconds": float(decision.seconds),
+            # the fit diagnostic and the rails (null without an ideal distribution)
+            "d3p_fit_ks": None if np.isnan(decision.fit_ks) else round(float(decision.fit_ks), 6),
+            "d3p_max_weight": float(self.weights.max()),
+            "d3p_capped": int(decision.capped),
+            "d3p_tail_kept": int(decision.tail_kept),
         }
         if decision.reason:
             log["d3p_note"] = decision.reason
         elif decision.restored:
+            which = (f"--d3p_min_kept {self.min_kept_share:g} ({floor} samples)" if share_floor > self.min_kept
+                     else f"one full batch per rank ({floor})")
             log["d3p_note"] = (
-                f"the decision would have kept {self.min_kept - decision.restored} of {self.num_samples} samples; "
-                f"{decision.restored} restored to keep at least one full batch per rank ({self.min_kept})"
+                f"the decision would have kept {floor - decision.restored} of {self.num_samples} samples; "
+                f"{decision.restored} restored (closest to the support first) to keep {which}"
             )
         elif not self.pruned.any():
             log["d3p_note"] = "nothing pruned: the observed CLD histogram lies within the ideal one"
+        rails = []
+        if decision.capped:
+            rails.append(f"{decision.capped} up-weights capped at {self.max_weight:g}")
+        if decision.tail_kept:
+            rails.append(f"{decision.tail_kept} hard samples kept (poor fit, --d3p_poor_fit keep_tail)")
+        if decision.restored and share_floor > self.min_kept:
+            rails.append(f"{decision.restored} samples added back for --d3p_min_kept {self.min_kept_share:g}")
+        if rails:
+            log["d3p_rails"] = "; ".join(rails)
+        if decision.poor_fit:
+            log["d3p_warning"] = self._poor_fit_message(epoch, decision.fit_ks, float(self.weights.max()), rails)
+            warnings.warn(log["d3p_warning"], D3PFitWarning, stacklevel=3)
         self.window[:] = np.nan  # the next window starts empty
         return log
+
+    def _poor_fit_message(self, epoch: int, ks: float, largest_weight: float, rails: list[str]) -> str:
+        acted = f" The rails acted: {'; '.join(rails)}." if rails else ""
+        off = [flag for flag, on in (("--d3p_max_weight", self.max_weight > 0),
+                                     ("--d3p_min_kept", self.min_kept_share > 0)) if not on]
+        return (
+            f"D3P's model of the losses fits poorly at the decision of epoch {epoch}: the KS distance between the "
+            f"observed CLD and the ideal distribution is {ks:.3f} (threshold {self.fit_threshold:g}). D3P assumes "
+            "losses like MAE's reconstruction loss (sums of squared, roughly Gaussian errors); a classifier's "
+            "cross-entropy, above all with noisy labels, is not like that, and the decision may then keep "
+            f"mislabelled samples and weigh a few samples heavily (largest weight now {largest_weight:.1f}x)."
+            f"{acted} What to do: compare with a control (--prune_method random --random_match RUN_DIR, or "
+            "--prune_method none)"
+            + (f"; turn on the rails ({', '.join(off)}: see docs/supervised.md)" if off else "")
+            + "; or use another method (--prune_method infobatch). D3P is made for MAE pre-training."
+        )
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -162,6 +220,19 @@ D3P_OPTIONS = (
     Option("d3p_quantile", 0.999, float, "grid end of the ideal density", valid=lambda q: 0.0 < q < 1.0,
            rule="must lie in (0, 1)"),
     Option("d3p_anneal_epochs", 0, int, "full data in the last K epochs"),
+    # the safety rails (docs/supervised.md): off by default, the published method; on for classification losses
+    Option("d3p_max_weight", 0.0, float, "cap on D3P's up-weights (0: no cap, the published method; 1: no "
+           "up-weights, the classification default)", valid=lambda w: w == 0 or w >= 1,
+           rule="must be 0 (no cap) or >= 1", presets=(("classification", 1.0),)),
+    Option("d3p_min_kept", 0.0, float, "floor on the share of samples a decision keeps, in [0, 1] (0: none; "
+           "classification default 0.5)", valid=lambda f: 0.0 <= f <= 1.0, rule="must lie in [0, 1]",
+           presets=(("classification", 0.5),)),
+    Option("d3p_poor_fit", "warn", str, "what a decision does when its fit KS exceeds --d3p_fit_threshold: warn "
+           "(decide as usual), keep_tail (keep the samples above the support), keep_all (prune nothing)",
+           choices=POOR_FIT_ACTIONS),
+    Option("d3p_fit_threshold", FIT_KS_THRESHOLD, float, "KS distance between the observed and the ideal CLD "
+           "distribution above which D3P warns (and --d3p_poor_fit acts)", valid=lambda t: 0.0 < t <= 1.0,
+           rule="must lie in (0, 1]"),
 )
 
 
@@ -178,6 +249,8 @@ def _d3p_kept_set(state: dict[str, Any]) -> np.ndarray:
 @register_method("d3p", "dynamic", D3P_OPTIONS, needs_epochs=True, check=_check_d3p, kept_set=_d3p_kept_set,
                  help="Distribution-aware Dynamic Data Pruning")
 def build_d3p(num_samples: int, epochs: int | None, seed: int, min_kept: int, d3p_start: int, d3p_period: int,
-              d3p_window: int, d3p_bins: int, d3p_quantile: float, d3p_anneal_epochs: int) -> D3P:
+              d3p_window: int, d3p_bins: int, d3p_quantile: float, d3p_anneal_epochs: int, d3p_max_weight: float,
+              d3p_min_kept: float, d3p_poor_fit: str, d3p_fit_threshold: float) -> D3P:
     schedule = D3PSchedule(d3p_start, d3p_period, d3p_window, epochs, d3p_anneal_epochs)
-    return D3P(num_samples, schedule, d3p_bins, d3p_quantile, seed=seed, min_kept=min_kept)
+    return D3P(num_samples, schedule, d3p_bins, d3p_quantile, seed=seed, min_kept=min_kept, max_weight=d3p_max_weight,
+               min_kept_share=d3p_min_kept, poor_fit=d3p_poor_fit, fit_threshold=d3p_fit_threshold)

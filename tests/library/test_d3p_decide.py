@@ -68,6 +68,7 @@ def test_cli_writes_decision_and_one_json_line(losses_file, tmp_path) -> None:
         assert summary["N"] == N
         assert summary["pruned"] == int(z["pruned"].sum()) == ref.num_pruned
         assert summary["pruned"] == summary["easy"] + summary["hard"] + summary["trimmed"] - summary["restored"]
+        assert summary["fit_ks"] == ref.fit_ks and summary["max_weight"] == float(ref.weights.max())
         assert summary["prune_ratio"] == pytest.approx(summary["pruned"] / N)
         assert summary["pruned"] > 0 and summary["easy"] > 0 and summary["hard"] > 0
 
@@ -172,5 +173,6 @@ def test_figure_colours_the_pruned_parts(losses_file, tmp_path) -> None:
     # The stacked bars add up to the full histogram over the observed range.
     heights = sum(p.get_height() for p in ax.patches)
     assert heights == pytest.approx(w.shape[1])
+    assert f"fit KS {d.fit_ks:.3f}" in ax.get_title()  # the goodness of fit in the figure
     path = plot_decision(d, d.density, tmp_path / "f.png")
     assert path.stat().st_size > 1000

@@ -190,6 +190,15 @@ def test_null_prunes_little(null_decision) -> None:
     assert d.prune_ratio < 0.05
 
 
+def test_mae_like_windows_fit_the_ideal_distribution(null_decision, persistent_decision) -> None:
+    """The fit diagnostic stays silent on MAE-like losses (docs/supervised.md): the model's own draws, and
+    per-sample difficulty spread wide enough that D3P prunes 27%."""
+    from d3p.fit import FIT_KS_THRESHOLD
+
+    assert null_decision.fit_ks < 0.005 and not null_decision.poor_fit
+    assert persistent_decision.fit_ks < FIT_KS_THRESHOLD and not persistent_decision.poor_fit
+
+
 def test_persistent_difficulty_prunes_both_tails_and_trims(null_decision, persistent_decision) -> None:
     d = persistent_decision
     assert d.prune_ratio > 0.15

@@ -212,6 +212,26 @@ def test_supervised_runs_with_pruning(tmp_path):
                          text=True, check=True).stdout
     assert "| Method | Prune ratio (%) | Top-1 (%) | Compute saved (%) | Wall-clock saved (%) |" in out
     assert "| D3P | 20.0 | 91.0 (±0.0) | 20.0 | 0.0 |" in out
+    assert "Mislabelled" not in out  # clean-label runs: no noise columns
+
+
+def test_noisy_label_runs_show_the_mislabelled_shares(tmp_path):
+    """tools/train_mlp_digits.py's runs: the share of mislabelled samples among the kept ones and in the weight."""
+    dirs = []
+    for method, kept, weight, flags in (("none", 0.2, 0.2, {}), ("d3p", 0.25, 0.4, {"d3p_max_weight": 0.0}),
+                                        ("d3p", 0.18, 0.18, {"d3p_max_weight": 1.0})):
+        folder = tmp_path / f"{method}_{len(dirs)}"
+        _write(folder / "summary.json", {
+            "mode": "finetune", "final_acc1": 90.0, "method": method, "seed": 0, "epochs": E, "num_samples": N,
+            "samples_trained": N * E, "samples_forward_only": 0, "prune_ratio": 0.0, "compute_saved": 0.0,
+            "wall_seconds": 1.0, "flags": flags, "model": "mlp", "data_set": "digits", "label_noise": 0.2,
+            "mislabelled_kept": kept, "mislabelled_weight": weight})
+        dirs.append(str(folder))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_table.py"), *dirs], capture_output=True,
+                         text=True, check=True).stdout
+    assert "| Mislabelled in kept (%) | Mislabelled in weight (%) |" in out
+    assert "| D3P (d3p_max_weight=0.0) | 0.0 | 90.0 (±0.0) | 0.0 | 0.0 | 25.0 | 40.0 |" in out
+    assert "| D3P (d3p_max_weight=1.0) | 0.0 | 90.0 (±0.0) | 0.0 | 0.0 | 18.0 | 18.0 |" in out
 
 
 def test_paired_difference_matches_scipy_ttest_rel():

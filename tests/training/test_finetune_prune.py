@@ -50,7 +50,7 @@ def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
     assert log[0]["kept"] == N and 0 < pruned == N - log[2]["kept"]
     assert [r["samples_forward_only"] for r in log] == [0, 0, pruned, pruned]  # recording epochs after pruning
     assert [r["samples_trained"] for r in log] == [r["kept"] for r in log]  # drop_last off: all kept trained
-    for key in ("train_loss", "test_acc1", "compute_saved", "prune_ratio", "plan_fingerprint", "optimizer_steps"):
+    for key in ("train_loss", "test_acc1", "compute_saved", "epoch_prune_ratio", "run_prune_ratio", "plan_fingerprint", "optimizer_steps"):
         assert key in log[3], key
     assert log[2]["optimizer_steps"] == -(-(N - pruned) // 64)
     summary = json.loads((straight / "summary.json").read_text())
@@ -58,6 +58,10 @@ def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
     assert summary["samples_trained"] == sum(r["samples_trained"] for r in log)
     assert summary["compute_saved"] == pytest.approx(log[3]["compute_saved"]) and summary["compute_saved"] > 0
     assert summary["flags"]["d3p_start"] == 2 and summary["epochs"] == 4
+    # the classification defaults: D3P's rails on (no up-weights, half kept), the fit measured at each decision
+    assert (summary["flags"]["d3p_max_weight"], summary["flags"]["d3p_min_kept"]) == (1.0, 0.5)
+    assert all(log[e]["d3p_max_weight"] == 1.0 and 0 <= log[e]["d3p_fit_ks"] <= 1 for e in (1, 3))
+    assert all(r["kept"] >= N // 2 for r in log)
     ckpt = torch.load(straight / "checkpoint-1.pth", map_location="cpu", weights_only=True)
     assert ckpt["pruning"]["method"] == "d3p"
     # resume after epoch 1 (the first decision): the same later decisions, weights and model

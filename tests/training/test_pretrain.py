@@ -10,6 +10,7 @@ import torch
 import main_pretrain_d3p
 from conftest import load_ckpt, read_log, run_torchrun
 from d3p import DataPruner, EpochPlan, weighted_batch_loss
+from d3p.stats import FIT_KS_THRESHOLD
 from engine_pretrain import train_one_epoch
 
 BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
@@ -77,9 +78,11 @@ def test_one_epoch_pretrain_logs_and_checkpoint(tmp_path):
     assert main_pretrain_d3p.cli([*BASE, "--prune_method", "none", "--epochs", "1", "--accum_iter", "2",
                                   "--output_dir", out]) == 0
     (rec,) = read_log(out)
-    for key in ("epoch", "train_loss", "lr", "samples_trained", "epoch_seconds", "kept", "prune_ratio"):
+    for key in ("epoch", "train_loss", "lr", "samples_trained", "epoch_seconds", "kept", "epoch_prune_ratio",
+                "run_prune_ratio"):
         assert key in rec
-    assert rec["samples_trained"] == 192 and rec["optimizer_steps"] == 3 and rec["prune_ratio"] == 0.0
+    assert rec["samples_trained"] == 192 and rec["optimizer_steps"] == 3 and rec["run_prune_ratio"] == 0.0
+    assert rec["epoch_prune_ratio"] == 0.0
     assert np.isfinite(rec["train_loss"])
     # lr = blr x batch x accum x world / 256; the log holds the lr of the last accumulation group (steps 4, 5 of
     # 6), 4/6 into the one warm-up epoch
@@ -121,7 +124,13 @@ def test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle(tmp_path):
     # forward-only passes exactly in the recording epochs after pruning (spec epochs 4, 5), over the pruned set
     assert [r["samples_forward_only"] for r in log] == [0, 0, 0, pruned, pruned]
     assert log[2]["samples_trained"] == 192 - pruned
-    assert log[4]["prune_ratio"] == pytest.approx(1 - sum(r["samples_trained"] for r in log) / (5 * 192))
+    # the epoch's own ratio and the run's cumulative one (the paper's figure), under names that say which
+    assert log[2]["epoch_prune_ratio"] == 1 - log[2]["kept"] / 192 and log[0]["epoch_prune_ratio"] == 0.0
+    assert log[4]["run_prune_ratio"] == pytest.approx(1 - sum(r["samples_trained"] for r in log) / (5 * 192))
+    assert "prune_ratio" not in log[4]
+    # the fit diagnostic at every decision; MAE's losses fit: no warning, no rail acted (all off by default)
+    assert all(0 <= log[e]["d3p_fit_ks"] < FIT_KS_THRESHOLD and "d3p_warning" not in log[e] for e in (1, 4))
+    assert all(log[e]["d3p_capped"] == 0 and log[e]["d3p_tail_kept"] == 0 for e in (1, 4))
     state = load_ckpt(straight, 2)["pruning"]["strategy"]
     assert (state["weights"] > 1).any(), "histogram matching up-weighted nothing"
     # TensorBoard: per-step loss against epoch_1000x, per-epoch scalars, the CLD histogram and the figure
@@ -129,7 +138,8 @@ def test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle(tmp_path):
 
     events = EventAccumulator(straight, size_guidance={"images": 0, "histograms": 0}).Reload()
     tags = events.Tags()
-    assert {"train_loss", "lr", "epoch/prune_ratio", "epoch/d3p_trimmed"} <= set(tags["scalars"])
+    assert {"train_loss", "lr", "epoch/epoch_prune_ratio", "epoch/run_prune_ratio", "epoch/d3p_trimmed",
+            "epoch/d3p_fit_ks"} <= set(tags["scalars"])
     assert "d3p/cld" in tags["histograms"] and "d3p/decision" in tags["images"]
     assert [e.step for e in events.Scalars("train_loss")][:2] == [0, int(1000 / 6)]
     # resume mid-cycle (after spec epoch 3) gives the same later decision and weights

@@ -23,7 +23,8 @@ def assert_same_run(a_dir, b_dir, epoch):
         assert torch.equal(sa[key], sb[key]), key
     assert torch.equal(a["pruning"]["trained_counts"], b["pruning"]["trained_counts"])
     la, lb = read_log(a_dir), read_log(b_dir)
-    fields = ("epoch", "kept", "samples_trained", "samples_forward_only", "optimizer_steps", "prune_ratio")
+    fields = ("epoch", "kept", "samples_trained", "samples_forward_only", "optimizer_steps", "epoch_prune_ratio",
+              "run_prune_ratio")
     assert [[r[f] for f in fields] for r in la] == [[r[f] for f in fields] for r in lb]
     assert [r["train_loss"] for r in la] == pytest.approx([r["train_loss"] for r in lb], rel=1e-6)
 
