@@ -330,7 +330,7 @@ def build_loaders(args):
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
-    effective = args.batch_size * args.accum_iter * world
+    effective = run.effective_batch_size(args)
     if effective > len(dataset_train):  # at most one optimizer step per epoch, its lr scaled for `effective`
         raise ConfigError(
             f"the effective batch (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {world} "
@@ -558,7 +558,7 @@ def build_training(r: Finetuning, model: nn.Module) -> None:
     r.n_parameters = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model {args.model}: {r.n_parameters / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable")
-    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    eff_batch_size = run.effective_batch_size(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     print(f"base lr: {args.lr * 256 / eff_batch_size:.3e}, actual lr: {args.lr:.3e}, "
@@ -726,7 +726,7 @@ def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[fl
     print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")
     print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}% "
           f"(top-5 {test_stats['acc5']:.1f}%, best top-1 {r.max_accuracy:.1f}%)")
-    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    eff_batch_size = run.effective_batch_size(args)
     summary = {
         "mode": "linprobe" if args.linprobe else "finetune",
         "model": args.model,

@@ -178,7 +178,7 @@ def build(args: argparse.Namespace, stop: run.StopSignals) -> Pretraining:
     configure_cuda_math(device)
     maybe_compile(model, args.compile, args.compile_backend)
     model_without_ddp = model
-    eff_batch_size = args.batch_size * args.accum_iter * world
+    eff_batch_size = run.effective_batch_size(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     print(f"model: {args.model}, effective batch {eff_batch_size}, lr {args.lr:.3e}")

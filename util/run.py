@@ -68,6 +68,12 @@ def _report(exc: BaseException) -> None:
 
 
 # ---------------------------------------------------------------------------------------- common flags
+def effective_batch_size(args: argparse.Namespace) -> int:
+    """Samples per optimizer step over all ranks: --batch_size x --accum_iter x world size. MAE scales the
+    learning rate by it (lr = blr x effective batch / 256)."""
+    return args.batch_size * args.accum_iter * get_world_size()
+
+
 def add_run_args(parser: argparse.ArgumentParser, save_every: int, keep_last: int) -> None:
     """The flags every training script spells the same way: output, checkpoints, resume, loader, devices.
 
