@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import d3p  # noqa: E402
-from examples.digits import digit_images, image_folders  # noqa: E402
+from examples.digits import digit_images, image_folders, timm_kwargs  # noqa: E402
 
 
 def main():
@@ -59,8 +59,7 @@ def main():
         else image_folders(args.data_path, args.input_size)
     train_set = d3p.IndexedDataset(train_set)  # items (image, label, dataset index)
 
-    extra = dict(img_size=args.input_size, patch_size=4, depth=4) if args.model.startswith("vit_tiny") else {}
-    model = timm.create_model(args.model, num_classes=classes, **extra).to(device)
+    model = timm.create_model(args.model, num_classes=classes, **timm_kwargs(args.model, args.input_size)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     # one per-sample loss for both passes: recorded training and forward-only losses then cannot differ
     pruner = d3p.DataPruner.from_args(args, len(train_set), min_kept=args.batch_size * world,
