@@ -567,7 +567,7 @@ def plot_figure(rows: list[dict[str, Any]], path: str, col: str = "knn_top1") ->
     seeds = sorted({r["seeds"] for r in points})
     ax.set_xlabel("compute saved vs Whole (%)")
     ax.set_ylabel(ACC_TITLES[col].format("") + ", mean ± std over seeds")
-    ax.set_title(f"Accuracy against compute ({'/'.join(map(str, seeds))} seeds per point)")
+    ax.set_title(f"Accuracy against compute ({'/'.join(map(str, seeds))} seed{'' if seeds == [1] else 's'} per point)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

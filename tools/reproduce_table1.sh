@@ -45,10 +45,13 @@
 # Digits sizing (this 2-core machine, one thread per process, 16x16 inputs, idle: ~4 s per whole-data epoch,
 # k-NN ~8 s, linear probe 10 epochs ~30 s, fine-tuning 10 epochs ~80 s per arm, process start included).
 # converged: 5 seeds x 7 pre-trainings (Whole, D3P, Random, RS2, Train less, InfoBatch at D3P's ratio and its
-# calibration run) of 80 epochs, each pruned arm ~85% of Whole's samples: ~6 x 80 whole-data epochs per seed,
+# calibration run) of 80 epochs, each pruned arm ~85-90% of Whole's samples: ~6 x 80 whole-data epochs per seed,
 # ~9,600 s, + 35 k-NN (~280 s) + process starts (~180 s): ~10,000 single-core seconds, ~85 min with 2 lanes
-# (LP_SEEDS="0 1 2 3 4" adds 35 linear probes, ~9 min). 80 epochs: the Whole arm's k-NN rises from 76% at 20 epochs
-# to 89% at 40 (docs/does_pruning_pay.md); 80 is the longest run 5 seeds of 7 arms fit in 90 minutes.
+# (LP_SEEDS="0 1 2 3 4" adds 35 linear probes, ~9 min). 80 epochs: the Whole arm's k-NN (seed 0, each length its
+# own cosine run) is 76.1% at 20 epochs, 89.2% at 40, 97.6% at 80, 99.0% at 160 (docs/does_pruning_pay.md): the
+# doubling to 80 gains 8.4 points, the doubling to 160 1.3, and 80 is the longest run 5 seeds of 7 arms fit in 90
+# minutes. That budget is the idle estimate above, not a measurement: on 2026-12-03 the shared machine (load 3-10)
+# ran 10-30 s per epoch, and of the 80-epoch table only seed 0 finished in the time there was.
 # sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs, ~100 min.
 # table1: 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
 # (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
@@ -68,7 +71,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}; MAX_RE
 GPUS=$((NPROC * NNODES))
 PLAN=${PLAN:-${1:-$([[ $DATA_SET == digits ]] && echo converged || echo table1)}}
 case $PLAN in table1|converged|sweep) ;; *) echo "error: PLAN=$PLAN: choose converged, table1 or sweep" >&2; exit 2;; esac
-CONVERGED_EPOCHS=80  # digits: where the Whole arm's k-NN flattens (docs/does_pruning_pay.md)
+CONVERGED_EPOCHS=80  # digits: where the Whole arm's k-NN flattens (97.6% at 80, 99.0% at 160; docs/does_pruning_pay.md)
 ARMS_GIVEN=${ARMS:-}; RATIO_GIVEN=${RATIO:-}
 TIMES="$OUT/timings.txt"
 
