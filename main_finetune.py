@@ -668,6 +668,8 @@ def train_epoch(r: Finetuning, epoch: int, partial: dict | None, epoch_seconds: 
     log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                  "n_parameters": r.n_parameters, **pruning_log, "t_epoch": t_epoch}
     test_stats = evaluate_and_log(r, log_stats, epoch_seconds)
+    if test_stats is not None:  # else the resume logs this epoch (pending_log)
+        run.write_epoch_tensorboard(r.log_writer, epoch, pruning_log, pruner.strategy)
     stop_now = test_stats is None or any_rank(r.stop())
     if stop_now or run.is_save_epoch(args, epoch):
         # a stop during the evaluation saves the epoch with its log line pending: the resume evaluates first

@@ -297,10 +297,7 @@ def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
     # log first, checkpoint second: a crash in between replays this epoch, and the resume
     # drops this line before writing it again (run.rewrite_log_until)
     run.append_log(args.output_dir, log_stats)
-    if is_main_process():
-        write_tensorboard(r.log_writer, epoch, log_stats, strategy)
-    if hasattr(strategy, "last_decision"):
-        strategy.last_decision = None  # CLD + density: ~13 bytes per sample, not needed after logging
+    run.write_epoch_tensorboard(r.log_writer, epoch, log_stats, strategy)
     if save:
         run.save_epoch_checkpoint(args, epoch, r.state(epoch))
     if stop_now:
@@ -367,21 +364,6 @@ def check_replicas(model, epoch: int) -> list[str]:
             "diverged weights. Fix: restart from the last checkpoint with --auto_resume"
         )
     return checksums
-
-
-def write_tensorboard(writer, epoch: int, log_stats: dict, strategy) -> None:
-    if writer is None:
-        return
-    for key, value in log_stats.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "plan_fingerprint"):
-            writer.add_scalar(f"epoch/{key}", value, epoch)
-    decision = getattr(strategy, "last_decision", None)
-    if decision is not None:
-        from d3p.plot import decision_figure
-
-        writer.add_histogram("d3p/cld", decision.cld, epoch)
-        writer.add_figure("d3p/decision", decision_figure(decision), epoch)
-    writer.flush()
 
 
 def cli(argv: list[str] | None = None) -> int:

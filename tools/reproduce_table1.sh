@@ -208,6 +208,16 @@ case $PLAN in
            || die "SWEEP_METHODS: $m is not one of random rs2 infobatch seta dynunc d2 whole_eqc"; done;;
 esac
 case $RATIO in default|match|both) ;; *) die "RATIO=$RATIO: choose default, match or both";; esac
+# The equal-ratio arms of InfoBatch and SeTa take their flags from a default-ratio run of the method (a
+# calibration). converged and sweep calibrate once, on the first seed, for every seed (CALIBRATE=first): the
+# calibration is a property of method, data and recipe (on the digits, seed 0's run predicts seed 1's InfoBatch flag
+# within 0.5%), and the table's time goes to its arms. table1 (CALIBRATE=each): the default-ratio runs are rows
+# of the table, so every seed runs them, and each seed calibrates on its own.
+CALIBRATE=${CALIBRATE:-$([[ $PLAN == table1 ]] && echo each || echo first)}
+case $CALIBRATE in first|each) ;; *) die "CALIBRATE=$CALIBRATE: choose first or each";; esac
+FIRST_SEED=${SEEDS%% *}
+# calibration_seed SEED: the seed whose default-ratio run calibrates the equal-ratio arms of SEED
+calibration_seed() { [[ $CALIBRATE == each ]] && echo "$1" || echo "$FIRST_SEED"; }
 LP_SEEDS=${LP_SEEDS:-$SEEDS}
 
 # launch NAME SCRIPT ARGS...: one process, or torchrun over NPROC x NNODES (elastic restarts resume the stage)
@@ -280,8 +290,9 @@ pretrain_flags() {
   fi
   local cal=()
   if [[ $method == infobatch || $method == seta ]]; then
-    wait_pretrain "$method" "$seed" || { log "FAILED ${arm}_seed$seed: no finished calibration run ${method}_seed$seed"; return 1; }
-    cal=(--calibration "$OUT/${method}_seed$seed/pretrain")
+    local cs; cs=$(calibration_seed "$seed")
+    wait_pretrain "$method" "$cs" || { log "FAILED ${arm}_seed$seed: no finished calibration run ${method}_seed$cs"; return 1; }
+    cal=(--calibration "$OUT/${method}_seed$cs/pretrain")
   fi
   solver=$method; [[ $arm == whole_eqc* ]] && solver=whole_eqc
   local solved more err="$OUT/${arm}_seed$seed/ratio_match.err"
@@ -346,13 +357,16 @@ has() { [[ " $ARMS " == *" $1 "* ]]; }
 JOBS=()
 for seed in $SEEDS; do
   arms=()
+  calibrates=$([[ $(calibration_seed "$seed") == "$seed" ]] && echo 1 || echo 0)  # this seed runs the calibrations
   if [[ $PLAN == sweep ]]; then
-    for arm in infobatch seta; do [[ " $SWEEP_METHODS " == *" $arm "* ]] && arms+=("$arm"); done
+    for arm in infobatch seta; do [[ " $SWEEP_METHODS " == *" $arm "* && $calibrates == 1 ]] && arms+=("$arm"); done
     arms+=(none)
     for p in $SWEEP_RATIOS; do for m in $SWEEP_METHODS; do arms+=("${m}_p$p"); done; done
   else
     has d3p && arms+=(d3p)
-    for arm in infobatch seta; do has "$arm" && arms+=("$arm"); done  # with RATIO=match: the calibration runs
+    for arm in infobatch seta; do  # the default-ratio runs; with RATIO=match only the calibrations (CALIBRATE)
+      has "$arm" && [[ $RATIO != match || $calibrates == 1 ]] && arms+=("$arm")
+    done
     for arm in none dynunc d2 scratch random rs2; do
       has "$arm" || continue
       [[ $RATIO == match && ( $arm == dynunc || $arm == d2 || $arm == scratch || $arm == rs2 ) ]] && continue

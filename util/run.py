@@ -415,5 +415,24 @@ def summary_writer(log_dir: str | None):
     return SummaryWriter(log_dir=log_dir)
 
 
+def write_epoch_tensorboard(writer, epoch: int, stats: dict, strategy) -> None:
+    """Every number of the epoch's log line as `epoch/<key>`, and after a D3P decision the CLD histogram and the
+    decision figure (`d3p/cld`, `d3p/decision`), to rank 0's writer (None elsewhere: nothing is written). On every
+    rank it then drops the strategy's decision (CLD + density: ~13 bytes per sample), which only logging needs."""
+    decision = getattr(strategy, "last_decision", None)
+    if writer is not None:
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "plan_fingerprint"):
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+        if decision is not None:
+            from d3p.plot import decision_figure
+
+            writer.add_histogram("d3p/cld", decision.cld, epoch)
+            writer.add_figure("d3p/decision", decision_figure(decision), epoch)
+        writer.flush()
+    if decision is not None:
+        strategy.last_decision = None
+
+
 def has_checkpoint(output_dir: str) -> bool:
     return bool(glob.glob(os.path.join(output_dir, "checkpoint-*.pth")))

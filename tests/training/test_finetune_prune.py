@@ -64,6 +64,14 @@ def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
     assert all(r["kept"] >= N // 2 for r in log)
     ckpt = torch.load(straight / "checkpoint-1.pth", map_location="cpu", weights_only=True)
     assert ckpt["pruning"]["method"] == "d3p"
+    # TensorBoard, as pre-training writes it: the pruning fields per epoch, the CLD histogram and decision figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight), size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert {"perf/test_acc1", "epoch/epoch_prune_ratio", "epoch/d3p_fit_ks", "epoch/kept"} <= set(tags["scalars"])
+    assert [e.step for e in events.Images("d3p/decision")] == [1, 3]
+    assert [e.value for e in events.Scalars("epoch/kept")] == [r["kept"] for r in log]
     # resume after epoch 1 (the first decision): the same later decisions, weights and model
     resumed.mkdir()
     shutil.copy(straight / "checkpoint-1.pth", resumed)
