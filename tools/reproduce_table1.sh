@@ -33,7 +33,8 @@
 # the same seed, rs2 (RS2: random subsets without replacement), dynunc, d2; scratch (digits) = linear probe /
 # fine-tune of a randomly initialised ViT. Equal ratio (RATIO=match|both): infobatch_eq, seta_eq, rs2_eq, dynunc_eq,
 # d2_eq run at the prune ratio the D3P arm of the same seed realised, with flags from tools/match_ratio.py
-# (InfoBatch and SeTa are calibrated on their default-ratio arm of the same seed, which therefore also runs);
+# (InfoBatch and SeTa are calibrated on their default-ratio arm: of the first seed, CALIBRATE=first, in converged and sweep;
+# of the same seed, CALIBRATE=each, in table1);
 # random is the matched arm. whole_eqc = Train less: the whole data for the epochs that cost what the D3P arm of
 # the seed cost (warm-up and cosine compressed; tools/match_ratio.py whole_eqc). Sweep arms <method>_p<PCT> run at
 # PCT% pruned (whole_eqc_p<PCT>: at that compute); a ratio out of a method's reach is logged as SKIP. One folder
@@ -50,8 +51,7 @@
 # (LP_SEEDS="0 1 2 3 4" adds 35 linear probes, ~9 min). 80 epochs: the Whole arm's k-NN (seed 0, each length its
 # own cosine run) is 76.1% at 20 epochs, 89.2% at 40, 97.6% at 80, 99.0% at 160 (docs/does_pruning_pay.md): the
 # doubling to 80 gains 8.4 points, the doubling to 160 1.3, and 80 is the longest run 5 seeds of 7 arms fit in 90
-# minutes. That budget is the idle estimate above, not a measurement: on 2026-12-03 the shared machine (load 3-10)
-# ran 10-30 s per epoch, and of the 80-epoch table only seed 0 finished in the time there was.
+# minutes. Measured 2026-12-03 on the idle machine: 88.5 min for the 5 seeds (31 pre-trainings of 250-340 s each).
 # sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs, ~100 min.
 # table1: 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
 # (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,

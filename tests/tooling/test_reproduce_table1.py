@@ -133,6 +133,35 @@ def test_digits_converged_plan_rs2_and_equal_compute(tmp_path):
     assert (out / "figure.png").stat().st_size > 10_000
 
 
+def _jobs(plan: subprocess.CompletedProcess) -> list[str]:
+    assert plan.returncode == 0, plan.stderr
+    return next(line for line in plan.stdout.splitlines() if line.startswith("jobs: "))[len("jobs: "):].split()
+
+
+def test_converged_plan_calibrates_infobatch_once_for_every_seed(tmp_path):
+    # the plan: InfoBatch's default-ratio run only for the first seed (CALIBRATE=first); each seed with CALIBRATE=each
+    plan = _jobs(run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="converged", SEEDS="3 5"))
+    assert [j for j in plan if j.startswith("infobatch")] == ["infobatch:3", "infobatch_eq:3", "infobatch_eq:5"]
+    each = _jobs(run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="converged", SEEDS="3 5", CALIBRATE="each"))
+    assert [j for j in each if j.startswith("infobatch:")] == ["infobatch:3", "infobatch:5"]
+    sweep = _jobs(run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="sweep", SEEDS="0 1"))
+    assert "infobatch:0" in sweep and "infobatch:1" not in sweep and "infobatch_p30:1" in sweep
+    table1 = _jobs(run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="table1", SEEDS="0 1"))
+    assert {"infobatch:0", "infobatch:1"} <= set(table1)  # table1's default-ratio runs are rows: every seed
+    bad = run_recipe(tmp_path / "plan", PLAN_ONLY=1, CALIBRATE="once")
+    assert bad.returncode == 2 and "CALIBRATE=once: choose first or each" in bad.stderr
+    # run: seed 1's equal-ratio arm takes its flag from seed 0's calibration run, and seed 1 runs none of its own
+    out = tmp_path / "out"
+    res = run_recipe(out, timeout=1800, PLAN="converged", ARMS="d3p infobatch", SEEDS="0 1", EPOCHS=4,
+                     PRETRAIN_ARGS="--train_subset 192")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not (out / "infobatch_seed1").exists()
+    for seed in (0, 1):
+        match = _summary(out / f"infobatch_eq_seed{seed}" / "ratio_match.json")
+        assert match["calibration_run"] == os.path.abspath(out / "infobatch_seed0" / "pretrain")
+        assert match["target_ratio"] == _summary(out / f"d3p_seed{seed}" / "pretrain" / "summary.json")["prune_ratio"]
+
+
 def test_sweep_plan_skips_a_ratio_out_of_reach(tmp_path):
     out = tmp_path / "out"
     res = run_recipe(out, timeout=1800, PLAN="sweep", SWEEP_RATIOS="70", SWEEP_METHODS="infobatch whole_eqc",
