@@ -668,8 +668,6 @@ def train_epoch(r: Finetuning, epoch: int, partial: dict | None, epoch_seconds: 
     log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                  "n_parameters": r.n_parameters, **pruning_log, "t_epoch": t_epoch}
     test_stats = evaluate_and_log(r, log_stats, epoch_seconds)
-    if test_stats is not None:  # else the resume logs this epoch (pending_log)
-        run.write_epoch_tensorboard(r.log_writer, epoch, pruning_log, pruner.strategy)
     stop_now = test_stats is None or any_rank(r.stop())
     if stop_now or run.is_save_epoch(args, epoch):
         # a stop during the evaluation saves the epoch with its log line pending: the resume evaluates first
@@ -697,12 +695,13 @@ def evaluate_and_log(r: Finetuning, log_stats: dict, epoch_seconds: list[float] 
     if r.log_writer is not None:
         for key in ("acc1", "acc5", "loss"):
             r.log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-        r.log_writer.flush()
     # the ledger's fields, as pre-training logs them; epoch_seconds includes evaluation
     train = {k: v for k, v in stats.items() if k.startswith("train_")}
     rest = {k: v for k, v in stats.items() if k not in train}
     run.append_log(r.args.output_dir, {**train, **{f"test_{k}": v for k, v in test_stats.items()}, **rest,
                                        "epoch_seconds": seconds})
+    # here, not in train_epoch: a resume that logs a pending epoch writes its scalars too
+    run.write_epoch_tensorboard(r.log_writer, epoch, stats, r.pruner.strategy)
     r.last_test = test_stats
     return test_stats
 
