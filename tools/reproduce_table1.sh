@@ -52,7 +52,8 @@
 # own cosine run) is 76.1% at 20 epochs, 89.2% at 40, 97.6% at 80, 99.0% at 160 (docs/does_pruning_pay.md): the
 # doubling to 80 gains 8.4 points, the doubling to 160 1.3, and 80 is the longest run 5 seeds of 7 arms fit in 90
 # minutes. Measured 2026-12-03 on the idle machine: 88.5 min for the 5 seeds (31 pre-trainings of 250-340 s each).
-# sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs, ~100 min.
+# sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs; measured
+# 2026-12-03: seed 0's 18 arms 25.5 min on the idle machine, the whole sweep ~85-90 min (docs/does_pruning_pay.md).
 # table1: 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
 # (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
 # FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: D3P s=3, p=5, n=2 (decisions at
