@@ -153,6 +153,7 @@ class Pretraining:
     input_stats: tuple  # (mean, std): uint8 batches are normalised on the device with these
     stop: run.StopSignals
     log_writer: object = None
+    warned_short_batch: bool = False  # run.warn_short_last_batch has spoken
 
     def state(self, epoch: int, **extra) -> dict:
         """run.run_state of this run (a collective: every rank calls it)."""
@@ -251,6 +252,7 @@ def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
     args, pruner = r.args, r.pruner
     epoch_start = time.time()
     pruner.begin_epoch(epoch)
+    r.warned_short_batch = run.warn_short_last_batch(pruner, args.batch_size, epoch, r.warned_short_batch)
     start_step, carried = 0, None
     if partial is not None:
         start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)

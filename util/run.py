@@ -245,6 +245,39 @@ def _worker_options(args: argparse.Namespace) -> dict:
                 persistent_workers=workers > 0, worker_init_fn=worker_init() if workers > 0 else None)
 
 
+# A short last batch: the engine trains every kept sample (no drop_last, unlike MAE: each kept sample must get
+# its loss), so an epoch of K samples per rank ends in a batch of K % batch_size, stepped at the full learning rate.
+# Among few steps that noisy step costs: on the digits at 70% pruned (450 = 7 x 64 + 2, one step in 8) random and
+# RS2 lost 16-18 k-NN points against 448 kept (docs/does_pruning_pay.md). Among hundreds of steps it does not.
+SHORT_BATCH_FRACTION = 8  # a last batch under batch_size / 8 samples is short
+SHORT_BATCH_MAX_STEPS = 50  # ... when it is at least one step in 50
+
+
+def short_last_batch(num_local: int, batch_size: int) -> str | None:
+    """The warning for an epoch whose per-rank list of `num_local` samples ends in a short batch (fewer than
+    batch_size / SHORT_BATCH_FRACTION samples, in an epoch of at most SHORT_BATCH_MAX_STEPS batches), else None."""
+    rest, batches = num_local % batch_size, -(-num_local // batch_size)
+    if rest == 0 or rest * SHORT_BATCH_FRACTION >= batch_size or batches > SHORT_BATCH_MAX_STEPS:
+        return None
+    return (f"{num_local} samples per rank end in a batch of {rest} of {batch_size} (1 batch of {batches}): a "
+            f"gradient of {rest} sample(s) at the full learning rate, which costs accuracy when epochs are this "
+            "short. Fix: a --batch_size or a prune ratio whose kept count per rank fills whole batches "
+            "(docs/does_pruning_pay.md, the 70% column)")
+
+
+def warn_short_last_batch(pruner, batch_size: int, epoch: int, warned: bool) -> bool:
+    """Print short_last_batch's warning for this epoch (rank 0, the first epoch it applies to: `warned` says
+    whether an earlier epoch printed it); returns the new `warned`. Every rank's list has the same length."""
+    if warned:
+        return True
+    message = short_last_batch(len(pruner.sampler), batch_size)
+    if message is None:
+        return False
+    if is_main_process():
+        print(f"warning: epoch {epoch}: {message}. Said once per run.", flush=True)
+    return True
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 def plain_args(args: argparse.Namespace) -> dict:
     """The flags as plain data (weights_only=True loads them)."""

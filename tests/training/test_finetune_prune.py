@@ -118,3 +118,11 @@ def test_pruning_flag_rules():
     # the linear probe measures the pre-trained encoder: it is not pruned
     with pytest.raises(main_finetune.ConfigError, match="--linprobe evaluates the pre-trained encoder"):
         main_finetune.validate_args(_args("--linprobe", "--prune_method", "infobatch", "--model", "vit_tiny_patch4"))
+
+
+def test_fine_tuning_warns_of_a_short_last_batch(tmp_path, capsys):
+    """Random at 70% keeps 450 of the 1,500 digits: 7 batches of 64 and one of 2 (docs/does_pruning_pay.md)."""
+    main_finetune.cli([*BASE, "--prune_method", "random", "--prune_ratio", "0.7", "--epochs", "1",
+                       "--output_dir", str(tmp_path / "ft")])
+    assert "warning: epoch 0: 450 samples per rank end in a batch of 2 of 64 (1 batch of 8)" in capsys.readouterr().out
+    assert read_log(str(tmp_path / "ft"))[0]["samples_trained"] == 450

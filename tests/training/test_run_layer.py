@@ -79,3 +79,35 @@ def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
         before = torch.get_rng_state()
         assert len(list(loader)) == 2
         assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("num_local, batch_size, rest", [
+    (450, 64, 2),  # the sweep's 70% on the digits: 7 x 64 + 2, one batch in 8
+    (66, 32, 2), (7, 64, 7),  # a single short batch is the whole epoch
+    (448, 64, None), (450, 16, None),  # whole batches; 450 = 28 x 16 + 2 is short but 2 * 8 >= 16
+    (455, 64, 7),  # 7 x 64 + 7: 7 * 8 = 56 < 64
+    (456, 64, None),  # 7 x 64 + 8: 8 * 8 = 64, not short
+    (1500, 64, None),  # 23 x 64 + 28
+    (51 * 64 + 1, 64, None), (49 * 64 + 1, 64, 1),  # 52 batches: one in 52 is noise among noise; 50: warned
+])
+def test_short_last_batch_threshold(num_local, batch_size, rest):
+    message = run.short_last_batch(num_local, batch_size)
+    if rest is None:
+        assert message is None
+    else:
+        batches = -(-num_local // batch_size)
+        assert message is not None and f"a batch of {rest} of {batch_size} (1 batch of {batches})" in message
+        assert "Fix:" in message
+
+
+def test_a_short_last_batch_is_warned_once_per_run(tmp_path, capsys):
+    """66 samples in batches of 32 end every epoch in a batch of 2: rank 0 says so, once, naming the fix;
+    64 samples fill two batches and say nothing."""
+    base = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--warmup_epochs", "0",
+            "--prune_method", "none", "--epochs", "2"]
+    assert main_pretrain_d3p.cli([*base, "--train_subset", "66", "--output_dir", str(tmp_path / "short")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: epoch 0: 66 samples per rank end in a batch of 2 of 32 (1 batch of 3)") == 1
+    assert "warning: epoch 1" not in out
+    assert main_pretrain_d3p.cli([*base, "--train_subset", "64", "--output_dir", str(tmp_path / "whole")]) == 0
+    assert "batch of" not in capsys.readouterr().out
