@@ -83,7 +83,7 @@ def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
 
 @pytest.mark.parametrize("num_local, batch_size, rest", [
     (450, 64, 2),  # the sweep's 70% on the digits: 7 x 64 + 2, one batch in 8
-    (66, 32, 2), (7, 64, 7),  # a single short batch is the whole epoch
+    (66, 32, 2), (7, 64, 7),  # 2 x 32 + 2; an epoch of one short batch
     (448, 64, None), (450, 16, None),  # whole batches; 450 = 28 x 16 + 2 is short but 2 * 8 >= 16
     (455, 64, 7),  # 7 x 64 + 7: 7 * 8 = 56 < 64
     (456, 64, None),  # 7 x 64 + 8: 8 * 8 = 64, not short
