@@ -487,7 +487,7 @@ class Finetuning:
     max_accuracy: float = 0.0
     n_parameters: int = 0
     last_test: dict | None = None  # the newest evaluation's results
-    warned_short_batch: bool = False  # run.warn_short_last_batch has spoken (the probe drops its last batch)
+    warned_short_batch: bool = False  # run.warn_short_last_batch has spoken
 
     def state(self, epoch: int, **extra) -> dict:
         """run.run_state of this run, with the best accuracy so far (a collective: every rank calls it)."""
@@ -640,8 +640,7 @@ def train_epoch(r: Finetuning, epoch: int, partial: dict | None, epoch_seconds: 
     args, pruner = r.args, r.pruner
     t_epoch = time.time()
     pruner.begin_epoch(epoch)
-    r.warned_short_batch = args.linprobe or run.warn_short_last_batch(pruner, args.batch_size, epoch,
-                                                                      r.warned_short_batch)
+    r.warned_short_batch = run.warn_short_last_batch(r.loader_train, epoch, r.warned_short_batch)
     start_step, carried = 0, None
     if partial is not None:
         start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)

@@ -252,7 +252,7 @@ def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
     args, pruner = r.args, r.pruner
     epoch_start = time.time()
     pruner.begin_epoch(epoch)
-    r.warned_short_batch = run.warn_short_last_batch(pruner, args.batch_size, epoch, r.warned_short_batch)
+    r.warned_short_batch = run.warn_short_last_batch(r.train_loader, epoch, r.warned_short_batch)
     start_step, carried = 0, None
     if partial is not None:
         start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)

@@ -265,12 +265,13 @@ def short_last_batch(num_local: int, batch_size: int) -> str | None:
             "(docs/does_pruning_pay.md, the 70% column)")
 
 
-def warn_short_last_batch(pruner, batch_size: int, epoch: int, warned: bool) -> bool:
-    """Print short_last_batch's warning for this epoch (rank 0, the first epoch it applies to: `warned` says
-    whether an earlier epoch printed it); returns the new `warned`. Every rank's list has the same length."""
-    if warned:
-        return True
-    message = short_last_batch(len(pruner.sampler), batch_size)
+def warn_short_last_batch(loader: DataLoader, epoch: int, warned: bool) -> bool:
+    """Print short_last_batch's warning for the epoch `loader` is about to run (rank 0, the first epoch it applies
+    to: `warned` says whether an earlier epoch printed it); returns the new `warned`. A loader that drops its last
+    batch (the linear probe's) has none to warn of. Every rank's list has the same length."""
+    if warned or loader.drop_last:
+        return warned
+    message = short_last_batch(len(loader.sampler), loader.batch_size)
     if message is None:
         return False
     if is_main_process():

@@ -111,3 +111,18 @@ def test_a_short_last_batch_is_warned_once_per_run(tmp_path, capsys):
     assert "warning: epoch 1" not in out
     assert main_pretrain_d3p.cli([*base, "--train_subset", "64", "--output_dir", str(tmp_path / "whole")]) == 0
     assert "batch of" not in capsys.readouterr().out
+
+
+def test_the_short_batch_warning_reads_the_loader(capsys):
+    """Batch size, length and drop_last come from the loader the epoch runs: the linear probe's (drop_last) has
+    no short batch to warn of; an earlier warning silences later epochs."""
+    from torch.utils.data import DataLoader
+
+    data = list(range(66))
+    assert run.warn_short_last_batch(DataLoader(data, batch_size=32, drop_last=True), 0, False) is False
+    assert capsys.readouterr().out == ""
+    keeps = DataLoader(data, batch_size=32)
+    assert run.warn_short_last_batch(keeps, 3, False) is True
+    assert "warning: epoch 3: 66 samples per rank end in a batch of 2 of 32" in capsys.readouterr().out
+    assert run.warn_short_last_batch(keeps, 4, True) is True
+    assert capsys.readouterr().out == ""
