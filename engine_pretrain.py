@@ -1,4 +1,5 @@
-"""One MAE pre-training epoch with per-sample losses, weights and recording; the forward-only pass."""
+"""MAE pre-training's part of the engine: its per-sample loss (`MAELoss`), which util.engine's one loop trains
+with, and the embedding pass of D2 Pruning and k-NN."""
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -6,159 +7,54 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-import util.lr_sched as lr_sched
 from d3p import DataPruner
 from d3p.collectives import all_reduce, is_dist, to_collective
+from util import engine
 from util.device_input import DeviceNormalize, Stats
-from util.dist import all_reduce_mean, all_reduce_sum
 from util.engine import (  # noqa: F401  (NonFiniteLossError, nonfinite_loss_error: re-exported for callers)
-    NonFiniteLossError, SyncPoint, accumulation_divisor, autocast, no_sync_unless, nonfinite_loss_error, stoppable,
-    training_mode,
+    EpochMeters, EpochOutcome, NonFiniteLossError, autocast, nonfinite_loss_error, stoppable, training_mode,
 )
 from util.metrics import MetricLogger
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    data_loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    epoch: int,
-    loss_scaler,
-    log_writer=None,
-    args=None,
-    pruner: DataPruner | None = None,
-    amp_dtype: torch.dtype | None = None,
-    start_step: int = 0,
-    carried: dict | None = None,
-    stop_requested: Callable[[], bool] | None = None,
-    input_stats: Stats | None = None,
-) -> dict:
-    """Train one epoch. Batches are (images, targets, dataset_index).
+class MAELoss:
+    """MAE's per-sample reconstruction loss of a batch (images, targets, dataset_index) -> (loss [B], index [B]):
+    uint8 images normalised on the device, random masking at `mask_ratio`, the forward under autocast."""
 
-    input_stats: (mean, std) that normalise uint8 image batches on `device` (DeviceNormalize).
-    pruner: the run's DataPruner after `begin_epoch`: weighs each batch's per-sample losses (weights
-        on the device, moved once per epoch) and records them (no host sync per step). None: MAE's loss
-        (the mean), nothing recorded.
-    start_step, carried: resume an epoch a preemption interrupted after `start_step` steps (the
-        loader then yields only the remaining batches); `carried` holds that part's statistics.
-    stop_requested: polled on every rank at the host-sync points (every `print_freq` steps); the ranks
-        agree in one all-reduce that also carries the NaN check (util.dist.agree_at_sync_point), and
-        all stop after the same optimizer step (the returned stats then carry `interrupted_at_step`)
-        or all raise NonFiniteLossError naming the epoch and step.
-    Gradient accumulation: an optimizer step every `accum_iter` micro-batches; the epoch's last,
-    partial group is stepped too, with its loss divided by its own size (accumulation_divisor).
-    Returns epoch statistics (averaged over ranks): train_loss, lr, grad_norm, optimizer_steps,
-    data_seconds, corrupt_replaced.
-    """
-    model.train(True)
-    to_input = DeviceNormalize(input_stats, device)
-    metric_logger = MetricLogger()
-    accum_iter = args.accum_iter
-    print_freq = getattr(args, "print_freq", 20)
-    num_steps = start_step + len(data_loader)
-    optimizer.zero_grad(set_to_none=True)
+    def __init__(self, model: torch.nn.Module, device: torch.device, mask_ratio: float,
+                 amp_dtype: torch.dtype | None = None, input_stats: Stats | None = None):
+        self.model, self.device, self.mask_ratio, self.amp_dtype = model, device, mask_ratio, amp_dtype
+        self.to_input = DeviceNormalize(input_stats, device)
 
-    carried = carried or {}
-    sync = SyncPoint(epoch, start_step, num_steps, print_freq, stop_requested)
-    loss_total = float(carried.get("loss_total", 0.0))
-    loss_steps = int(carried.get("loss_steps", 0))
-    optimizer_steps = int(carried.get("optimizer_steps", 0))
-    corrupt = 0
-    grad_norms: list[torch.Tensor] = []
-    lr = optimizer.param_groups[0]["lr"]
-    interrupted_at = None
+    def __call__(self, batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        samples, _, index = batch
+        with autocast(self.device, self.amp_dtype):
+            per_sample, _, _ = self.model(self.to_input(samples), mask_ratio=self.mask_ratio)
+        return per_sample, index
 
-    batches = metric_logger.log_every(data_loader, f"Epoch [{epoch}]")
-    for step, (samples, _, index) in enumerate(batches, start=start_step):
-        update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
-        if step % accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(optimizer, step / num_steps + epoch, args)
-        samples = to_input(samples)
-        valid = index >= 0  # negative: a replaced unreadable image (--skip_corrupt)
-        corrupt += int((~valid).sum())
 
-        with no_sync_unless(model, update):
-            with autocast(device, amp_dtype):
-                per_sample, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            # the method's weights (a replaced image trains with weight 0); records the losses
-            loss = per_sample.float().mean() if pruner is None else pruner.batch_loss(per_sample, index)
-            norm = loss_scaler(loss / accumulation_divisor(step, num_steps, accum_iter), optimizer,
-                               clip_grad=getattr(args, "clip_grad", None), parameters=model.parameters(),
-                               update_grad=update)
-        if update:
-            optimizer.zero_grad(set_to_none=True)
-            optimizer_steps += 1
-            if norm is not None:
-                grad_norms.append(norm.detach())
-        sync.add(loss)
-
-        if sync.due(step):
-            values, first, stop_all = sync.check()
-            loss_total += float(values.sum())
-            loss_steps += values.size
-            metric_logger.update(loss=float(values[-1]), lr=lr)
-            if log_writer is not None:
-                # MAE's x-axis: epoch_1000x keeps curves of different batch sizes comparable
-                for k, v in enumerate(values):
-                    epoch_1000x = int(((first + k) / num_steps + epoch) * 1000)
-                    log_writer.add_scalar("train_loss", float(v), epoch_1000x)
-                log_writer.add_scalar("lr", lr, int((step / num_steps + epoch) * 1000))
-            if stop_all and update and step + 1 < num_steps:
-                interrupted_at = step + 1
-                break
-
-    grad_norm = float(torch.stack(grad_norms).float().mean().item()) if grad_norms else 0.0
-    stats = {
-        "interrupted_at_step": interrupted_at,
-        "loss_total": loss_total,
-        "loss_steps": loss_steps,
-        "train_loss": all_reduce_mean(loss_total / max(loss_steps, 1)),
-        "lr": lr,
-        "grad_norm": all_reduce_mean(grad_norm),
-        "optimizer_steps": optimizer_steps,
-        "data_seconds": metric_logger.data_seconds,
-        "corrupt_replaced": int(all_reduce_sum(corrupt)),
-    }
-    if log_writer is not None:
-        log_writer.add_scalar("grad_norm", grad_norm, (epoch + 1) * 1000)
-    return stats
+def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, loss_scaler, log_writer=None, args=None,
+                    pruner: DataPruner | None = None, amp_dtype: torch.dtype | None = None, start_step: int = 0,
+                    meters: EpochMeters | None = None, stop_requested: Callable[[], bool] | None = None,
+                    input_stats: Stats | None = None) -> EpochOutcome:
+    """One MAE pre-training epoch (MAE's signature): util.engine.train_one_epoch with MAE's loss. Batches are
+    (images, targets, dataset_index); `pruner` weighs and records the per-sample losses (None: MAE's mean)."""
+    return engine.train_one_epoch(
+        model, data_loader, optimizer, loss_scaler, epoch, args,
+        MAELoss(model, device, args.mask_ratio, amp_dtype, input_stats), pruner=pruner, start_step=start_step,
+        meters=meters, stop_requested=stop_requested, log_writer=log_writer)
 
 
 @torch.no_grad()
-def forward_only_pass(
-    model: torch.nn.Module,
-    data_loader: Iterable,
-    device: torch.device,
-    epoch: int,
-    pruner: DataPruner,
-    mask_ratio: float,
-    amp_dtype: torch.dtype | None = None,
-    input_stats: Stats | None = None,
-    stop_requested: Callable[[], bool] | None = None,
-    print_freq: int = 20,
-) -> int | None:
-    """Loss of samples that were not trained this epoch (D3P's pruned set in recording epochs):
-    same augmentation and random masking, no gradient, and the model in training mode, as the
-    training losses are recorded (MAE's encoder has no dropout or drop path: the mode changes no
-    number here; it keeps the two passes comparable for models that have them). Returns the samples
-    this rank processed, or None when the ranks agreed to stop (SIGTERM) before the pass ended: the
-    caller then saves the state from before the pass, which a resume replays."""
-    to_input = DeviceNormalize(input_stats, device)
-    seen, stopped = 0, [False]
-    records = []  # handed to the recorder only when the pass completes: a stopped pass leaves no trace
-    batches = MetricLogger().log_every(data_loader, f"Forward-only [{epoch}]")
-    with training_mode(model, True):
-        for samples, _, index in stoppable(batches, len(data_loader), stop_requested, print_freq, stopped):
-            with autocast(device, amp_dtype):
-                per_sample, _, _ = model(to_input(samples), mask_ratio=mask_ratio)
-            records.append((index, per_sample))
-            seen += int(index.numel())
-    if stopped[0]:
-        return None
-    for index, per_sample in records:
-        pruner.record(index, per_sample)
-    return seen
+def forward_only_pass(model: torch.nn.Module, data_loader: Iterable, device: torch.device, epoch: int,
+                      pruner: DataPruner, mask_ratio: float, amp_dtype: torch.dtype | None = None,
+                      input_stats: Stats | None = None, stop_requested: Callable[[], bool] | None = None,
+                      print_freq: int = 20) -> int | None:
+    """MAE's loss of the samples not trained this epoch (util.engine.forward_only_pass): same augmentation and
+    random masking, no gradient, the model in training mode."""
+    return engine.forward_only_pass(model, data_loader, MAELoss(model, device, mask_ratio, amp_dtype, input_stats),
+                                    pruner, epoch, stop_requested=stop_requested, print_freq=print_freq)
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import os
 import random
 import sys
@@ -38,8 +37,10 @@ import d3p
 import models_vit
 from d3p.checkpoints import CheckpointFormatError, load_plain
 from d3p.collectives import get_rank, get_world_size
-from engine_finetune import evaluate, forward_only_pass, train_one_epoch
+from engine_finetune import SupervisedLoss, evaluate
 from util import checkpoint as ckpt_util
+from util import lifecycle, run_log
+from util import resume as resume_util
 from util import datasets as data_util
 from util import image_transforms
 from util.item_seeding import STREAM_FORWARD_ONLY, STREAM_TRAIN
@@ -50,10 +51,12 @@ from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_comp
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
 from util import run
-from util.dist import any_rank, init_distributed_mode, is_main_process, resolve_device
+from util.dist import init_distributed_mode, resolve_device
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
 from util.run_folder import pruning_inputs
+from util.loader import make_eval_loader, make_loader
+from util.stop import StopSignals
 
 
 ConfigError = run.ConfigError  # bad flags or inputs (exit code 2); the message names it and the fix
@@ -343,11 +346,11 @@ def build_loaders(args):
                                       **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.item_seeding.SeededItems)
-    loader_train = run.make_loader(dataset_train, pruner.sampler, args, args.batch_size, STREAM_TRAIN,
+    loader_train = make_loader(dataset_train, pruner.sampler, args, args.batch_size, STREAM_TRAIN,
                                    drop_last=args.linprobe)
-    loader_forward = run.make_loader(dataset_train, pruner.forward_sampler, args, args.batch_size,
+    loader_forward = make_loader(dataset_train, pruner.forward_sampler, args, args.batch_size,
                                      STREAM_FORWARD_ONLY)
-    loader_val = run.make_eval_loader(dataset_val, sampler_val, args, args.batch_size)
+    loader_val = make_eval_loader(dataset_val, sampler_val, args, args.batch_size)
     return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
 
 
@@ -421,83 +424,46 @@ def load_pretrained(model: nn.Module, path: str, global_pool: bool, head_std: fl
     return {"missing_keys": sorted(msg.missing_keys), "unexpected_keys": sorted(msg.unexpected_keys)}
 
 
-def resume(args, model_without_ddp, optimizer, loss_scaler, pruner) -> tuple[float, dict | None, dict | None]:
-    """Load --resume (set by --auto_resume to the newest checkpoint) -> (best accuracy so far, the mid-epoch
-    record of a checkpoint written on a stop signal or None, the epoch log line still waiting for its
-    evaluation or None). MAE's own checkpoints (args as a Namespace, no pruning state) load too."""
-    if not args.resume:
-        return 0.0, None, None
-    ckpt = _load_foreign_checkpoint(args.resume)
-    try:
-        model_without_ddp.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as exc:
-        raise ConfigError(
-            f"--resume checkpoint {args.resume} does not fit this model ({exc}). Fix: use the same --model, "
-            "--nb_classes, --global_pool/--cls_token and --linprobe as the run that wrote it"
-        ) from exc
-    print(f"Resume checkpoint {args.resume}")
-    if args.eval or "optimizer" not in ckpt or "epoch" not in ckpt:
-        return float(ckpt.get("max_accuracy", 0.0)), None, None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    loss_scaler.load_state_dict(ckpt.get("scaler"))
-    args.start_epoch = int(ckpt["epoch"]) + 1
-    if "pruning" in ckpt:
-        try:
-            pruner.load_state_dict(ckpt["pruning"])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-    elif args.prune_method != "none":
-        raise ConfigError(f"--resume checkpoint {args.resume} has no pruning state (written before pruning was "
-                          f"supported), so --prune_method {args.prune_method} cannot continue it exactly. Fix: "
-                          "resume with --prune_method none, or start a new --output_dir")
-    if "rng_states" in ckpt:
-        ckpt_util.restore_rng_states(ckpt["rng_states"])
-    partial = ckpt.get("partial_epoch")
-    if partial is not None:
-        args.start_epoch = int(partial["epoch"])
-        partial = {**partial, "_written_by": {k: ckpt.get(k) for k in ("world_size", "args")}}
-    print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
-    if is_main_process():
-        run.rewrite_log_until(os.path.join(args.output_dir, "log.txt"), args.start_epoch - 1)
-    return float(ckpt.get("max_accuracy", 0.0)), partial, ckpt.get("pending_log")
-
-
 # ----------------------------------------------------------------------------------------------- main
 @dataclasses.dataclass
-class Finetuning:
-    """One fine-tuning (or linear-probing) run's objects (built once by `build`)."""
-    args: argparse.Namespace
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    dataset_train: torch.utils.data.Dataset
-    dataset_val: torch.utils.data.Dataset
-    pruner: d3p.DataPruner
-    loader_train: torch.utils.data.DataLoader
-    loader_val: torch.utils.data.DataLoader
-    loader_forward: torch.utils.data.DataLoader
-    input_stats: tuple  # (mean, std): uint8 batches are normalised on the device with these
-    mixup_fn: SeededMixup | None
-    model: nn.Module = None  # DDP-wrapped when distributed
-    model_without_ddp: nn.Module = None
-    optimizer: torch.optim.Optimizer = None
-    loss_scaler: ScaledOptimizerStep = None
+class Finetuning(lifecycle.TrainingRun):
+    """One fine-tuning (or linear-probing) run: the supervised loss with mixup, evaluation, the fine-tuning log line.
+    Built by `build_data` (data, pruner, loaders) and `build_training` (model, optimizer, criterion)."""
+    dataset_train: torch.utils.data.Dataset = None
+    dataset_val: torch.utils.data.Dataset = None
+    loader_val: torch.utils.data.DataLoader = None
+    mixup_fn: SeededMixup | None = None
     criterion: object = None
-    stop: run.StopSignals = None
-    log_writer: object = None
     max_accuracy: float = 0.0
     n_parameters: int = 0
     last_test: dict | None = None  # the newest evaluation's results
-    warned_short_batch: bool = False  # run.warn_short_last_batch has spoken
 
-    def state(self, epoch: int, **extra) -> dict:
-        """run.run_state of this run, with the best accuracy so far (a collective: every rank calls it)."""
-        return run.run_state(self.args, epoch, self.model_without_ddp, self.optimizer, self.loss_scaler,
-                             self.pruner, max_accuracy=self.max_accuracy, **extra)
+    def batch_losses(self, epoch: int, forward_only: bool = False) -> SupervisedLoss:
+        model = self.model_without_ddp if forward_only else self.model
+        return SupervisedLoss(model, self.criterion, self.device, epoch, self.mixup_fn, self.amp_dtype,
+                              self.input_stats, forward_only=forward_only)
 
-    def evaluate(self) -> dict | None:
-        """Accuracy on the val set; None when a stop signal ended it early."""
-        return evaluate(self.loader_val, self.model_without_ddp, self.device, self.amp_dtype, self.input_stats,
-                        stop_requested=self.stop)
+    def log_line(self, epoch: int, train: dict, pruning_log: dict) -> dict:
+        return {"train_loss": train["loss"], "train_lr": train["lr"], "train_grad_norm": train["grad_norm"],
+                "epoch": epoch, "n_parameters": self.n_parameters, **pruning_log}
+
+    def evaluate(self, epoch: int | None = None) -> dict | None:
+        """Accuracy on the val set as test_* fields (written to TensorBoard too); None when a stop ended it."""
+        stats = evaluate(self.loader_val, self.model_without_ddp, self.device, self.amp_dtype, self.input_stats,
+                         stop_requested=self.stop)
+        if stats is None:
+            return None
+        print(f"Accuracy of the network on the {len(self.dataset_val)} test images: {stats['acc1']:.1f}%")
+        self.max_accuracy = max(self.max_accuracy, stats["acc1"])
+        print(f"Max accuracy: {self.max_accuracy:.2f}%")
+        if self.log_writer is not None and epoch is not None:
+            for key in ("acc1", "acc5", "loss"):
+                self.log_writer.add_scalar(f"perf/test_{key}", stats[key], epoch)
+        self.last_test = stats
+        return {f"test_{k}": v for k, v in stats.items()}
+
+    def checkpoint_extra(self) -> dict:
+        return {"max_accuracy": self.max_accuracy}
 
 
 def build_data(args) -> Finetuning:
@@ -519,9 +485,9 @@ def build_data(args) -> Finetuning:
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
             label_smoothing=args.smoothing, num_classes=args.nb_classes, seed=args.seed, rank=get_rank(),
         )
-    return Finetuning(args, device, autocast_dtype(args.precision, args.device), dataset_train, dataset_val, pruner,
-                      loader_train, loader_val, loader_forward, data_util.dataset_stats(args.data_set),
-                      mixup_fn)
+    return Finetuning(args, device, autocast_dtype(args.precision, args.device), data_util.dataset_stats(args.data_set),
+                      pruner, loader_train, loader_forward, dataset_train=dataset_train, dataset_val=dataset_val,
+                      loader_val=loader_val, mixup_fn=mixup_fn)
 
 
 def build_model(args) -> nn.Module:
@@ -599,132 +565,72 @@ def main(args) -> dict | int:
     configure_cuda_math(torch.device(args.device))
 
     r = build_data(args)
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+    lifecycle.output_dir_ready(args)
+    build_training(r, build_model(args))
+    r.stop = StopSignals()
+    if args.eval:
+        return evaluate_only(r)
+    point = resume(r)
+    r.log_writer = run_log.summary_writer(args.log_dir)
+    start = point.start_epoch if point is not None else args.start_epoch
+    mode = "linprobe" if args.linprobe else "finetune"
+    print(f"Start training ({mode}) for {args.epochs} epochs from epoch {start}")
+    t_train = time.time()
+    code = lifecycle.run_epochs(r, point)
+    if code is not None:
+        return code
+    return finish(r, t_start, t_train)
+
+
+def resume(r: Finetuning) -> resume_util.ResumePoint | None:
+    """Resume from --resume or the newest checkpoint (--auto_resume) -> where to continue. A checkpoint with
+    weights only (no optimizer or epoch: MAE's fine-tuned weights) is loaded and training starts at
+    --start_epoch. MAE's own checkpoints (args as a Namespace, no pruning state) load too."""
+    found = _find_checkpoint(r.args)
+    if found is None:
+        return None
+    path, ckpt = found
+    resume_util.load_weights(r.model_without_ddp, ckpt, path, fix="use the same --model, --nb_classes, "
+                             "--global_pool/--cls_token and --linprobe as the run that wrote it")
+    print(f"Resume checkpoint {path}")
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        r.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+        return None
+    point = resume_util.restore_run_state(ckpt, path, r, r.args.prune_method)
+    r.max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    return point
+
+
+def _find_checkpoint(args) -> tuple[str, dict] | None:
+    """(path, checkpoint) of --resume or, with --auto_resume, of the newest complete checkpoint (which then
+    becomes --resume, as the summary reports), loaded as plain data; None without either."""
     if args.auto_resume and not args.resume:
         found = ckpt_util.find_resume_checkpoint(args.output_dir)  # rank 0 chooses for all ranks
         if found is not None:
             args.resume = found[0]
             print(f"--auto_resume: found {args.resume}")
+            return found
     if args.eval and not args.resume:
         raise ConfigError(f"--eval: no checkpoint to evaluate in {args.output_dir}. Fix: pass --resume PATH")
-    build_training(r, build_model(args))
-    r.max_accuracy, partial, pending_log = resume(args, r.model_without_ddp, r.optimizer, r.loss_scaler, r.pruner)
-    r.stop = run.StopSignals()
-
-    if args.eval:
-        test_stats = r.evaluate()
-        if test_stats is None:
-            return run.stopped(r.stop, "evaluation stopped by signal (nothing to save)")
-        print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return test_stats
-
-    r.log_writer = run.summary_writer(args.log_dir)
-    if pending_log is not None and evaluate_and_log(r, pending_log) is None:
-        return run.stopped(r.stop, f"stopped by signal in the evaluation of epoch {pending_log['epoch']}")
-    mode = "linprobe" if args.linprobe else "finetune"
-    print(f"Start training ({mode}) for {args.epochs} epochs from epoch {args.start_epoch}")
-    t_train, epoch_seconds = time.time(), []
-    for epoch in range(args.start_epoch, args.epochs):
-        code = train_epoch(r, epoch, partial if partial is not None and partial["epoch"] == epoch else None,
-                           epoch_seconds)
-        partial = None
-        if code is not None:
-            return code
-    return finish(r, t_start, t_train, epoch_seconds)
+    return (args.resume, _load_foreign_checkpoint(args.resume)) if args.resume else None
 
 
-def train_epoch(r: Finetuning, epoch: int, partial: dict | None, epoch_seconds: list[float]) -> int | None:
-    """One epoch: training, the forward-only pass, the method's decision, evaluation, checkpoint and log.
-    Returns run.EXIT_STOPPED after saving when the ranks agreed to stop, else None."""
-    args, pruner = r.args, r.pruner
-    t_epoch = time.time()
-    pruner.begin_epoch(epoch)
-    r.warned_short_batch = run.warn_short_last_batch(r.loader_train, epoch, r.warned_short_batch)
-    start_step, carried = 0, None
-    if partial is not None:
-        start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)
-        t_epoch -= carried["seconds"]
-    train_stats = train_one_epoch(
-        r.model, r.criterion, r.loader_train, r.optimizer, r.device, epoch, r.loss_scaler,
-        max_norm=args.clip_grad, mixup_fn=r.mixup_fn, log_writer=r.log_writer, args=args, pruner=pruner,
-        input_stats=r.input_stats, start_step=start_step, carried=carried, stop_requested=r.stop,
-    )
-    step = train_stats.pop("interrupted_at_step")
-    if step is not None:
-        save_partial(r, epoch, train_stats, step, start_step, t_epoch)
-        return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after step {step}")
-    if pruner.forward_only_indices.size:
-        rng_before_pass = ckpt_util.rng_state()
-        seen = forward_only_pass(r.model_without_ddp, r.criterion, r.loader_forward, r.device, epoch, pruner,
-                                 r.mixup_fn, r.amp_dtype, r.input_stats, stop_requested=r.stop,
-                                 print_freq=args.print_freq)
-        if seen is None:  # the state from before the pass: the resume replays it whole
-            ckpt_util.set_rng_state(rng_before_pass)
-            save_partial(r, epoch, train_stats, start_step + len(r.loader_train), start_step, t_epoch)
-            return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after training, during its "
-                                       "forward-only pass")
-    pruning_log = pruner.end_epoch(epoch, optimizer_steps=train_stats.pop("optimizer_steps"),
-                                   data_seconds=train_stats.pop("data_seconds"), started=t_epoch)
-    train_stats.pop("meter_sums")
-    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                 "n_parameters": r.n_parameters, **pruning_log, "t_epoch": t_epoch}
-    test_stats = evaluate_and_log(r, log_stats, epoch_seconds)
-    stop_now = test_stats is None or any_rank(r.stop())
-    if stop_now or run.is_save_epoch(args, epoch):
-        # a stop during the evaluation saves the epoch with its log line pending: the resume evaluates first
-        extra = {"pending_log": json.loads(json.dumps(log_stats))} if test_stats is None else {}
-        run.save_epoch_checkpoint(args, epoch, r.state(epoch, **extra))
-    if stop_now:
-        return run.stopped(r.stop, f"stopped by signal after epoch {epoch}")
-    return None
+def evaluate_only(r: Finetuning) -> dict | int:
+    """--eval: the weights of --resume (or the newest checkpoint), evaluated once."""
+    path, ckpt = _find_checkpoint(r.args)
+    resume_util.load_weights(r.model_without_ddp, ckpt, path, fix="use the same --model, --nb_classes, "
+                             "--global_pool/--cls_token and --linprobe as the run that wrote it")
+    if r.evaluate() is None:
+        return run.stopped(r.stop, "evaluation stopped by signal (nothing to save)")
+    return r.last_test
 
 
-def evaluate_and_log(r: Finetuning, log_stats: dict, epoch_seconds: list[float] | None = None) -> dict | None:
-    """Evaluate, then write the epoch's log line (`log_stats` + the test results + epoch_seconds, which
-    includes evaluation) -> the test results, or None (nothing written) when a stop signal ended evaluation."""
-    test_stats = r.evaluate()
-    if test_stats is None:
-        return None
-    print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}%")
-    r.max_accuracy = max(r.max_accuracy, test_stats["acc1"])
-    print(f"Max accuracy: {r.max_accuracy:.2f}%")
-    stats = dict(log_stats)
-    seconds = time.time() - stats.pop("t_epoch")
-    if epoch_seconds is not None:
-        epoch_seconds.append(seconds)
-    epoch = stats["epoch"]
-    if r.log_writer is not None:
-        for key in ("acc1", "acc5", "loss"):
-            r.log_writer.add_scalar(f"perf/test_{key}", test_stats[key], epoch)
-    # the ledger's fields, as pre-training logs them; epoch_seconds includes evaluation
-    train = {k: v for k, v in stats.items() if k.startswith("train_")}
-    rest = {k: v for k, v in stats.items() if k not in train}
-    run.append_log(r.args.output_dir, {**train, **{f"test_{k}": v for k, v in test_stats.items()}, **rest,
-                                       "epoch_seconds": seconds})
-    # here, not in train_epoch: a resume that logs a pending epoch writes its scalars too
-    run.write_epoch_tensorboard(r.log_writer, epoch, stats, r.pruner.strategy)
-    r.last_test = test_stats
-    return test_stats
-
-
-def save_partial(r: Finetuning, epoch: int, train_stats: dict, step: int, start_step: int, t_epoch: float) -> None:
-    """The mid-epoch checkpoint after `step` steps of `epoch` (run.save_partial_epoch), with the meter sums
-    of all ranks so far, so the resumed epoch logs the same averages."""
-    local = min(len(r.pruner.sampler), (step - start_step) * r.args.batch_size)  # this run's samples per rank
-    run.save_partial_epoch(
-        r.args, epoch, r.state(epoch - 1), step, r.pruner.sampler.samples_done(local), time.time() - t_epoch,
-        r.pruner, meters=train_stats["meter_sums"], optimizer_steps=int(train_stats["optimizer_steps"]),
-    )
-
-
-def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[float]) -> dict:
+def finish(r: Finetuning, t_start: float, t_train: float) -> dict:
     """The final evaluation (when no epoch was left to train) and summary.json -> the summary."""
     args = r.args
-    test_stats = r.last_test or r.evaluate()
-    if test_stats is None:
+    if r.last_test is None and r.evaluate() is None:
         return run.stopped(r.stop, "stopped by signal in the final evaluation (training was complete)")
-    r.max_accuracy = max(r.max_accuracy, test_stats["acc1"])
+    test_stats = r.last_test
     train_seconds = time.time() - t_train
     print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")
     print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}% "
@@ -743,7 +649,7 @@ def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[fl
         "num_val": len(r.dataset_val),
         "wall_seconds": time.time() - t_start,
         "train_seconds": train_seconds,
-        "epoch_seconds": epoch_seconds,
+        "epoch_seconds": [e["epoch_seconds"] for e in r.pruner.ledger.epochs],  # training, without evaluation
         "finetune": args.finetune,
         "resumed_from": args.resume or None,
         "data_set": args.data_set,
@@ -761,10 +667,7 @@ def finish(r: Finetuning, t_start: float, t_train: float, epoch_seconds: list[fl
         # wall_seconds: the training epochs)
         **r.pruner.summary(),
     }
-    run.write_summary(args.output_dir, summary)
-    if r.log_writer is not None:
-        r.log_writer.close()
-    r.stop.restore()
+    lifecycle.write_summary_and_close(r, summary)
     return summary
 
 

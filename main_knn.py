@@ -41,7 +41,7 @@ from util.amp import autocast_dtype
 from util.data_errors import DatasetError
 from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, num_classes_of, resolve_data_set
 from util.image_transforms import eval_transform
-from util.loader import collate_indexed, default_num_workers
+from util.loader import collate_indexed, default_num_workers, make_eval_loader
 from util.dist import barrier, init_distributed_mode, is_main_process
 
 
@@ -163,7 +163,7 @@ def split_features(model, split: str, args, device, amp_dtype) -> tuple[torch.Te
     if labels is None:
         raise DatasetError(f"the {split} split has no 'targets' (labels). Fix: use a labelled dataset")
     sampler = PrunedDistributedSampler(n, get_world_size(), get_rank(), shuffle=False)
-    loader = run.make_eval_loader(IndexedDataset(base), sampler, args, args.batch_size, collate_fn=collate_indexed)
+    loader = make_eval_loader(IndexedDataset(base), sampler, args, args.batch_size, collate_fn=collate_indexed)
     feats, _ = compute_embeddings(model, loader, device, n, amp_dtype, input_stats=dataset_stats(args.data_set))
     return torch.from_numpy(feats), torch.as_tensor(np.asarray(labels), dtype=torch.long), num_classes_of(base)
 

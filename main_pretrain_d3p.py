@@ -22,21 +22,20 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 import d3p
-from d3p.distributed import RankDivergenceError
-from engine_pretrain import compute_embeddings, forward_only_pass, train_one_epoch
-from util import checkpoint as ckpt_util
-from util import run
+from engine_pretrain import MAELoss, compute_embeddings
+from util import lifecycle, run, run_log
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
-from d3p.collectives import all_gather_object, get_rank, get_world_size
+from d3p.collectives import get_rank, get_world_size
 from util.data_errors import DatasetError
 from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, resolve_data_set
 from util.image_transforms import JPEG_UPSAMPLING, eval_transform, pretrain_transform
 from util.item_seeding import STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN
 from util.loader import default_num_workers
-from util.dist import any_rank, barrier, init_distributed_mode, is_main_process
+from util.dist import barrier, init_distributed_mode, is_main_process
+from util.loader import make_loader
 from util.run_folder import pruning_inputs
-from util.run import make_loader  # noqa: F401  (benchmarks/bench_overhead.py builds its loaders with it)
+from util.stop import StopSignals
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -137,31 +136,37 @@ def train_split(args, transform):
 
 
 @dataclasses.dataclass
-class Pretraining:
-    """One pre-training run's objects (built once by `build`)."""
-    args: argparse.Namespace
-    device: torch.device
-    dataset: IndexedDataset
-    pruner: d3p.DataPruner
-    train_loader: torch.utils.data.DataLoader
-    forward_loader: torch.utils.data.DataLoader
-    model: torch.nn.Module  # DDP-wrapped when distributed
-    model_without_ddp: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_scaler: ScaledOptimizerStep
-    amp_dtype: torch.dtype | None
-    input_stats: tuple  # (mean, std): uint8 batches are normalised on the device with these
-    stop: run.StopSignals
-    log_writer: object = None
-    warned_short_batch: bool = False  # run.warn_short_last_batch has spoken
+class Pretraining(lifecycle.TrainingRun):
+    """One pre-training run (built once by `build`): MAE's loss, D2's embedding pass, the pre-training log line."""
+    dataset: IndexedDataset = None
 
-    def state(self, epoch: int, **extra) -> dict:
-        """run.run_state of this run (a collective: every rank calls it)."""
-        return run.run_state(self.args, epoch, self.model_without_ddp, self.optimizer, self.loss_scaler,
-                             self.pruner, **extra)
+    def batch_losses(self, epoch: int, forward_only: bool = False) -> MAELoss:
+        # the forward-only pass runs the unwrapped model: a DDP forward outside a backward would wait for gradients
+        model = self.model_without_ddp if forward_only else self.model
+        return MAELoss(model, self.device, self.args.mask_ratio, self.amp_dtype, self.input_stats)
+
+    def embeddings(self, epoch: int) -> tuple[np.ndarray | None, bool]:
+        """D2's embeddings of every training sample (eval transform, unmasked encoder: no RNG consumed)."""
+        args = self.args
+        embed_set = IndexedDataset(train_split(args, eval_transform(args.data_set, args.input_size)))
+        loader = make_loader(embed_set, self.pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
+        embeddings, _ = compute_embeddings(self.model, loader, self.device, self.pruner.num_samples, self.amp_dtype,
+                                           input_stats=self.input_stats, stop_requested=self.stop,
+                                           print_freq=args.print_freq)
+        return embeddings, embeddings is None
+
+    def after_decision(self, epoch: int) -> None:
+        strategy = self.pruner.strategy
+        subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
+        if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
+            np.save(os.path.join(self.args.output_dir, "kept_static.npy"), subset)
+
+    def log_line(self, epoch: int, train: dict, pruning_log: dict) -> dict:
+        return {"epoch": epoch, "train_loss": train["loss"], "lr": train["last_lr"], "grad_norm": train["grad_norm"],
+                **pruning_log, "corrupt_replaced": train["corrupt_replaced"]}
 
 
-def build(args: argparse.Namespace, stop: run.StopSignals) -> Pretraining:
+def build(args: argparse.Namespace, stop: StopSignals) -> Pretraining:
     """Data, pruner, loaders, model (DDP), AdamW and the loss scaler of a run."""
     device = torch.device(args.device)
     world = get_world_size()
@@ -189,183 +194,33 @@ def build(args: argparse.Namespace, stop: run.StopSignals) -> Pretraining:
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), **adamw_kwargs(device))
     amp_dtype = autocast_dtype(args.precision, args.device)
-    return Pretraining(args, device, dataset, pruner, train_loader, forward_loader, model, model_without_ddp,
-                       optimizer, ScaledOptimizerStep(amp_dtype, args.device), amp_dtype, dataset_stats(args.data_set),
-                       stop)
-
-
-def resume(r: Pretraining) -> dict | None:
-    """Restore the newest checkpoint (--auto_resume) or --resume's -> its mid-epoch record, if any."""
-    found = run.find_or_load(r.args)
-    if found is None:
-        return None
-    path, checkpoint = found
-    if "pruning" not in checkpoint:
-        raise ckpt_util.ResumeMismatchError(
-            f"checkpoint {path} has no pruning state: it is not a pre-training checkpoint of this script. "
-            "Fix: pass a checkpoint written by main_pretrain_d3p.py, or start without --resume"
-        )
-    r.args.start_epoch = run.restore_run_state(checkpoint, path, r.model_without_ddp, r.optimizer, r.loss_scaler,
-                                               r.pruner, r.args.model)
-    if is_main_process():
-        run.rewrite_log_until(os.path.join(r.args.output_dir, "log.txt"), r.args.start_epoch - 1)
-    partial = checkpoint.get("partial_epoch")
-    if partial is None:
-        return None
-    return {**partial, "_written_by": {k: checkpoint.get(k) for k in ("world_size", "args")}}
+    return Pretraining(args, device, amp_dtype, dataset_stats(args.data_set), pruner, train_loader, forward_loader,
+                       model, model_without_ddp, optimizer, ScaledOptimizerStep(amp_dtype, args.device), stop,
+                       dataset=dataset)
 
 
 def main(args: argparse.Namespace) -> int:
     init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
-    rank = get_rank()
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    stop = run.StopSignals()
-    r = build(args, stop)
-    os.makedirs(args.output_dir, exist_ok=True)
-    partial = resume(r)
-    r.log_writer = run.summary_writer(args.log_dir)
+    torch.manual_seed(args.seed + get_rank())
+    random.seed(args.seed + get_rank())
+    r = build(args, StopSignals())
+    lifecycle.output_dir_ready(args)
+    point = lifecycle.load_checkpoint_into(r, fix="resume with the same --model/--input_size")
+    r.log_writer = run_log.summary_writer(args.log_dir)
 
-    print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch} ({args.prune_method})")
+    start = point.start_epoch if point is not None else args.start_epoch
+    print(f"Start training for {args.epochs} epochs from epoch {start} ({args.prune_method})")
     run_start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        code = train_epoch(r, epoch, partial if partial is not None and partial["epoch"] == epoch else None)
-        partial = None
-        if code is not None:
-            return code
-
+    code = lifecycle.run_epochs(r, point)
+    if code is not None:
+        return code
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - run_start))}")
-    summary = {"mode": "pretrain", "model": args.model, "data_set": args.data_set, **r.pruner.summary()}
-    run.write_summary(args.output_dir, summary)
-    if r.log_writer is not None:
-        r.log_writer.close()
-    stop.restore()
+    lifecycle.write_summary_and_close(
+        r, {"mode": "pretrain", "model": args.model, "data_set": args.data_set, **r.pruner.summary()})
     barrier()
     return 0
-
-
-def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
-    """One epoch: training, the passes without gradient, the method's decision, log and checkpoint.
-    Returns run.EXIT_STOPPED after saving when the ranks agreed to stop, else None."""
-    args, pruner = r.args, r.pruner
-    epoch_start = time.time()
-    pruner.begin_epoch(epoch)
-    r.warned_short_batch = run.warn_short_last_batch(r.train_loader, epoch, r.warned_short_batch)
-    start_step, carried = 0, None
-    if partial is not None:
-        start_step, carried = run.resume_partial_epoch(partial, partial["_written_by"], pruner)
-        carried = carried_of_this_rank(carried)
-        epoch_start -= carried["seconds"]
-    train_stats = train_one_epoch(
-        r.model, r.train_loader, r.optimizer, r.device, epoch, r.loss_scaler, log_writer=r.log_writer, args=args,
-        pruner=pruner, amp_dtype=r.amp_dtype, start_step=start_step, carried=carried, stop_requested=r.stop,
-        input_stats=r.input_stats,
-    )
-    step = train_stats["interrupted_at_step"]
-    if step is not None:
-        save_partial(r, epoch, train_stats, step, start_step, epoch_start)
-        return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after step {step}")
-    # the passes without gradient; a SIGTERM during them saves the state from before them (RNG
-    # included, and no partial records), so the resume replays them whole
-    rng_before_passes = ckpt_util.rng_state()
-    embeddings, stopped_in_pass = no_grad_passes(r, epoch)
-    if stopped_in_pass:
-        ckpt_util.set_rng_state(rng_before_passes)
-        step = start_step + len(r.train_loader)  # every training step done
-        save_partial(r, epoch, train_stats, step, start_step, epoch_start)
-        return run.stopped(r.stop, f"stopped by signal in epoch {epoch} after training, during its "
-                                   "forward-only/embedding pass")
-    pruning_log = pruner.end_epoch(epoch, embeddings, optimizer_steps=train_stats["optimizer_steps"],
-                                   data_seconds=train_stats["data_seconds"], started=epoch_start)
-    strategy = pruner.strategy
-    subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
-    if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
-        np.save(os.path.join(args.output_dir, "kept_static.npy"), subset)
-
-    stop_now = any_rank(r.stop())  # every rank must take the same branch (collectives below)
-    save = run.is_save_epoch(args, epoch) or stop_now
-    log_stats = {
-        "epoch": epoch,
-        "train_loss": train_stats["train_loss"],
-        "lr": train_stats["lr"],
-        "grad_norm": train_stats["grad_norm"],
-        **pruning_log,
-        "corrupt_replaced": train_stats["corrupt_replaced"],
-    }
-    if save:
-        log_stats["replica_checksums"] = check_replicas(r.model_without_ddp, epoch)
-    # log first, checkpoint second: a crash in between replays this epoch, and the resume
-    # drops this line before writing it again (run.rewrite_log_until)
-    run.append_log(args.output_dir, log_stats)
-    run.write_epoch_tensorboard(r.log_writer, epoch, log_stats, strategy)
-    if save:
-        run.save_epoch_checkpoint(args, epoch, r.state(epoch))
-    if stop_now:
-        return run.stopped(r.stop, f"stopped by signal after epoch {epoch}")
-    return None
-
-
-def no_grad_passes(r: Pretraining, epoch: int) -> tuple[np.ndarray | None, bool]:
-    """D2's embedding pass and the forward-only pass (D3P's pruned samples in recording epochs), when the
-    epoch needs them -> (embeddings or None, whether the ranks agreed to stop during them)."""
-    args, pruner = r.args, r.pruner
-    polled = dict(stop_requested=r.stop, print_freq=args.print_freq, input_stats=r.input_stats)
-    embeddings = None
-    if pruner.needs_embeddings:  # consumes no RNG (eval transform, unmasked encoder)
-        embed_set = IndexedDataset(train_split(args, eval_transform(args.data_set, args.input_size)))
-        embed_loader = make_loader(embed_set, pruner.embedding_sampler(), args, args.batch_size, STREAM_EMBED)
-        embeddings, _ = compute_embeddings(r.model, embed_loader, r.device, pruner.num_samples, r.amp_dtype,
-                                           **polled)
-        if embeddings is None:
-            return None, True
-    if pruner.forward_only_indices.size:
-        seen = forward_only_pass(r.model_without_ddp, r.forward_loader, r.device, epoch, pruner, args.mask_ratio,
-                                 r.amp_dtype, **polled)
-        if seen is None:
-            return None, True
-    return embeddings, False
-
-
-def save_partial(r: Pretraining, epoch: int, train_stats: dict, step: int, start_step: int,
-                 epoch_start: float) -> None:
-    """The mid-epoch checkpoint after `step` steps of `epoch` (run.save_partial_epoch)."""
-    local = min(len(r.pruner.sampler), (step - start_step) * r.args.batch_size)  # this run's samples per rank
-    # every rank's running loss sum (the epoch's train_loss is the mean of the ranks' means): a collective
-    totals = all_gather_object((float(train_stats["loss_total"]), int(train_stats["loss_steps"])))
-    run.save_partial_epoch(
-        r.args, epoch, r.state(epoch - 1), step, r.pruner.sampler.samples_done(local), time.time() - epoch_start,
-        r.pruner, loss_total=float(train_stats["loss_total"]), loss_steps=int(train_stats["loss_steps"]),
-        rank_losses=[list(t) for t in totals], optimizer_steps=int(train_stats["optimizer_steps"]),
-    )
-
-
-def carried_of_this_rank(partial: dict) -> dict:
-    """The interrupted part's statistics as this rank continues them: its own loss sum when the world size
-    is the same (rank_losses), else rank 0 carries all ranks' sums and the others none."""
-    carried = dict(partial)
-    per_rank = partial.get("rank_losses")
-    if per_rank is None:
-        return carried
-    if len(per_rank) == get_world_size():
-        carried["loss_total"], carried["loss_steps"] = per_rank[get_rank()]
-    else:
-        mine = is_main_process()
-        carried["loss_total"] = sum(t for t, _ in per_rank) if mine else 0.0
-        carried["loss_steps"] = sum(n for _, n in per_rank) if mine else 0
-    return carried
-
-
-def check_replicas(model, epoch: int) -> list[str]:
-    """All ranks' weight hashes; stop rather than save diverged replicas."""
-    checksums = ckpt_util.replica_checksums(model)  # collective: all ranks
-    if len(set(checksums)) != 1:
-        raise RankDivergenceError(
-            f"epoch {epoch}: model replicas differ across ranks ({checksums}); not saving a checkpoint of "
-            "diverged weights. Fix: restart from the last checkpoint with --auto_resume"
-        )
-    return checksums
 
 
 def cli(argv: list[str] | None = None) -> int:

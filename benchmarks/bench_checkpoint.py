@@ -63,14 +63,16 @@ def main() -> None:
 
 
 def signalled(args: argparse.Namespace) -> None:
-    """SIGTERM -> flag -> run.save_partial_epoch of a D3P recording epoch, timed `--repeats` times."""
+    """SIGTERM -> flag -> resume.save_partial_epoch of a D3P recording epoch, timed `--repeats` times."""
     import argparse as _argparse
     import signal
 
     import numpy as np
 
     import d3p
-    from util import run
+    from util import resume
+    from util.engine import EpochMeters
+    from util.stop import StopSignals
     from util.amp import ScaledOptimizerStep
 
     model = models_mae.MODELS[args.model]().to(args.device)
@@ -86,7 +88,7 @@ def signalled(args: argparse.Namespace) -> None:
         index = torch.arange(start, min(start + 65536, n // 2))
         pruner.record(index, torch.from_numpy(rng.random(index.numel(), dtype=np.float32)))
     flags = _argparse.Namespace(output_dir=None, batch_size=128, model=args.model)
-    stop = run.StopSignals([signal.SIGTERM])
+    stop = StopSignals([signal.SIGTERM])
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         flags.output_dir = folder
         times, size = [], 0
@@ -96,8 +98,8 @@ def signalled(args: argparse.Namespace) -> None:
             os.killpg(os.getpgid(0), signal.SIGTERM)
             while not stop():  # the training loop's sync point
                 time.sleep(0.001)
-            state = run.run_state(flags, -1, model, optimizer, ScaledOptimizerStep(None, "cpu"), pruner)
-            path = run.save_partial_epoch(flags, 0, state, 100, 100 * 128, 60.0, pruner)
+            state = resume.run_state(flags, -1, model, optimizer, ScaledOptimizerStep(None, "cpu"), pruner)
+            path = resume.save_partial_epoch(flags, 0, state, 100, 100 * 128, 60.0, EpochMeters(), pruner)
             times.append(time.perf_counter() - start)
             size = os.path.getsize(path)
     stop.restore()

@@ -54,14 +54,14 @@ class Arm:
     def epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
         self.pruner.begin_epoch(epoch)
-        stats = train_one_epoch(self.model, self.train_loader, self.optimizer, torch.device("cpu"), epoch,
-                                self.scaler, args=self.args, pruner=self.pruner, input_stats=self.stats)
+        meters = train_one_epoch(self.model, self.train_loader, self.optimizer, torch.device("cpu"), epoch,
+                                 self.scaler, args=self.args, pruner=self.pruner, input_stats=self.stats).meters
         t1 = time.perf_counter()
         if self.pruner.forward_only_indices.size:  # extra compute, timed apart from the machinery
             forward_only_pass(self.model, self.forward_loader, torch.device("cpu"), epoch, self.pruner,
                               self.args.mask_ratio, input_stats=self.stats)
         t2 = time.perf_counter()
-        self.pruner.end_epoch(epoch, optimizer_steps=stats["optimizer_steps"], data_seconds=stats["data_seconds"],
+        self.pruner.end_epoch(epoch, optimizer_steps=meters.optimizer_steps, data_seconds=meters.data_seconds,
                               started=t0)
         t3 = time.perf_counter()
         self.seconds.append((t1 - t0) + (t3 - t2))

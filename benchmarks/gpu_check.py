@@ -196,7 +196,7 @@ def check_loader(out: str, results: dict) -> Row:
     from util.image_transforms import pretrain_transform
     from util.item_seeding import STREAM_TRAIN
     from util.loader import default_num_workers
-    from util.run import make_loader
+    from util.loader import make_loader
 
     root = os.path.join(out, "jpegs")
     if not os.path.isdir(root):

@@ -83,9 +83,11 @@ class PrunedDistributedSampler(Sampler[int]):
         """Positions of the epoch's global order trained once every rank has taken `num_local_samples`
         more samples of its list (after the skipped ones): rank r's j-th sample is global position
         offset + j * num_replicas + r, so the ranks together have trained a prefix of the order. What
-        a mid-epoch checkpoint stores; `resume_epoch` takes it on any world size. At most the kept size."""
+        a mid-epoch checkpoint stores; `resume_epoch` takes it on any world size. Padding counts: once every rank
+        has taken its whole list this is the padded total (`total_size`), so a resume on the same world size skips
+        exactly the same positions, padding included, and counts the same samples trained."""
         local = self._start + int(num_local_samples)
-        return int(min(self._order.size, self._offset + local * self.num_replicas))
+        return int(min(self.total_size, self._offset + local * self.num_replicas))
 
     def resume_epoch(self, samples_done: int) -> None:
         """Continue this epoch after the first `samples_done` positions of its global order (the value
@@ -95,12 +97,15 @@ class PrunedDistributedSampler(Sampler[int]):
         list, positions and padding. With another world size the remaining samples are split anew, so
         every kept sample is still trained exactly once this epoch (padding aside): none is trained twice,
         none is left out (a left-out sample would get no loss in a recording epoch, and be pruned)."""
-        done = int(min(max(samples_done, 0), self._order.size))
-        whole = done - done % self.num_replicas
-        self._offset = 0 if done == whole else done
-        self._split()
-        if done == whole:
-            self.skip(whole // self.num_replicas)
+        padded = -(-self._order.size // self.num_replicas) * self.num_replicas
+        done = max(int(samples_done), 0)
+        if done % self.num_replicas == 0 and done <= padded:  # whole rounds: the same lists, a prefix skipped
+            self._offset = 0
+            self._split()
+            self.skip(done // self.num_replicas)
+        else:  # another world size: the rest of the order (none when padding ran past its end), split anew
+            self._offset = done
+            self._split()
 
     @property
     def skipped(self) -> int:

@@ -23,6 +23,7 @@ import torch
 
 import main_pretrain_d3p
 from util import checkpoint as ckpt_util
+from util import engine
 
 
 def _faulty_loader(loader, kind: str, at_step: int):
@@ -55,58 +56,44 @@ class _Sized:
 def main() -> int:
     kind, epoch, step, *rank = os.environ["FAULT"].split(":")
     rank = int(rank[0]) if rank else 0
+    me = int(os.environ.get("RANK", "0"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    real = main_pretrain_d3p.train_one_epoch
+    real_train, real_forward = engine.train_one_epoch, engine.forward_only_pass
 
-    def train_one_epoch(model, loader, optimizer, device, ep, *args, **kwargs):
-        me = int(os.environ.get("RANK", "0"))
+    def train_one_epoch(model, loader, optimizer, loss_scaler, ep, *args, **kwargs):  # the one training loop
         if ep == int(epoch) and me == rank and (kind != "sigkill" or first_attempt):
             loader = _Sized(loader, kind, int(step))
-        return real(model, loader, optimizer, device, ep, *args, **kwargs)
+        return real_train(model, loader, optimizer, loss_scaler, ep, *args, **kwargs)
 
-    if os.environ.get("FAULT_SCRIPT") == "finetune":  # (model, criterion, loader, optimizer, device, epoch, ...)
+    def forward_only_pass(model, loader, batch_losses, pruner, ep, *args, **kwargs):  # the one forward-only pass
+        if ep == int(epoch) and me == rank:
+            loader = _Sized(loader, "sigterm", int(step))
+        return real_forward(model, loader, batch_losses, pruner, ep, *args, **kwargs)
+
+    if os.environ.get("FAULT_SCRIPT") == "finetune":
         import main_finetune
 
-        real_ft = main_finetune.train_one_epoch
-
-        def finetune_epoch(model, criterion, loader, optimizer, device, ep, *args, **kwargs):
-            if ep == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
-                loader = _Sized(loader, kind, int(step))
-            return real_ft(model, criterion, loader, optimizer, device, ep, *args, **kwargs)
-
-        real_ft_forward, real_evaluate, evaluations = main_finetune.forward_only_pass, main_finetune.evaluate, [0]
-
-        def finetune_forward(model, criterion, loader, device, ep, *args, **kwargs):
-            if ep == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
-                loader = _Sized(loader, "sigterm", int(step))
-            return real_ft_forward(model, criterion, loader, device, ep, *args, **kwargs)
+        real_evaluate, evaluations = main_finetune.evaluate, [0]
 
         def evaluate(loader, *args, **kwargs):  # `epoch` counts the run's evaluations (one per epoch)
-            if evaluations[0] == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
+            if evaluations[0] == int(epoch) and me == rank:
                 loader = _Sized(loader, "sigterm", int(step))
             evaluations[0] += 1
             return real_evaluate(loader, *args, **kwargs)
 
         if kind == "sigterm_forward":
-            main_finetune.forward_only_pass = finetune_forward
+            engine.forward_only_pass = forward_only_pass
         elif kind == "sigterm_eval":
             main_finetune.evaluate = evaluate
         else:
-            main_finetune.train_one_epoch = finetune_epoch
+            engine.train_one_epoch = train_one_epoch
         main_finetune.cli(sys.argv[1:])
         return 0
-
-    real_forward = main_pretrain_d3p.forward_only_pass
-
-    def forward_only_pass(model, loader, device, ep, *args, **kwargs):
-        if ep == int(epoch) and int(os.environ.get("RANK", "0")) == rank:
-            loader = _Sized(loader, "sigterm", int(step))
-        return real_forward(model, loader, device, ep, *args, **kwargs)
 
     real_embed = main_pretrain_d3p.compute_embeddings
 
     def compute_embeddings(model, loader, *args, **kwargs):
-        if int(os.environ.get("RANK", "0")) == rank:
+        if me == rank:
             loader = _Sized(loader, "sigterm", int(step))
         return real_embed(model, loader, *args, **kwargs)
 
@@ -123,14 +110,14 @@ def main() -> int:
         return real_find(hidden)
 
     if kind == "sigterm_forward":
-        main_pretrain_d3p.forward_only_pass = forward_only_pass
+        engine.forward_only_pass = forward_only_pass
     elif kind == "sigterm_embed":
         main_pretrain_d3p.compute_embeddings = compute_embeddings
     elif kind == "stale_listing":
-        if int(os.environ.get("RANK", "0")) == rank:
+        if me == rank:
             ckpt_util.find_latest_checkpoint = find_latest_checkpoint
     else:
-        main_pretrain_d3p.train_one_epoch = train_one_epoch
+        engine.train_one_epoch = train_one_epoch
     return main_pretrain_d3p.cli(sys.argv[1:])
 
 

@@ -1,10 +1,20 @@
-"""DataLoader plumbing shared by the entry scripts: batch collation and the default worker count."""
+"""DataLoader plumbing shared by the entry scripts: the training and evaluation loaders (seeded items, workers
+that outlive a stop signal), batch collation, the default worker count and the short-last-batch warning."""
 from __future__ import annotations
 
+import argparse
+import atexit
 import os
+import weakref
+from typing import Callable
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from d3p.collectives import get_rank
+from util.dist import is_main_process
+from util.item_seeding import ItemSeedSampler, SeededItems
+from util.stop import worker_init
 
 
 def collate_indexed(batch):
@@ -58,3 +68,89 @@ def default_num_workers(environ: dict | None = None) -> int:
     else:
         per_process = cpus
     return max(1, min(MAX_DEFAULT_WORKERS, per_process))
+
+
+_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()  # the loaders whose workers ignore stop signals
+
+
+def _release_workers() -> None:
+    """At interpreter exit, before torch's and multiprocessing's exit hooks (atexit runs the newest first):
+    drop the persistent iterators of our loaders, whose __del__ then stops their workers in order.
+
+    Why: at exit torch skips its orderly worker shutdown and multiprocessing ends daemonic workers with
+    terminate() (SIGTERM), which these workers ignore; its join would then wait forever."""
+    for loader in list(_LOADERS):
+        if getattr(loader, "_iterator", None) is not None:
+            loader._iterator = None
+
+
+atexit.register(_release_workers)
+
+
+def _tracked(loader: DataLoader) -> DataLoader:
+    if loader.num_workers > 0:
+        _LOADERS.add(loader)
+    return loader
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int, stream: int,
+                drop_last: bool = False) -> DataLoader:
+    """A training-side loader: items come with their dataset index, and their augmentation is a function of
+    (seed, stream, epoch, rank, position) in worker processes (util.item_seeding.SeededItems), so a resume with
+    workers replays it exactly. Workers ignore stop signals (ignore_stop_signals_in_worker)."""
+    return _tracked(DataLoader(
+        SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
+        batch_size=batch_size, drop_last=drop_last, collate_fn=collate_indexed, generator=torch.Generator(),
+        **_worker_options(args),  # creating an iterator never draws from the global RNG (own generator)
+    ))
+
+
+def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int,
+                     collate_fn: Callable | None = None) -> DataLoader:
+    """An evaluation loader (no augmentation to seed); its workers ignore stop signals too.
+
+    Its own generator, as in make_loader: creating an iterator would otherwise draw a worker seed from the
+    global torch RNG. With persistent workers that happens once per run, so a run resumed mid-training would
+    draw it at another point than the uninterrupted run, and every drop-path mask after it would differ."""
+    return _tracked(DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False,
+                               collate_fn=collate_fn, generator=torch.Generator(), **_worker_options(args)))
+
+
+def _worker_options(args: argparse.Namespace) -> dict:
+    workers = int(args.num_workers)
+    return dict(num_workers=workers, pin_memory=bool(args.pin_mem) and str(args.device).startswith("cuda"),
+                persistent_workers=workers > 0, worker_init_fn=worker_init() if workers > 0 else None)
+
+
+# A short last batch: the engine trains every kept sample (no drop_last, unlike MAE: each kept sample must get
+# its loss), so an epoch of K samples per rank ends in a batch of K % batch_size, stepped at the full learning rate.
+# Among few steps that noisy step costs: on the digits at 70% pruned (450 = 7 x 64 + 2, one step in 8) random and
+# RS2 lost 16-18 k-NN points against 448 kept (docs/does_pruning_pay.md). Among hundreds of steps it does not.
+SHORT_BATCH_FRACTION = 8  # a last batch under batch_size / 8 samples is short
+SHORT_BATCH_MAX_STEPS = 50  # ... when it is at least one step in 50
+
+
+def short_last_batch(num_local: int, batch_size: int) -> str | None:
+    """The warning for an epoch whose per-rank list of `num_local` samples ends in a short batch (fewer than
+    batch_size / SHORT_BATCH_FRACTION samples, in an epoch of at most SHORT_BATCH_MAX_STEPS batches), else None."""
+    rest, batches = num_local % batch_size, -(-num_local // batch_size)
+    if rest == 0 or rest * SHORT_BATCH_FRACTION >= batch_size or batches > SHORT_BATCH_MAX_STEPS:
+        return None
+    return (f"{num_local} samples per rank end in a batch of {rest} of {batch_size} (1 batch of {batches}): a "
+            f"gradient of {rest} sample(s) at the full learning rate, which costs accuracy when epochs are this "
+            "short. Fix: a --batch_size or a prune ratio whose kept count per rank fills whole batches "
+            "(docs/does_pruning_pay.md, the 70% column)")
+
+
+def warn_short_last_batch(loader: DataLoader, epoch: int, warned: bool) -> bool:
+    """Print short_last_batch's warning for the epoch `loader` is about to run (rank 0, the first epoch it applies
+    to: `warned` says whether an earlier epoch printed it); returns the new `warned`. A loader that drops its last
+    batch (the linear probe's) has none to warn of. Every rank's list has the same length."""
+    if warned or loader.drop_last:
+        return warned
+    message = short_last_batch(len(loader.sampler), loader.batch_size)
+    if message is None:
+        return False
+    if is_main_process():
+        print(f"warning: epoch {epoch}: {message}. Said once per run.", flush=True)
+    return True

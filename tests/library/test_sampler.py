@@ -76,7 +76,8 @@ def test_resume_on_another_world_size_trains_every_kept_sample_once(before, afte
     old = _samplers(n, before, kept, epoch=4)
     trained = [i for s in old for i in list(s)[:local_done]]
     done = old[0].samples_done(local_done)
-    assert done == min(101, local_done * before) and all(s.samples_done(local_done) == done for s in old)
+    padded = -(-101 // before) * before  # the old ranks' lists, padding included: it was trained, it counts
+    assert done == min(padded, local_done * before) and all(s.samples_done(local_done) == done for s in old)
     new = _samplers(n, after, kept, epoch=4)
     for s in new:
         s.resume_epoch(done)
@@ -104,3 +105,21 @@ def test_samples_done_counts_across_a_second_resume():
     (d,) = _samplers(n, 1, kept, epoch=0)
     d.resume_epoch(c.samples_done(10))
     assert list(d) == list(c)[10:]
+
+
+def test_a_stop_after_the_whole_padded_list_resumes_with_the_same_total():
+    """9 kept on 2 ranks: each rank's list is 5 long (one position of padding). Stopped after the whole list (a stop
+    in the forward-only pass, after training), the resume on 2 ranks skips everything and counts 10 trained, as
+    the uninterrupted epoch does (the ledger's samples_trained); before, the padding was dropped (9)."""
+    kept = np.arange(9)
+    straight = _samplers(20, 2, kept, epoch=1)
+    done = straight[0].samples_done(len(straight[0]))
+    assert done == 10 == straight[0].total_size
+    resumed = _samplers(20, 2, kept, epoch=1)
+    for s in resumed:
+        s.resume_epoch(done)
+    assert [len(s) for s in resumed] == [0, 0] and all(s.total_size == 10 for s in resumed)
+    assert all(s.samples_done(0) == 10 for s in resumed)
+    (one,) = _samplers(20, 1, kept, epoch=1)  # on 1 rank: nothing left either, and the 10 trained still count
+    one.resume_epoch(done)
+    assert len(one) == 0 and one.total_size == 10
