@@ -11,6 +11,8 @@ become NaN, so the loss does). The fault fires when `epoch` reaches batch `step`
 sigterm_forward: SIGTERM at batch `step` of `epoch`'s forward-only pass instead of its training.
 sigterm_embed: SIGTERM at batch `step` of `epoch`'s embedding pass (D2).
 sigterm_eval (fine-tuning only): SIGTERM at batch `step` of the run's `epoch`-th evaluation (0-based).
+sigterm_forward_agent, sigterm_embed_agent, sigterm_eval_agent: the same under torchrun, with the SIGTERM sent to
+the agent, which signals every rank's process group (as sigterm_agent does in training).
 stale_listing: rank `rank` sees no checkpoint of epoch >= `epoch` when it lists --output_dir (node-
 local or lagging storage); `step` is unused.
 """
@@ -59,6 +61,10 @@ def main() -> int:
     me = int(os.environ.get("RANK", "0"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     real_train, real_forward = engine.train_one_epoch, engine.forward_only_pass
+    # a fault in a pass without gradient: the process signals itself, or with the suffix _agent torchrun's agent
+    # signals every rank's process group
+    pass_signal = "sigterm_agent" if kind.endswith("_agent") else "sigterm"
+    kind = kind.removesuffix("_agent") if kind != "sigterm_agent" else kind
 
     def train_one_epoch(model, loader, optimizer, loss_scaler, ep, *args, **kwargs):  # the one training loop
         if ep == int(epoch) and me == rank and (kind != "sigkill" or first_attempt):
@@ -67,7 +73,7 @@ def main() -> int:
 
     def forward_only_pass(model, loader, batch_losses, pruner, ep, *args, **kwargs):  # the one forward-only pass
         if ep == int(epoch) and me == rank:
-            loader = _Sized(loader, "sigterm", int(step))
+            loader = _Sized(loader, pass_signal, int(step))
         return real_forward(model, loader, batch_losses, pruner, ep, *args, **kwargs)
 
     if os.environ.get("FAULT_SCRIPT") == "finetune":
@@ -77,7 +83,7 @@ def main() -> int:
 
         def evaluate(loader, *args, **kwargs):  # `epoch` counts the run's evaluations (one per epoch)
             if evaluations[0] == int(epoch) and me == rank:
-                loader = _Sized(loader, "sigterm", int(step))
+                loader = _Sized(loader, pass_signal, int(step))
             evaluations[0] += 1
             return real_evaluate(loader, *args, **kwargs)
 
@@ -94,7 +100,7 @@ def main() -> int:
 
     def compute_embeddings(model, loader, *args, **kwargs):
         if me == rank:
-            loader = _Sized(loader, "sigterm", int(step))
+            loader = _Sized(loader, pass_signal, int(step))
         return real_embed(model, loader, *args, **kwargs)
 
     real_find = ckpt_util.find_latest_checkpoint

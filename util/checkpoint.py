@@ -86,7 +86,7 @@ def replica_checksums(model: torch.nn.Module) -> list[str]:
     h = hashlib.blake2b(digest_size=8)
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # (0-dim buffers too)
     return all_gather_object(h.hexdigest())
 
 

@@ -12,7 +12,7 @@ import engine_finetune
 import models_vit
 from d3p import per_sample_cross_entropy
 from util.amp import ScaledOptimizerStep
-from util.engine import NonFiniteLossError, SyncPoint
+from util.engine import EpochMeters, NonFiniteLossError, SyncPoint
 
 ARGS = dict(accum_iter=2, lr=0.05, min_lr=0.0, warmup_epochs=0, epochs=3, precision="fp32", print_freq=2)
 
@@ -43,27 +43,28 @@ def test_stop_at_a_sync_point_then_resume_equals_the_uninterrupted_epoch():
     straight = _model()
     torch.manual_seed(1)
     opt_a, stats_a = _epoch(straight, batches)
-    assert stats_a["interrupted_at_step"] is None and stats_a["optimizer_steps"] == 3
+    assert stats_a.interrupted_at_step is None and stats_a.meters.optimizer_steps == 3
 
     model = _model()
     calls = []
     torch.manual_seed(1)
     opt_b, part = _epoch(model, batches, stop_requested=lambda: calls.append(1) or len(calls) >= 2)
-    assert part["interrupted_at_step"] == 4 and part["optimizer_steps"] == 2 and len(calls) == 2
+    assert part.interrupted_at_step == 4 and part.meters.optimizer_steps == 2 and len(calls) == 2
+    carried = EpochMeters()
+    carried.load_state_dict(part.meters.state_dict())  # what a mid-epoch checkpoint stores for this rank
     rng = torch.get_rng_state()
     opt_c = torch.optim.AdamW(model.parameters(), lr=0.05)
     opt_c.load_state_dict(opt_b.state_dict())
     torch.set_rng_state(rng)
     stats_c = engine_finetune.train_one_epoch(
         model, per_sample_cross_entropy, batches[4:], opt_c, torch.device("cpu"), 1, ScaledOptimizerStep(None, "cpu"),
-        args=argparse.Namespace(**ARGS), start_step=4,
-        carried={"meters": part["meter_sums"], "optimizer_steps": part["optimizer_steps"]})
+        args=argparse.Namespace(**ARGS), start_step=4, meters=carried)
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), model.state_dict().values()))
     for k, state in opt_a.state_dict()["state"].items():
         assert torch.equal(state["exp_avg_sq"], opt_c.state_dict()["state"][k]["exp_avg_sq"])
-    assert stats_c["optimizer_steps"] == 3
-    for key in ("loss", "lr", "grad_norm"):
-        assert stats_c[key] == pytest.approx(stats_a[key], rel=1e-12), key
+    assert stats_c.meters.optimizer_steps == 3 and stats_c.meters.steps == 6
+    # the running sums add the same values in the same order: the epoch's statistics are equal, not close
+    assert stats_c.meters.reduced() == stats_a.meters.reduced()
 
 
 def test_nan_is_found_at_the_sync_point_with_its_step_and_is_a_floating_point_error():
@@ -157,6 +158,6 @@ def test_finetune_steps_between_sync_points_make_no_host_sync():
                 model, per_sample_cross_entropy, _batches(steps), opt, torch.device("cpu"), 1,
                 ScaledOptimizerStep(None, "cpu"), args=argparse.Namespace(**{**ARGS, "print_freq": 100}),
                 pruner=pruner)
-        assert stats["optimizer_steps"] == steps // 2
+        assert stats.meters.optimizer_steps == steps // 2
         counts.append(syncs.count)
     assert counts[0] == counts[1] and counts[0] <= 10, counts

@@ -298,8 +298,8 @@ def test_last_partial_accumulation_group_is_stepped_with_its_own_mean():
     args = SimpleNamespace(accum_iter=4, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, print_freq=3)
     model = _LinearLossModel()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = train_one_epoch(model, batches, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
-    assert stats["optimizer_steps"] == 3
+    outcome = train_one_epoch(model, batches, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
+    assert outcome.meters.optimizer_steps == 3
     assert model.theta.item() == -(2.5 + 6.5 + 9.5)
 
 

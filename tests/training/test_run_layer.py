@@ -7,7 +7,7 @@ import pytest
 import main_finetune
 import main_pretrain_d3p
 from d3p.distributed import RankDivergenceError
-from util import loader, run, stop
+from util import loader as loader_util, run, stop
 from util.data_errors import DatasetError
 from util.engine import NonFiniteLossError
 
@@ -73,8 +73,8 @@ def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
 
     args = argparse.Namespace(seed=0, num_workers=workers, pin_mem=False, device="cpu")
     data = TensorDataset(torch.arange(8).float().view(8, 1), torch.zeros(8, dtype=torch.long))
-    loaders = [loader.make_loader(IndexedDataset(data), PrunedDistributedSampler(8, shuffle=False), args, 4, 0),
-               loader.make_eval_loader(data, range(8), args, 4)]
+    loaders = [loader_util.make_loader(IndexedDataset(data), PrunedDistributedSampler(8, shuffle=False), args, 4, 0),
+               loader_util.make_eval_loader(data, range(8), args, 4)]
     for loader in loaders:
         before = torch.get_rng_state()
         assert len(list(loader)) == 2
@@ -91,7 +91,7 @@ def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
     (51 * 64 + 1, 64, None), (49 * 64 + 1, 64, 1),  # 52 batches: one in 52 is noise among noise; 50: warned
 ])
 def test_short_last_batch_threshold(num_local, batch_size, rest):
-    message = loader.short_last_batch(num_local, batch_size)
+    message = loader_util.short_last_batch(num_local, batch_size)
     if rest is None:
         assert message is None
     else:
@@ -119,10 +119,10 @@ def test_the_short_batch_warning_reads_the_loader(capsys):
     from torch.utils.data import DataLoader
 
     data = list(range(66))
-    assert loader.warn_short_last_batch(DataLoader(data, batch_size=32, drop_last=True), 0, False) is False
+    assert loader_util.warn_short_last_batch(DataLoader(data, batch_size=32, drop_last=True), 0, False) is False
     assert capsys.readouterr().out == ""
     keeps = DataLoader(data, batch_size=32)
-    assert loader.warn_short_last_batch(keeps, 3, False) is True
+    assert loader_util.warn_short_last_batch(keeps, 3, False) is True
     assert "warning: epoch 3: 66 samples per rank end in a batch of 2 of 32" in capsys.readouterr().out
-    assert loader.warn_short_last_batch(keeps, 4, True) is True
+    assert loader_util.warn_short_last_batch(keeps, 4, True) is True
     assert capsys.readouterr().out == ""
