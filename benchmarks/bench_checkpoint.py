@@ -72,6 +72,7 @@ def signalled(args: argparse.Namespace) -> None:
     import d3p
     from util import run
     from util.amp import ScaledOptimizerStep
+    from util.stop import StopSignals
 
     model = models_mae.MODELS[args.model]().to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
@@ -86,7 +87,7 @@ def signalled(args: argparse.Namespace) -> None:
         index = torch.arange(start, min(start + 65536, n // 2))
         pruner.record(index, torch.from_numpy(rng.random(index.numel(), dtype=np.float32)))
     flags = _argparse.Namespace(output_dir=None, batch_size=128, model=args.model)
-    stop = run.StopSignals([signal.SIGTERM])
+    stop = StopSignals([signal.SIGTERM])
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         flags.output_dir = folder
         times, size = [], 0

@@ -10,6 +10,7 @@ import torch
 
 from conftest import assert_state_equal, read_log, run_script, run_torchrun
 from util import run
+from util.stop import StopSignals
 
 BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "32", "--train_subset", "126",
         "--warmup_epochs", "1", "--blr", "1e-3", "--print_freq", "1", "--save_every", "1", "--epochs", "4"]
@@ -45,7 +46,7 @@ def test_stop_signal_sets_a_flag_and_hands_over_to_the_previous_handler():
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
-        stop = run.StopSignals([signal.SIGUSR2])
+        stop = StopSignals([signal.SIGUSR2])
         assert not stop()
         os.kill(os.getpid(), signal.SIGUSR2)
         assert stop() and stop.signum == signal.SIGUSR2 and calls == []
@@ -66,9 +67,10 @@ from torch.utils.data import TensorDataset
 from d3p.sampler import PrunedDistributedSampler
 from util import run
 from util.datasets import IndexedDataset
+from util.stop import StopSignals
 args = argparse.Namespace(seed=0, num_workers=2, pin_mem=False, device="cpu")
 data = IndexedDataset(TensorDataset(torch.arange(64).float().view(64, 1), torch.zeros(64, dtype=torch.long)))
-stop = run.StopSignals()
+stop = StopSignals()
 loader = run.make_loader(data, PrunedDistributedSampler(64, shuffle=False), args, batch_size=4, stream=0)
 seen = []
 for step, (x, _, index) in enumerate(loader):

@@ -7,7 +7,7 @@ import pytest
 import main_finetune
 import main_pretrain_d3p
 from d3p.distributed import RankDivergenceError
-from util import run
+from util import run, stop
 from util.data_errors import DatasetError
 from util.engine import NonFiniteLossError
 
@@ -48,12 +48,12 @@ def test_a_stopped_run_returns_its_code():
 
 def test_workers_ignore_the_stop_signals_then_run_the_loader_init():
     seen = []
-    previous = {sig: signal.getsignal(sig) for sig in run.stop_signals()}
+    previous = {sig: signal.getsignal(sig) for sig in stop.stop_signals()}
     try:
-        run.worker_init(then=seen.append)(3)  # what a worker runs first
+        stop.worker_init(then=seen.append)(3)  # what a worker runs first
         assert seen == [3]
-        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in run.stop_signals())
-        assert {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2} <= set(run.stop_signals())
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in stop.stop_signals())
+        assert {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2} <= set(stop.stop_signals())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
