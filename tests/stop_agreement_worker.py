@@ -1,10 +1,14 @@
 """Run under torchrun (2 ranks, gloo) by tests/training/test_stop.py: util.stop.StopAgreement over several phases.
 
+    python -m torch.distributed.run --nproc_per_node 2 tests/stop_agreement_worker.py OUT_DIR
+
 Each case is a phase of `boundaries` boundaries in which this rank's flag is raised from boundary `raise_at[rank]`
-on (None: never). Every rank prints one line per case, `RESULT <rank> <json>`, with the boundary at which
-at_boundary returned True (None: never), how many boundaries the phase ran, and what end() returned.
+on (None: never). Every rank writes OUT_DIR/rank<R>.json: per case, the boundary at which at_boundary returned
+True (None: never), how many boundaries the phase ran, and what end() returned (a file: the ranks' stdout
+lines interleave under torchrun).
 """
 import json
+import os
 import sys
 import time
 
@@ -73,15 +77,15 @@ def main() -> int:
     rank = dist.get_rank()
     flag = Flag(None)
     agreements = {lag: StopAgreement(flag, lag=lag) for lag in (2, 1)}  # one side group made, used by both
+    results = {}
     for name, (boundaries, raise_at, lag) in CASES.items():
         flag.raise_at = raise_at[rank]
-        result = run_phase(agreements[lag], flag, boundaries)
-        print(f"RESULT {rank} {json.dumps({'case': name, **result})}", flush=True)
-    timing = behind_rank_costs_no_wait(rank)
-    print(f"RESULT {rank} {json.dumps({'case': 'behind_rank', **timing})}", flush=True)
-    same_group = agreements[1].group is agreements[2].group
-    print(f"RESULT {rank} {json.dumps({'case': 'one_side_group', 'same': same_group})}", flush=True)
+        results[name] = run_phase(agreements[lag], flag, boundaries)
+    results["behind_rank"] = behind_rank_costs_no_wait(rank)
+    results["one_side_group"] = {"same": agreements[1].group is agreements[2].group}
     dist.destroy_process_group()
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
     return 0
 
 

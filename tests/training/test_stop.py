@@ -77,15 +77,10 @@ def expected_results() -> dict:
     return expected
 
 
-def test_two_ranks_stop_at_the_same_boundary_lag_boundaries_after_the_flag():
-    res = run_torchrun(2, ["tests/stop_agreement_worker.py"], timeout=120)
+def test_two_ranks_stop_at_the_same_boundary_lag_boundaries_after_the_flag(tmp_path):
+    res = run_torchrun(2, ["tests/stop_agreement_worker.py", str(tmp_path)], timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    results = {0: {}, 1: {}}
-    for line in res.stdout.splitlines():
-        if line.startswith("RESULT "):
-            _, rank, payload = line.split(" ", 2)
-            row = json.loads(payload)
-            results[int(rank)][row.pop("case")] = row
+    results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     for name, (stopped_at, ran, ended) in expected_results().items():
         for rank in (0, 1):
             assert results[rank][name] == {"stopped_at": stopped_at, "ran": ran, "end": ended}, (name, rank)
