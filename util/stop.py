@@ -115,7 +115,8 @@ class StopAgreement:
             ...                                # forward, backward; the optimizer step when one is due
             if update and agreement.at_boundary():
                 break                          # True on every rank at the same boundary
-        stop_after_phase = agreement.end()     # drains; whether the ranks agreed to stop in this phase
+        stop_agreed = agreement.end()          # drains; True on every rank when the ranks agreed to stop in
+                                               # this phase: at a boundary, or in its last `lag` boundaries
 
     Protocol (boundaries b = 0, 1, ... of a phase; every rank calls at_boundary equally often, since their
     loaders have equal lengths): at boundary b each rank launches an all-reduce (MAX) of its local flag on the
@@ -131,6 +132,8 @@ class StopAgreement:
       outstanding works: all ranks issued the same ones, so none waits alone, and all return the same answer.
     One process (torch.distributed not initialised): no collective; at_boundary is True at the first
     boundary at which the local flag is set. `stop` None: never stops, no collective.
+    A flag raised after a phase's last boundary is not part of this phase's answer: the next phase's boundaries
+    see it, or the caller's own check between phases (util.dist.any_rank).
     """
 
     def __init__(self, stop: Callable[[], bool] | None, lag: int = 2):
