@@ -123,11 +123,12 @@ class StopAgreement:
     gloo side group with async_op=True, and waits for the one launched at b - lag (lag 2 by default). The first
     boundary k whose reduced flag is set makes every rank return True at boundary k + lag: a flag seen at
     boundary k is obeyed after at most `lag` more optimizer steps, whatever --print_freq is.
-    - Every rank stops at the same boundary: each reads the same reduced values (MAX over all ranks' flags of
-      the same boundary), in the same order, so the first set one is the same boundary on every rank.
-    - The wait at k + lag costs nothing in practice: gloo runs a group's works in issue order on its own CPU
-      threads, and that tiny all-reduce ended while this rank did `lag` optimizer steps; it waits only for a
-      rank whose host is more than `lag` steps behind. No CUDA tensor is involved, so nothing syncs the device.
+    - Every rank stops at the same boundary: gloo matches the n-th collective of a group on every rank (its
+      sequence tag), so each rank reads the same reduced values (MAX over all ranks' flags at the same
+      boundary), boundary by boundary; the first set one is the same boundary on every rank.
+    - The wait at k + lag costs nothing in practice: gloo runs the tiny all-reduce on the group's own CPU
+      threads, and it ended while this rank did `lag` optimizer steps; the wait blocks only for a rank whose
+      host is more than `lag` boundaries behind. No CUDA tensor is involved, so nothing syncs the device.
     - A phase that ends first (fewer than lag boundaries after k) is caught by end(), which waits for the
       outstanding works: all ranks issued the same ones, so none waits alone, and all return the same answer.
     One process (torch.distributed not initialised): no collective; at_boundary is True at the first
