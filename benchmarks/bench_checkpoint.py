@@ -74,6 +74,7 @@ def signalled(args: argparse.Namespace) -> None:
     from util.engine import EpochMeters
     from util.stop import StopSignals
     from util.amp import ScaledOptimizerStep
+    from util.stop import StopSignals
 
     model = models_mae.MODELS[args.model]().to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))

@@ -17,7 +17,6 @@ from d3p.distributed import RankDivergenceError
 from util import checkpoint as ckpt_util
 from util.dist import cleanup
 from util.engine import NonFiniteLossError
-from util.stop import StopSignals, stop_signals  # noqa: F401  (the run layer's names for them)
 
 # ------------------------------------------------------------------------------------------ exit codes
 EXIT_FAILED = 1    # the training failed (NaN loss, diverged replicas): the last checkpoint is intact
