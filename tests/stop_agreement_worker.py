@@ -56,8 +56,8 @@ def run_phase(agreement: StopAgreement, flag: Flag, boundaries: int) -> dict:
 
 
 def behind_rank_costs_no_wait(rank: int) -> dict:
-    """Rank 1 reaches each boundary 1 s late. Rank 0's first `lag` (2) boundaries must not wait for it: their
-    results are read only at boundary 2 and later."""
+    """Rank 1 reaches each boundary 1 s late. Rank 0's first `lag` (1, the default) boundaries must not wait for
+    it: their results are read only at boundary `lag` and later."""
     agreement = StopAgreement(lambda: False)
     agreement.begin()
     dist.barrier()  # both ranks start the clock together

@@ -19,6 +19,7 @@ import util.lr_sched as lr_sched
 from d3p.collectives import all_reduce, is_dist, to_collective
 from util.dist import agree_at_sync_point
 from util.metrics import MetricLogger
+from util.stop import StopAgreement
 
 StopPoll = Callable[[], bool]
 
@@ -64,17 +65,16 @@ def nonfinite_loss_error(epoch: int, step: int, num_steps: int, rank: int, value
 
 class SyncPoint:
     """Step losses stay on the device between host-sync points; every `print_freq` steps (and at the last
-    step) one copy to the host and one all-reduce check them for NaN/inf and agree on a stop request.
+    step, or where the ranks agreed to stop) one copy to the host and one all-reduce check them for NaN/inf.
 
-    Usage per step: `add(loss)`; then `if sync.due(step): values, stop = sync.check(step)`. `check`
-    raises NonFiniteLossError on every rank (naming the epoch, the earliest bad step and its rank) or
-    returns this chunk's loss values (float32 [k], from step `first` on) and whether any rank asked to stop.
+    Usage per step: `add(loss)`; then `if sync.due(step): values, first = sync.check()`. `check` raises
+    NonFiniteLossError on every rank (naming the epoch, the earliest bad step and its rank) or returns this
+    chunk's loss values (float32 [k]) and the step of the first one. A stop is agreed elsewhere (StopAgreement,
+    at optimizer-step boundaries), not here: it does not wait for this point.
     """
 
-    def __init__(self, epoch: int, start_step: int, num_steps: int, print_freq: int,
-                 stop_requested: StopPoll | None = None):
+    def __init__(self, epoch: int, start_step: int, num_steps: int, print_freq: int):
         self.epoch, self.num_steps, self.print_freq = epoch, num_steps, max(int(print_freq), 1)
-        self.stop_requested = stop_requested
         self.pending: list[torch.Tensor] = []
         self.first = start_step  # the step of pending[0]
 
@@ -84,40 +84,45 @@ class SyncPoint:
     def due(self, step: int) -> bool:
         return len(self.pending) >= self.print_freq or step + 1 == self.num_steps
 
-    def check(self) -> tuple[np.ndarray, int, bool]:
-        """-> (loss values float32 [k] of the pending steps, the step of the first one, stop agreed)."""
+    def check(self) -> tuple[np.ndarray, int]:
+        """-> (loss values float32 [k] of the pending steps, the step of the first one)."""
         values = torch.stack(self.pending).float().cpu().numpy()  # the chunk's one host sync
         bad = np.flatnonzero(~np.isfinite(values))
-        wants_stop = self.stop_requested is not None and self.stop_requested()
         local_bad = None if not bad.size else self.first + int(bad[0])
         local_value = float(values[bad[0]]) if bad.size else float("nan")
-        stop_all, bad_step, bad_rank, value = agree_at_sync_point(wants_stop, local_bad, self.num_steps, local_value)
+        _, bad_step, bad_rank, value = agree_at_sync_point(False, local_bad, self.num_steps, local_value)
         if bad_step is not None:
             raise nonfinite_loss_error(self.epoch, bad_step, self.num_steps, bad_rank, value)
         first = self.first
         self.first += len(self.pending)
         self.pending = []
-        return values, first, stop_all
+        return values, first
 
 
-def poll_stop(stop_requested: StopPoll | None, step: int, num_steps: int, print_freq: int) -> bool:
-    """In the passes without gradient: every `print_freq` batches, all ranks agree on the stop flag (the
-    same collective the training loop uses, so a rank never waits alone). The ranks' loaders must have
-    the same length (the pruner's samplers pad to equal shares)."""
-    if stop_requested is None or (step + 1) % max(print_freq, 1) or step + 1 == num_steps:
-        return False
-    return agree_at_sync_point(stop_requested(), None, num_steps)[0]
+def stop_agreement(stop: StopPoll | StopAgreement | None) -> StopAgreement | None:
+    """The StopAgreement of `stop` (a StopSignals or any callable -> bool), begun for a new phase."""
+    if stop is None:
+        return None
+    agreement = stop if isinstance(stop, StopAgreement) else StopAgreement(stop)
+    agreement.begin()
+    return agreement
 
 
-def stoppable(batches: Iterable, num_steps: int, stop_requested: StopPoll | None, print_freq: int,
+def stoppable(batches: Iterable, num_steps: int, stop_requested: StopPoll | StopAgreement | None, print_freq: int,
               stopped: list[bool]) -> Iterator:
-    """Yield `batches`; after every `print_freq`-th one ask all ranks (poll_stop) and end early when they
-    agree to stop, recording it in `stopped[0]` (the caller then discards the pass's partial results)."""
-    for step, batch in enumerate(batches):
+    """Yield `batches` (a pass without gradient); each batch is a boundary of the ranks' stop agreement
+    (StopAgreement: no wait per batch), and the pass ends early when they agree to stop, recording it in
+    `stopped[0]` (the caller then discards the pass's partial results). The ranks' loaders must have the same
+    length (the pruner's samplers pad to equal shares). `print_freq` is no longer used here: a stop does not
+    wait for a sync point."""
+    agreement = stop_agreement(stop_requested)
+    for batch in batches:
         yield batch
-        if poll_stop(stop_requested, step, num_steps, print_freq):
+        if agreement is not None and agreement.at_boundary():
             stopped[0] = True
-            return
+            break
+    if agreement is not None:
+        agreement.end()  # all ranks drain the same works; a stop agreed after the last batch is the caller's
 
 
 @contextlib.contextmanager
@@ -230,7 +235,9 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         sync per step). None: the batch loss is the mean.
     start_step, meters: resume an epoch a stop interrupted after `start_step` steps (the loader then yields only
         the remaining batches); `meters` holds that part's statistics of this rank.
-    stop_requested: polled on every rank; the ranks agree and all stop after the same optimizer step.
+    stop_requested: a StopSignals (or any callable -> bool) polled after every optimizer step through a
+        StopAgreement: the ranks agree, without a device sync, to stop after the optimizer step that follows the
+        one at which a flag was first seen, the same on every rank; the NaN check then runs on the steps so far.
     Gradient accumulation (args.accum_iter): the epoch's last, partial group is stepped too, its loss divided by
     its own size (accumulation_divisor). The learning rate follows util.lr_sched per accumulation group.
     """
@@ -242,7 +249,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         raise RuntimeError(f"epoch {epoch}: the training loader is empty (dataset smaller than one batch with "
                            "drop_last). Fix: lower --batch_size")
     params = [p for p in model.parameters() if p.requires_grad]
-    sync = SyncPoint(epoch, start_step, num_steps, getattr(args, "print_freq", 20), stop_requested)
+    sync = SyncPoint(epoch, start_step, num_steps, getattr(args, "print_freq", 20))
+    agreement = stop_agreement(stop_requested)
     timer = MetricLogger()
     lrs: list[float] = []  # the steps' lr since the last sync point
     norms: list[torch.Tensor] = []  # the updates' gradient norms since the last sync point, on the device
@@ -267,13 +275,18 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
             meters.corrupt += int((index < 0).sum())  # negative: a replaced unreadable image (--skip_corrupt)
         lrs.append(max(group["lr"] for group in optimizer.param_groups))
         sync.add(loss)
-        if sync.due(step):
-            values, first, stop_all = sync.check()
+        # every rank reaches the same boundaries (equal loader lengths), so all agree on the same one
+        stop_here = update and agreement is not None and step + 1 < num_steps and agreement.at_boundary()
+        if sync.due(step) or stop_here:  # the NaN check also covers the steps before a stop
+            values, first = sync.check()
             _log_chunk(meters, values, lrs, norms, log_writer, first, num_steps, epoch, accum_iter)
             lrs, norms = [], []
-            if stop_all and update and step + 1 < num_steps:
-                meters.data_seconds += timer.data_seconds
-                return EpochOutcome(meters, interrupted_at_step=step + 1)
+        if stop_here:
+            agreement.end()
+            meters.data_seconds += timer.data_seconds
+            return EpochOutcome(meters, interrupted_at_step=step + 1)
+    if agreement is not None:
+        agreement.end()  # a stop agreed at the epoch's end: the caller stops after the epoch (util.dist.any_rank)
     meters.data_seconds += timer.data_seconds
     return EpochOutcome(meters)
 

@@ -120,7 +120,7 @@ class StopAgreement:
 
     Protocol (boundaries b = 0, 1, ... of a phase; every rank calls at_boundary equally often, since their
     loaders have equal lengths): at boundary b each rank launches an all-reduce (MAX) of its local flag on the
-    gloo side group with async_op=True, and waits for the one launched at b - lag (lag 2 by default). The first
+    gloo side group with async_op=True, and waits for the one launched at b - lag (lag 1 by default: the next boundary after the one that saw the flag). The first
     boundary k whose reduced flag is set makes every rank return True at boundary k + lag: a flag seen at
     boundary k is obeyed after at most `lag` more optimizer steps, whatever --print_freq is.
     - Every rank stops at the same boundary: gloo matches the n-th collective of a group on every rank (its
@@ -137,9 +137,9 @@ class StopAgreement:
     see it, or the caller's own check between phases (util.dist.any_rank).
     """
 
-    def __init__(self, stop: Callable[[], bool] | None, lag: int = 2):
+    def __init__(self, stop: Callable[[], bool] | None, lag: int = 1):
         if lag < 0:
-            raise ValueError(f"StopAgreement lag must be >= 0 boundaries, got {lag}. Fix: pass lag=2 (the default)")
+            raise ValueError(f"StopAgreement lag must be >= 0 boundaries, got {lag}. Fix: pass lag=1 (the default)")
         self.stop, self.lag = stop, int(lag)
         distributed = stop is not None and dist.is_available() and dist.is_initialized()
         self.group = stop_side_group() if distributed else None
