@@ -3,17 +3,18 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_stop_latency.py [--accum_iters 1 3 7] [--print_freq 20] 2>/dev/null
 
 (a) The time spent inside util.stop.StopAgreement.at_boundary() on CPU, in microseconds per call: one process
-    (no collective), and rank 0 of 2 gloo ranks (torch.multiprocessing) with the default lag 2 (this boundary's
-    all-reduce launched, the one of 2 boundaries before read), called back to back (then the loop runs at the
+    (no collective), and rank 0 of 2 gloo ranks (torch.multiprocessing) with the default lag 1 (this boundary's
+    all-reduce launched, the one of the boundary before read), called back to back (then the loop runs at the
     all-reduce's latency: the read waits) and with a 10 ms host "step" between calls (the read finds the result
     ready); and lag 0 (launched and waited for at once: what a blocking agreement per step costs), for comparison.
-(b) Micro-steps trained after a SIGTERM: a 1-process pre-training on the embedded digits, run through
-    tests/fault_runner.py with FAULT=sigterm:0:5 (the process signals itself when the loader hands out batch 5
-    of epoch 0, before that batch's forward). The run saves and prints "stopped by signal in epoch 0 after step
-    K"; micro-batches 5 .. K-1 were trained after the signal: K - 5. This measures whatever the training loop
-    does, today's or a later one. Beside it: what StopAgreement (lag 2) gives when the loop polls it after each
-    optimizer step: the flag is first seen at the end of the accumulation group of batch 5, then 2 more
-    optimizer steps, so at most 3 x accum_iter micro-batches.
+(b) Micro-steps trained after a SIGTERM: a pre-training on the embedded digits, run through tests/fault_runner.py,
+    in 1 process with FAULT=sigterm:0:5 (the process signals itself when the loader hands out batch 5 of epoch 0,
+    before that batch's forward) and on 2 ranks under torchrun with FAULT=sigterm_agent:0:5:0 (rank 0 signals
+    torchrun's agent, which signals both ranks' process groups, as SLURM does). The run saves and prints
+    "stopped by signal in epoch 0 after step K"; micro-batches 5 .. K-1 were trained after the signal: K - 5.
+    The bound: the flag is first seen at the end of the accumulation group of batch 5 (the optimizer step in
+    progress), then one more optimizer step on more than one rank (StopAgreement's lag 1), so at most
+    2 x accum_iter micro-batches; in 1 process there is no agreement to wait for.
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def microseconds_per_boundary(agreement: StopAgreement, calls: int, step_seconds
 
 
 SETTINGS = (  # (label, lag, step seconds)
-    ("lag 2, back to back", 2, 0.0),
-    ("lag 2, 10 ms steps", 2, 0.010),
+    ("lag 1, back to back", 1, 0.0),
+    ("lag 1, 10 ms steps", 1, 0.010),
     ("lag 0 (blocking), 10 ms steps", 0, 0.010),
 )
 
@@ -96,18 +97,21 @@ def boundary_costs(calls: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------- (b) micro-steps after a signal
-def micro_steps_after_signal(accum_iter: int, args: argparse.Namespace) -> int:
+def micro_steps_after_signal(accum_iter: int, args: argparse.Namespace, ranks: int = 1) -> int:
     """Run the pre-training with a SIGTERM at batch SIGNAL_AT of epoch 0 -> micro-batches trained after it."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "tests/fault_runner.py", "--epochs", "1", "--prune_method", "none",
+        launcher = [sys.executable] if ranks == 1 else [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+        cmd = [*launcher, "tests/fault_runner.py", "--epochs", "1", "--prune_method", "none",
                "--input_size", "16", "--batch_size", str(args.batch_size), "--num_workers", "0",
                "--accum_iter", str(accum_iter), "--print_freq", str(args.print_freq), "--warmup_epochs", "0",
                "--output_dir", out]
-        env = dict(os.environ, FAULT=f"sigterm:0:{SIGNAL_AT}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=REPO)
+        fault = f"sigterm:0:{SIGNAL_AT}" if ranks == 1 else f"sigterm_agent:0:{SIGNAL_AT}:0"
+        env = dict(os.environ, FAULT=fault, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO)
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     found = STOP_LINE.search(res.stdout + res.stderr)
-    if res.returncode != 128 + signal.SIGTERM or found is None:
+    if (ranks == 1 and res.returncode != 128 + signal.SIGTERM) or found is None:
         raise RuntimeError(
             f"--accum_iter {accum_iter}: the run did not stop inside epoch 0's training (exit {res.returncode}); "
             f"its output ends:\n{(res.stdout + res.stderr)[-1500:]}\nFix: a smaller --batch_size (more steps per "
@@ -115,7 +119,7 @@ def micro_steps_after_signal(accum_iter: int, args: argparse.Namespace) -> int:
     return int(found.group(1)) - SIGNAL_AT
 
 
-def agreement_bound(accum_iter: int, lag: int = 2) -> int:
+def agreement_bound(accum_iter: int, lag: int = 1) -> int:
     """Micro-batches after the signal with StopAgreement polled after each optimizer step: the rest of the
     accumulation group the signal fell in (its end is the first boundary that sees the flag), then `lag` steps."""
     group_end = -(-(SIGNAL_AT + 1) // accum_iter) * accum_iter  # micro-batches done at that boundary
@@ -138,13 +142,13 @@ def main() -> None:
     for name, us in boundary_costs(args.calls).items():
         print(f"    {name:45s} {us:8.1f}")
 
-    print(f"(b) micro-batches trained after a SIGTERM at training batch {SIGNAL_AT} (1 process, digits, "
+    print(f"(b) micro-batches trained after a SIGTERM at training batch {SIGNAL_AT} (digits, "
           f"--print_freq {args.print_freq}, --batch_size {args.batch_size}):")
-    print("    accum_iter | measured (this loop) | StopAgreement, lag 2 | bound 3 x accum_iter")
+    print("    accum_iter | measured, 1 process | measured, 2 ranks | StopAgreement's count | bound 2 x accum_iter")
     for accum_iter in args.accum_iters:
         start = time.perf_counter()
-        measured = micro_steps_after_signal(accum_iter, args)
-        print(f"    {accum_iter:10d} | {measured:20d} | {agreement_bound(accum_iter):20d} | {3 * accum_iter:20d}"
+        one, two = micro_steps_after_signal(accum_iter, args), micro_steps_after_signal(accum_iter, args, ranks=2)
+        print(f"    {accum_iter:10d} | {one:19d} | {two:17d} | {agreement_bound(accum_iter):21d} | {2 * accum_iter:20d}"
               f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 

@@ -82,7 +82,7 @@ def add_run_args(parser: argparse.ArgumentParser, save_every: int, keep_last: in
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (0-based)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--print_freq", default=20, type=int,
-                   help="steps between host syncs (logging, the NaN check, and reacting to a stop signal)")
+                   help="steps between host syncs (logging and the NaN check; a stop signal does not wait for them)")
 
     g = parser.add_argument_group("loader and devices")
     g.add_argument("--num_workers", default=None, type=int,
