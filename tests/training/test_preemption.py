@@ -13,7 +13,7 @@ from conftest import assert_state_equal, read_log, run_script, run_torchrun
 from util.run import EXIT_STOPPED
 from util.stop import StopSignals
 
-BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "32", "--train_subset", "126",
+BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "16", "--train_subset", "126",
         "--warmup_epochs", "1", "--blr", "1e-3", "--print_freq", "1", "--save_every", "1", "--epochs", "4"]
 D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
 PRETRAIN = [*BASE, *D3P]
@@ -129,8 +129,9 @@ def pretrain_stopped(tmp_path_factory):
     text = res.stdout + res.stderr
     # (torchrun's agent itself ends with a traceback of the SignalException it raises on SIGTERM)
     assert "DataLoader worker" not in text and "main_pretrain_d3p.py\", line" not in text, text[-3000:]
-    assert text.count("stopped by signal in epoch 2 after step 1; checkpoint saved") == 2, text[-3000:]
-    assert os.path.exists(os.path.join(out, "checkpoint-2-step1.pth")), os.listdir(out)
+    # the flag is up at step 0's boundary; the ranks agree at the next one (StopAgreement): after step 1
+    assert text.count("stopped by signal in epoch 2 after step 2; checkpoint saved") == 2, text[-3000:]
+    assert os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), os.listdir(out)
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
     return out
 
@@ -141,7 +142,7 @@ def test_pretrain_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     shutil.copytree(pretrain_stopped, out)
     res = run_torchrun(2, ["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 1" in res.stdout and "split anew" not in res.stdout
+    assert "resuming epoch 2 after step 2" in res.stdout and "split anew" not in res.stdout
     for epoch in (2, 3):
         assert_bit_identical(pretrain_ref, out, f"checkpoint-{epoch}.pth")
     ref_log = read_log(pretrain_ref)
@@ -173,7 +174,7 @@ def test_pretrain_resumed_on_one_rank_trains_each_kept_sample_once(tmp_path, pre
     shutil.copytree(pretrain_stopped, out)
     res = run_script(["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 1 (64 of" in res.stdout, res.stdout[-3000:]
+    assert "resuming epoch 2 after step 2 (64 of" in res.stdout, res.stdout[-3000:]
     assert "written by 2 rank(s), this run has 1" in res.stdout
     log = read_log(out)
     assert log[2]["samples_trained"] == log[2]["kept"]  # 64 by 2 ranks, the rest by 1: each kept one once
@@ -208,12 +209,13 @@ def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical
                        env_extra={"FAULT": "sigterm_agent:2:1:0", "FAULT_SCRIPT": "finetune"})
     text = res.stdout + res.stderr
     assert "DataLoader worker" not in text and "main_finetune.py\", line" not in text, text[-3000:]
-    assert text.count("stopped by signal in epoch 2 after step 2; checkpoint saved") == 2, text[-3000:]
-    assert os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), os.listdir(out)
+    # the flag is up at step 1's boundary; the ranks agree at the next one (StopAgreement): after step 2
+    assert text.count("stopped by signal in epoch 2 after step 3; checkpoint saved") == 2, text[-3000:]
+    assert os.path.exists(os.path.join(out, "checkpoint-2-step3.pth")), os.listdir(out)
     res = run_torchrun(2, ["main_finetune.py", *FINETUNE, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 2" in res.stdout
-    assert not os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), "superseded partial checkpoint kept"
+    assert "resuming epoch 2 after step 3" in res.stdout
+    assert not os.path.exists(os.path.join(out, "checkpoint-2-step3.pth")), "superseded partial checkpoint kept"
     for epoch in (2, 3):
         assert_bit_identical(ref, out, f"checkpoint-{epoch}.pth")
     ref_log, log = read_log(ref), read_log(out)
