@@ -25,8 +25,6 @@ import os
 import sys
 import time
 
-import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -31,8 +31,6 @@ from typing import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import util  # noqa: F401,E402  (before timm/torchvision)
-
 import torch  # noqa: E402
 
 CHECKS = ("collectives", "bf16", "pinned", "train", "loader", "faiss", "preemption")
