@@ -55,6 +55,7 @@ from util import flags, run
 from util.dist import any_rank, init_distributed_mode, is_main_process
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
+from util import run_folder
 from util.run_folder import pruning_inputs
 
 
@@ -282,7 +283,7 @@ def build_loaders(args):
         print(f"label noise: {int(mislabelled.sum())} of {mislabelled.size} training labels replaced")
         if args.output_dir and get_rank() == 0:
             os.makedirs(args.output_dir, exist_ok=True)
-            np.save(os.path.join(args.output_dir, "mislabelled.npy"), mislabelled)
+            np.save(os.path.join(args.output_dir, run_folder.MISLABELLED_FILE), mislabelled)
     dataset_train = data_util.IndexedDataset(base_train)
     dataset_val = data_util.build_dataset("val", args.data_set, args.data_path, tf(False, args), args.download)
     world, rank = get_world_size(), get_rank()
@@ -419,7 +420,7 @@ def resume(args, model_without_ddp, optimizer, loss_scaler, pruner) -> tuple[flo
         partial = {**partial, "_written_by": {k: ckpt.get(k) for k in ("world_size", "args")}}
     print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
     if is_main_process():
-        run.rewrite_log_until(os.path.join(args.output_dir, "log.txt"), args.start_epoch - 1)
+        run.rewrite_log_until(os.path.join(args.output_dir, run_folder.LOG_FILE), args.start_epoch - 1)
     return float(ckpt.get("max_accuracy", 0.0)), partial, ckpt.get("pending_log")
 
 

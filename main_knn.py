@@ -34,7 +34,7 @@ from d3p.collectives import get_rank, get_world_size
 from d3p.sampler import PrunedDistributedSampler
 from engine_pretrain import compute_embeddings
 from util import checkpoint as ckpt_util
-from util import flags, run
+from util import flags, run, run_folder
 from util.amp import autocast_dtype
 from util.data_errors import DatasetError
 from util.datasets import IndexedDataset, build_dataset, dataset_stats, num_classes_of, resolve_data_set
@@ -183,8 +183,8 @@ def main(args: argparse.Namespace) -> dict:
     print(f"k-NN top-1 {top1:.2f}%, top-5 {top5:.2f}% ({summary['num_val']} images, bank {summary['num_train']})")
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
-        np.save(os.path.join(args.output_dir, "predictions.npy"), ranked.numpy())
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        np.save(os.path.join(args.output_dir, run_folder.PREDICTIONS_FILE), ranked.numpy())
+        with open(os.path.join(args.output_dir, run_folder.SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2)
     barrier()
     return summary

@@ -37,6 +37,7 @@ from util.image_transforms import eval_transform, pretrain_transform
 from util.item_seeding import STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN
 from util.loader import default_num_workers
 from util.dist import any_rank, barrier, init_distributed_mode, is_main_process
+from util import run_folder
 from util.run_folder import pruning_inputs
 from util.run import make_loader  # noqa: F401  (benchmarks/bench_overhead.py builds its loaders with it)
 
@@ -176,7 +177,7 @@ def resume(r: Pretraining) -> dict | None:
     r.args.start_epoch = run.restore_run_state(checkpoint, path, r.model_without_ddp, r.optimizer, r.loss_scaler,
                                                r.pruner, r.args.model)
     if is_main_process():
-        run.rewrite_log_until(os.path.join(r.args.output_dir, "log.txt"), r.args.start_epoch - 1)
+        run.rewrite_log_until(os.path.join(r.args.output_dir, run_folder.LOG_FILE), r.args.start_epoch - 1)
     partial = checkpoint.get("partial_epoch")
     if partial is None:
         return None
@@ -250,7 +251,7 @@ def train_epoch(r: Pretraining, epoch: int, partial: dict | None) -> int | None:
     strategy = pruner.strategy
     subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
     if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
-        np.save(os.path.join(args.output_dir, "kept_static.npy"), subset)
+        np.save(os.path.join(args.output_dir, run_folder.STATIC_SUBSET_FILE), subset)
 
     stop_now = any_rank(r.stop())  # every rank must take the same branch (collectives below)
     save = run.is_save_epoch(args, epoch) or stop_now

@@ -131,7 +131,7 @@ class Trainer:
         import submitit
 
         job_id = str(submitit.JobEnvironment().job_id)
-        has_ckpt = bool(glob.glob(os.path.join(self._output_dir(job_id), "checkpoint-*.pth")))
+        has_ckpt = run_folder.has_checkpoint(self._output_dir(job_id))
         requeued = Trainer(self.entry_module, requeue_argv(self.argv, has_ckpt))
         print(f"requeueing with: {' '.join(requeued.argv)}", flush=True)
         return submitit.helpers.DelayedSubmission(requeued)
