@@ -6,7 +6,6 @@ submitit is imported only by `submit` and inside the job (`Trainer`), so `--help
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import os
 import re
@@ -14,6 +13,7 @@ import sys
 from typing import Any, Sequence
 
 from d3p.registry import import_prune_plugins
+from util import run_folder
 from util.dist import task_gpu
 
 SUBMITIT_MISSING = (
