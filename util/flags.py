@@ -141,8 +141,9 @@ def add_loader_args(group, mae_pin_mem_alias: bool = True) -> None:
     """--num_workers, --pin_mem (and MAE's --no_pin_mem spelling when `mae_pin_mem_alias`)."""
     group.add_argument("--num_workers", default=None, type=int,
                        help="loader workers per process (default: this process's CPUs / processes per node, <= 16)")
+    off = "--no-pin_mem or MAE's --no_pin_mem" if mae_pin_mem_alias else "--no-pin_mem"
     group.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction,
-                       help="pin host memory of CUDA batches (--no-pin_mem or MAE's --no_pin_mem turns it off)")
+                       help=f"pin host memory of CUDA batches ({off} turns it off)")
     if mae_pin_mem_alias:
         group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help=argparse.SUPPRESS)
 
