@@ -25,7 +25,9 @@ import random
 import sys
 import time
 
-import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch; must precede timm/torchvision)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from d3p.checkpoints import CheckpointFormatError, load_plain
 from d3p.collectives import get_rank, get_world_size
 from engine_finetune import SupervisedLoss, evaluate
 from util import checkpoint as ckpt_util
-from util import lifecycle, run_log
+from util import flags, lifecycle, run_log
 from util import resume as resume_util
 from util import datasets as data_util
 from util import image_transforms
@@ -51,9 +53,10 @@ from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_comp
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from util.augment import SeededMixup
 from util import run
-from util.dist import init_distributed_mode, resolve_device
+from util.dist import init_distributed_mode
 from util.lars import LARS
 from util.pos_embed import interpolate_pos_embed
+from util import run_folder
 from util.run_folder import pruning_inputs
 from util.loader import make_eval_loader, make_loader
 from util.stop import StopSignals
@@ -89,18 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="MAE's linear probing: frozen encoder, BatchNorm(affine=False)+linear head, LARS, "
                         "RandomResizedCrop+flip only")
 
-    g = p.add_argument_group("training")
-    g.add_argument("--batch_size", default=64, type=int,
-                   help="batch size per GPU/process (effective batch size = batch_size * accum_iter * world_size)")
-    g.add_argument("--epochs", default=None, type=int, help="training epochs" + FT_LP.format(50, 90))
-    g.add_argument("--accum_iter", default=1, type=int,
-                   help="accumulate gradients over this many iterations (raises the effective batch size)")
-    g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (in place, before DDP; checkpoint keys unchanged). Off by default")
-    g.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
+    flags.add_training_args(p, epochs=None, epochs_help="training epochs" + FT_LP.format(50, 90))
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS), metavar="MODEL",
@@ -114,17 +106,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cls_token", action="store_false", dest="global_pool",
                    help="use the class token instead of global pooling (default for --linprobe)")
 
-    g = p.add_argument_group("optimizer (AdamW + layer decay; LARS for --linprobe)")
-    g.add_argument("--weight_decay", type=float, default=None, help="weight decay" + FT_LP.format(0.05, 0))
-    g.add_argument("--lr", type=float, default=None, metavar="LR", help="absolute lr (default: blr * eff_batch / 256)")
-    g.add_argument("--blr", type=float, default=None, metavar="LR",
-                   help="base lr: absolute_lr = base_lr * total_batch_size / 256" + FT_LP.format(1e-3, 0.1))
+    g = flags.add_optimizer_args(
+        p, "optimizer (AdamW + layer decay; LARS for --linprobe)", weight_decay=None, blr=None, min_lr=None,
+        warmup_epochs=None, warmup_type=float,
+        default_notes=dict(weight_decay=FT_LP.format(0.05, 0), blr=FT_LP.format(1e-3, 0.1),
+                           min_lr=FT_LP.format(1e-6, 0), warmup_epochs=FT_LP.format(5, 10)))
     g.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay (ELECTRA/BEiT), fine-tune "
                    "only (default: 0.75)")
-    g.add_argument("--min_lr", type=float, default=None, metavar="LR",
-                   help="lower lr bound of the cosine schedule" + FT_LP.format(1e-6, 0))
-    g.add_argument("--warmup_epochs", type=float, default=None, metavar="N",
-                   help="epochs of linear lr warm-up" + FT_LP.format(5, 10))
 
     g = p.add_argument_group("augmentation (fine-tune only)")
     g.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
@@ -153,11 +141,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", default=None, metavar="PATH",
                    help="pre-training checkpoint (a dict with 'model', MAE's format) to initialise the encoder from")
 
-    g = p.add_argument_group("dataset")
-    g.add_argument("--data_path", default=None, type=str, help="dataset root (default: the embedded digits)")
-    g.add_argument("--data_set", default=None, choices=list(data_util.DATA_SETS),
-                   help="dataset kind (default: digits without --data_path, imagenet layout with it)")
-    g.add_argument("--download", action="store_true", help="cifar10/cifar100: download into --data_path")
+    g = flags.add_data_args(p, "dataset", jpeg_help=" (the linear probe's training crops; fine-tuning's RandAugment "
+                                                 "and evaluation always decode with PIL's default)")
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
     g.add_argument("--label_noise", default=0.0, type=float, metavar="RATE",
                    help="replace this share of the training labels by another class, seeded by --seed "
@@ -167,13 +152,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", default=False,
                    help="shard evaluation across ranks (exact: counts are summed, no sample is duplicated)")
-    g.add_argument("--jpeg_upsampling", default="fast", choices=image_transforms.JPEG_UPSAMPLING,
-                   help="chroma upsampling for the linear probe's training crops from JPEG folders: fast = "
-                        "libjpeg's merged upsampler, fancy = as PIL decodes (fine-tuning's RandAugment and "
-                        "evaluation always decode with PIL's default)")
     g.add_argument("--dist_on_itp", action="store_true", help=argparse.SUPPRESS)
     # output, checkpoints (MAE's --save_ckpt_freq is an alias of --save_every), resume, loader, devices
-    run.add_run_args(p, save_every=1, keep_last=1)
+    flags.add_run_args(p, save_every=1, keep_last=1)
 
     # classification defaults: D3P's safety rails on (docs/supervised.md)
     d3p.add_pruning_args(p, methods=d3p.method_names("dynamic"), default="none", loss_kind="classification")
@@ -216,16 +197,7 @@ def resolve_defaults(args) -> None:
 def validate_args(args) -> None:
     """Bad flags -> ConfigError naming the flag and the fix (before any data or model is built)."""
     checks = [
-        (args.batch_size >= 1, f"--batch_size {args.batch_size} must be >= 1"),
-        (args.epochs >= 1, f"--epochs {args.epochs} must be >= 1"),
-        (args.accum_iter >= 1, f"--accum_iter {args.accum_iter} must be >= 1"),
-        (args.warmup_epochs >= 0, f"--warmup_epochs {args.warmup_epochs} must be >= 0"),
-        (args.start_epoch >= 0, f"--start_epoch {args.start_epoch} must be >= 0"),
         (args.input_size >= 1, f"--input_size {args.input_size} must be positive"),
-        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0"),
-        (args.lr is None or args.lr > 0, f"--lr {args.lr} must be > 0"),
-        (args.blr > 0, f"--blr {args.blr} must be > 0"),
-        (args.min_lr >= 0, f"--min_lr {args.min_lr} must be >= 0"),
         (args.layer_decay is None or 0 < args.layer_decay <= 1, f"--layer_decay {args.layer_decay} must be in (0, 1]"),
         (0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1)"),
         (0 <= args.smoothing < 1, f"--smoothing {args.smoothing} must be in [0, 1)"),
@@ -233,39 +205,29 @@ def validate_args(args) -> None:
         (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
         (0 <= args.mixup_prob <= 1 and 0 <= args.mixup_switch_prob <= 1,
          "--mixup_prob and --mixup_switch_prob must be in [0, 1]"),
-        (args.clip_grad is None or args.clip_grad > 0, f"--clip_grad {args.clip_grad} must be > 0 (leave it out to disable)"),
         (args.nb_classes is None or args.nb_classes >= 1, f"--nb_classes {args.nb_classes} must be >= 1"),
         (0 <= args.label_noise < 1, f"--label_noise {args.label_noise} must lie in [0, 1)"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-    problems = run.run_arg_problems(args) + d3p.validate_pruning_args(args, d3p.method_names("dynamic"))
+    problems = flags.shared_arg_problems(args) + [message for ok, message in checks if not ok]
+    problems += d3p.validate_pruning_args(args, d3p.method_names("dynamic"))
     if args.linprobe and args.prune_method != "none":
         # the probe measures the pre-trained encoder (Table 1's LP column): pruning it would change the measurement
         problems.append(f"--linprobe evaluates the pre-trained encoder and does not prune (got --prune_method "
                         f"{args.prune_method}). Fix: drop --prune_method, or prune the fine-tuning instead")
-    if problems:
-        raise ConfigError("; ".join(problems))
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
-        raise ConfigError(f"--cutmix_minmax {args.cutmix_minmax} must satisfy 0 < MIN < MAX <= 1")
+        problems.append(f"--cutmix_minmax {args.cutmix_minmax} must satisfy 0 < MIN < MAX <= 1")
     if mixup_active(args) and args.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix needs an even --batch_size (got {args.batch_size}). Fix: use an even "
-                          "batch size, or --mixup 0 --cutmix 0")
+        problems.append(f"mixup/cutmix needs an even --batch_size (got {args.batch_size}). Fix: use an even "
+                        "batch size, or --mixup 0 --cutmix 0")
     if args.finetune and not os.path.isfile(args.finetune):
-        raise ConfigError(
+        problems.append(
             f"--finetune checkpoint {args.finetune} does not exist (or is not a file). Fix: pass the path of a "
             "pre-training checkpoint, e.g. OUTPUT_DIR/checkpoint-N.pth written by main_pretrain.py or MAE's "
             "published mae_pretrain_vit_base.pth (a dict with key 'model')"
         )
-    if args.resume and not os.path.isfile(args.resume):
-        raise ConfigError(f"--resume checkpoint {args.resume} does not exist. Fix: check the path, or use --auto_resume")
     if args.eval and not (args.resume or args.auto_resume):
-        raise ConfigError("--eval evaluates a fine-tuned checkpoint. Fix: add --resume PATH (or --auto_resume)")
-    try:
-        autocast_dtype(args.precision, resolve_device(args.device))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        problems.append("--eval evaluates a fine-tuned checkpoint. Fix: add --resume PATH (or --auto_resume)")
+    flags.raise_problems(problems)
 
 
 def mixup_active(args) -> bool:
@@ -324,7 +286,7 @@ def build_loaders(args):
         print(f"label noise: {int(mislabelled.sum())} of {mislabelled.size} training labels replaced")
         if args.output_dir and get_rank() == 0:
             os.makedirs(args.output_dir, exist_ok=True)
-            np.save(os.path.join(args.output_dir, "mislabelled.npy"), mislabelled)
+            np.save(os.path.join(args.output_dir, run_folder.MISLABELLED_FILE), mislabelled)
     dataset_train = data_util.IndexedDataset(base_train)
     dataset_val = data_util.build_dataset("val", args.data_set, args.data_path, tf(False, args), args.download)
     world, rank = get_world_size(), get_rank()
@@ -333,7 +295,7 @@ def build_loaders(args):
             f"the training set has {len(dataset_train)} images, fewer than one batch of {args.batch_size} per rank "
             f"on {world} rank(s). Fix: lower --batch_size"
         )
-    effective = run.effective_batch_size(args)
+    effective = flags.effective_batch_size(args)
     if effective > len(dataset_train):  # at most one optimizer step per epoch, its lr scaled for `effective`
         raise ConfigError(
             f"the effective batch (--batch_size {args.batch_size} x --accum_iter {args.accum_iter} x {world} "
@@ -525,7 +487,7 @@ def build_training(r: Finetuning, model: nn.Module) -> None:
     r.n_parameters = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model {args.model}: {r.n_parameters / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable")
-    eff_batch_size = run.effective_batch_size(args)
+    eff_batch_size = flags.effective_batch_size(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     print(f"base lr: {args.lr * 256 / eff_batch_size:.3e}, actual lr: {args.lr:.3e}, "
@@ -635,7 +597,7 @@ def finish(r: Finetuning, t_start: float, t_train: float) -> dict:
     print(f"Training time {datetime.timedelta(seconds=int(train_seconds))}")
     print(f"Accuracy of the network on the {len(r.dataset_val)} test images: {test_stats['acc1']:.1f}% "
           f"(top-5 {test_stats['acc5']:.1f}%, best top-1 {r.max_accuracy:.1f}%)")
-    eff_batch_size = run.effective_batch_size(args)
+    eff_batch_size = flags.effective_batch_size(args)
     summary = {
         "mode": "linprobe" if args.linprobe else "finetune",
         "model": args.model,

@@ -25,8 +25,6 @@ import os
 import sys
 import time
 
-import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,10 +34,10 @@ from d3p.collectives import get_rank, get_world_size
 from d3p.sampler import PrunedDistributedSampler
 from engine_pretrain import compute_embeddings
 from util import checkpoint as ckpt_util
-from util import run
+from util import flags, run, run_folder
 from util.amp import autocast_dtype
 from util.data_errors import DatasetError
-from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, num_classes_of, resolve_data_set
+from util.datasets import IndexedDataset, build_dataset, dataset_stats, num_classes_of, resolve_data_set
 from util.image_transforms import eval_transform
 from util.loader import collate_indexed, default_num_workers, make_eval_loader
 from util.dist import barrier, init_distributed_mode, is_main_process
@@ -60,23 +58,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--query_chunk", default=256, type=int, help="validation samples classified at once (memory)")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help="dataset root; leave out for the embedded digits")
-    g.add_argument("--data_set", default=None, choices=DATA_SETS,
-                   help="default: imagenet (ImageFolder train/ val/) with --data_path, digits without")
-    g.add_argument("--batch_size", default=128, type=int, help="images per forward pass per process")
-    g.add_argument("--num_workers", default=None, type=int,
-                   help="loader workers per process (default: this process's CPUs / processes per node)")
-    g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    flags.add_data_source_args(g)
+    flags.add_batch_size_arg(g, default=128, help="images per forward pass per process")
+    flags.add_loader_args(g, mae_pin_mem_alias=False)
 
     g = parser.add_argument_group("run")
-    g.add_argument("--output_dir", default="./output_knn", help="summary.json and predictions.npy")
-    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype of the feature pass: auto = bf16 on CUDA when supported, fp32 on CPU")
-    g.add_argument("--world_size", default=1, type=int)
-    g.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by the launcher (either spelling)")
-    g.add_argument("--dist_url", default="env://")
-    g.add_argument("--dist_timeout_min", default=30, type=int, help="collective timeout in minutes")
+    flags.add_output_dir_arg(g, default="./output_knn", help="summary.json and predictions.npy")
+    flags.add_precision_arg(g, help="autocast dtype of the feature pass: auto = bf16 on CUDA when supported, fp32 on CPU")
+    flags.add_device_args(g)
     return parser
 
 
@@ -194,25 +183,34 @@ def main(args: argparse.Namespace) -> dict:
     print(f"k-NN top-1 {top1:.2f}%, top-5 {top5:.2f}% ({summary['num_val']} images, bank {summary['num_train']})")
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
-        np.save(os.path.join(args.output_dir, "predictions.npy"), ranked.numpy())
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        np.save(os.path.join(args.output_dir, run_folder.PREDICTIONS_FILE), ranked.numpy())
+        with open(os.path.join(args.output_dir, run_folder.SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=2)
     barrier()
     return summary
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags: a ConfigError naming each flag (exit code 2 through run.run_main, as every entry script)."""
+    problems = [f"--{name} must be >= 1, got {getattr(args, name)}"
+                for name in ("k", "batch_size", "query_chunk") if getattr(args, name) < 1]
+    if args.temperature <= 0:
+        problems.append(f"--temperature must be > 0, got {args.temperature}")
+    if args.num_workers is not None and args.num_workers < 0:
+        problems.append(f"--num_workers must be >= 0, got {args.num_workers}")
+    flags.raise_problems(problems)
+
+
+def configure_and_run(args: argparse.Namespace) -> dict:
+    validate_args(args)
     if args.num_workers is None:
         args.num_workers = default_num_workers()
-    if args.k < 1:
-        parser.error(f"--k must be >= 1, got {args.k}")
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.batch_size < 1 or args.query_chunk < 1:
-        parser.error("--batch_size and --query_chunk must be >= 1")
-    return run.run_main(main, args)  # bad input (DatasetError): exit code 2, as every entry script
+    return main(args)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return run.run_main(configure_and_run, args)  # bad flags or input: the message and exit code 2
 
 
 if __name__ == "__main__":

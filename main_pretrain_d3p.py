@@ -14,7 +14,9 @@ import random
 import sys
 import time
 
-import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import numpy as np
 import torch
@@ -23,13 +25,13 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 import d3p
 from engine_pretrain import MAELoss, compute_embeddings
-from util import lifecycle, run, run_log
+from util import flags, lifecycle, run, run_folder, run_log
 from util.accel import adamw_kwargs, configure_cuda_math, ddp_kwargs, maybe_compile
 from util.amp import ScaledOptimizerStep, autocast_dtype
 from d3p.collectives import get_rank, get_world_size
 from util.data_errors import DatasetError
-from util.datasets import DATA_SETS, IndexedDataset, build_dataset, dataset_stats, resolve_data_set
-from util.image_transforms import JPEG_UPSAMPLING, eval_transform, pretrain_transform
+from util.datasets import IndexedDataset, build_dataset, dataset_stats, resolve_data_set
+from util.image_transforms import eval_transform, pretrain_transform
 from util.item_seeding import STREAM_EMBED, STREAM_FORWARD_ONLY, STREAM_TRAIN
 from util.loader import default_num_workers
 from util.dist import barrier, init_distributed_mode, is_main_process
@@ -41,15 +43,7 @@ from util.stop import StopSignals
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE pre-training with D3P data pruning", add_help=True)
 
-    g = parser.add_argument_group("training")
-    g.add_argument("--batch_size", default=64, type=int, help="batch size per GPU (effective: batch_size * accum_iter * GPUs)")
-    g.add_argument("--epochs", default=400, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype: auto = bf16 on GPUs with native bf16 (sm80+), else fp16; fp32 on CPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (in place, before DDP; checkpoint keys unchanged). Off by default")
-    g.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
+    flags.add_training_args(parser, epochs=400)
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, choices=sorted(models_mae.MODELS),
@@ -59,57 +53,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm_pix_loss", default=True, action=argparse.BooleanOptionalAction,
                    help="per-patch normalised pixels as targets (on by default; --no-norm_pix_loss turns it off)")
 
-    g = parser.add_argument_group("optimizer")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr per 256 samples")
-    g.add_argument("--min_lr", type=float, default=0.0, help="lower bound of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=int, default=40)
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (default: off, as MAE)")
+    flags.add_optimizer_args(parser, "optimizer (AdamW)", weight_decay=0.05, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
 
-    g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default=None, type=str, help="dataset root; leave out for the embedded digits")
-    g.add_argument("--data_set", default=None, choices=DATA_SETS,
-                   help="default: imagenet (ImageFolder train/ val/) with --data_path, digits without")
-    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data_path")
+    g = flags.add_data_args(parser, "data", jpeg_help=". Evaluation and embedding crops always decode as PIL does")
     g.add_argument("--skip_corrupt", action="store_true",
                    help="replace unreadable images by a neighbour (counted in log.txt) instead of stopping")
     g.add_argument("--train_subset", default=0, type=int,
                    help="train on the first N training samples only (smoke tests, CPU demos); 0 = all")
-    g.add_argument("--jpeg_upsampling", default="fast", choices=JPEG_UPSAMPLING,
-                   help="chroma upsampling when decoding training crops from JPEG folders: fast = libjpeg's "
-                        "merged upsampler (~4%% more images/s per loader core, 0.4 levels mean difference, no "
-                        "shift of channel means), fancy = libjpeg's default, pixels as PIL decodes them. "
-                        "Evaluation and embedding crops always decode as PIL does")
 
-    run.add_run_args(parser, save_every=20, keep_last=0)  # output, checkpoints, resume, loader, devices
+    flags.add_run_args(parser, save_every=20, keep_last=0)  # output, checkpoints, resume, loader, devices
     d3p.add_pruning_args(parser)
     return parser
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject flag combinations the method forbids, with a message naming the fix (exit code 2)."""
-    problems = d3p.validate_pruning_args(args)
+def validate_args(args: argparse.Namespace) -> None:
+    """Refuse flag combinations the method forbids: a ConfigError naming each flag and its fix (exit code 2)."""
+    problems = flags.shared_arg_problems(args) + d3p.validate_pruning_args(args)
     if not 0.0 <= args.mask_ratio < 1.0:
         problems.append(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
-    problems += run.run_arg_problems(args)
     if args.train_subset < 0:
         problems.append(f"--train_subset must be >= 0, got {args.train_subset}")
-    for name in ("batch_size", "epochs", "accum_iter"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.resume and args.auto_resume:
-        problems.append("--resume and --auto_resume are exclusive: pick one")
-    if args.resume and not os.path.isfile(args.resume):
-        problems.append(f"--resume {args.resume}: no such file")
     patch = models_mae.patch_size_of(args.model)
     if args.input_size < patch or args.input_size % patch:
         problems.append(f"--input_size {args.input_size} must be a positive multiple of {args.model}'s patch size "
                         f"{patch}. Fix: --input_size {max(patch, round(args.input_size / patch) * patch)}")
-    if args.data_path and not os.path.isdir(args.data_path):
-        problems.append(f"--data_path {args.data_path} does not exist (leave it out to use the embedded digits)")
-    if problems:
-        parser.error("; ".join(problems))
+    flags.raise_problems(problems)
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -159,7 +127,7 @@ class Pretraining(lifecycle.TrainingRun):
         strategy = self.pruner.strategy
         subset = getattr(strategy, "subset", None)  # static methods: the fixed coreset, once selected
         if subset is not None and is_main_process() and epoch == strategy.warmup_epochs - 1:
-            np.save(os.path.join(self.args.output_dir, "kept_static.npy"), subset)
+            np.save(os.path.join(self.args.output_dir, run_folder.STATIC_SUBSET_FILE), subset)
 
     def log_line(self, epoch: int, train: dict, pruning_log: dict) -> dict:
         return {"epoch": epoch, "train_loss": train["loss"], "lr": train["last_lr"], "grad_norm": train["grad_norm"],
@@ -184,7 +152,7 @@ def build(args: argparse.Namespace, stop: StopSignals) -> Pretraining:
     configure_cuda_math(device)
     maybe_compile(model, args.compile, args.compile_backend)
     model_without_ddp = model
-    eff_batch_size = run.effective_batch_size(args)
+    eff_batch_size = flags.effective_batch_size(args)
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     print(f"model: {args.model}, effective batch {eff_batch_size}, lr {args.lr:.3e}")
@@ -223,13 +191,17 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_and_run(args: argparse.Namespace) -> int:
+    """Fill the data-dependent defaults, refuse bad flags (ConfigError), then train."""
+    fill_defaults(args)
+    validate_args(args)
+    return main(args)
+
+
 def cli(argv: list[str] | None = None) -> int:
     d3p.import_prune_plugins(argv)  # a --prune_plugin's method and options must be flags before parsing
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    fill_defaults(args)
-    validate_args(parser, args)
-    return run.run_main(main, args)
+    args = get_args_parser().parse_args(argv)
+    return run.run_main(configure_and_run, args)  # bad flags: the message and exit code 2, as every entry script
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from functools import partial
 
-import util  # noqa: F401  (registers torchvision op schemas on CPU-only torch before timm imports it)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import torch
 import torch.nn as nn

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from functools import partial
 
-import util  # noqa: F401  (torchvision op schemas on CPU-only torch, before timm)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer

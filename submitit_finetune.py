@@ -10,8 +10,6 @@ job is requeued with --auto_resume and continues from its newest checkpoint. Nee
 """
 import sys
 
-import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
-
 import main_finetune
 from d3p.registry import import_prune_plugins
 from util.submitit_job import submit

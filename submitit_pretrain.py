@@ -9,8 +9,6 @@ the job is requeued with --auto_resume and continues from its newest checkpoint.
 """
 import sys
 
-import util  # noqa: F401  (torchvision op schemas on CPU-only torch; must precede timm/torchvision)
-
 import main_pretrain_d3p
 from d3p.registry import import_prune_plugins
 from util.submitit_job import submit

@@ -22,12 +22,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import util  # noqa: F401,E402  (before timm/torchvision)
-
 import torch  # noqa: E402
 
 import models_mae  # noqa: E402
 from util.checkpoint import atomic_torch_save  # noqa: E402
+from util.run_folder import checkpoint_name  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +49,7 @@ def main() -> None:
     optimizer.step()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        path = os.path.join(folder, "checkpoint-0.pth")
+        path = os.path.join(folder, checkpoint_name(0))
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

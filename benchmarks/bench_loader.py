@@ -40,7 +40,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import util  # noqa: F401,E402
+from util.torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -19,7 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import util  # noqa: F401,E402  (before torchvision/timm)
+from util.torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import torch  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402

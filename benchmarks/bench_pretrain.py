@@ -11,8 +11,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import util  # noqa: F401,E402
-
 import torch  # noqa: E402
 
 import models_mae  # noqa: E402

@@ -31,9 +31,9 @@ from typing import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import util  # noqa: F401,E402  (before timm/torchvision)
-
 import torch  # noqa: E402
+
+from util.run_folder import LOG_FILE  # noqa: E402
 
 CHECKS = ("collectives", "bf16", "pinned", "train", "loader", "faiss", "preemption")
 NO_CUDA = ("gpu_check: no CUDA device visible (torch.cuda.is_available() is False). These checks confirm what "
@@ -95,7 +95,7 @@ def check_collectives(out: str) -> Row:
                    "--num_workers", "2", "--output_dir", run_dir], timeout=240, env={STRICT_COLLECTIVES_ENV: "1"})
     if res.returncode != 0:
         return Row("collectives", "FAIL", f"rc {res.returncode}", res.stderr.strip().splitlines()[-1][:150])
-    with open(os.path.join(run_dir, "log.txt")) as f:
+    with open(os.path.join(run_dir, LOG_FILE)) as f:
         sums = [json.loads(line).get("replica_checksums") for line in f if line.strip()]
     same = all(s is not None and len(set(s)) == 1 for s in sums)
     return Row("collectives", "PASS" if same else "FAIL", f"{ranks} rank(s)",

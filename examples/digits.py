@@ -27,6 +27,9 @@ def digit_images(input_size: int = 16, subset: int = 0) -> tuple[Dataset, Datase
 
 def image_folders(root: str, input_size: int) -> tuple[Dataset, Dataset, int]:
     """(train, val, classes) of ROOT/train and ROOT/val (torchvision ImageFolder, ImageNet-style transforms)."""
+    from util.torchvision_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # this repository's shim for CPU-only torch; drop it in your project
     from torchvision import datasets as tvd, transforms as T
 
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

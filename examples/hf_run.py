@@ -6,6 +6,10 @@ import json
 import os
 
 import torch
+
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # this repository's shim for CPU-only torch, before transformers; drop it in your project
 from transformers import TrainerCallback, TrainingArguments
 
 import d3p

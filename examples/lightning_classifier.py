@@ -14,7 +14,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import util  # noqa: F401,E402  (this repository's torchvision shim for CPU-only torch; drop it in your project)
+from util.torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # this repository's shim for CPU-only torch, before timm/torchvision; drop it in your project
 
 import lightning.pytorch as L  # noqa: E402
 import torch  # noqa: E402

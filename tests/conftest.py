@@ -1,12 +1,11 @@
-"""Shared test helpers. Importing `util` first makes torchvision/timm importable on CPU-only torch."""
+"""Shared test helpers. (A test module that imports torchvision or timm itself calls
+util.torchvision_compat.ensure_torchvision_importable() first, as every module of the repository does.)"""
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-
-import util  # noqa: F401
 
 import numpy as np
 import torch

@@ -3,8 +3,6 @@ at that step with engine_finetune's FloatingPointError (exit 3) instead of rank 
 import argparse
 import sys
 
-import util  # noqa: F401  (before timm)
-
 import torch
 import torch.distributed as dist
 

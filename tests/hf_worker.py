@@ -6,7 +6,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import util  # noqa: F401,E402
 
 import d3p  # noqa: E402
 from examples.hf_trainer_classifier import main  # noqa: E402

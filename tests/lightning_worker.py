@@ -5,7 +5,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import util  # noqa: F401,E402
 
 from examples.lightning_classifier import main  # noqa: E402
 

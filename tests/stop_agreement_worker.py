@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-import util  # noqa: F401  (before timm/torchvision)
 
 import torch.distributed as dist
 

@@ -44,6 +44,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util.run_folder import RATIO_MATCH_FILE, SUMMARY_FILE  # noqa: E402
+
 EQUAL = "@d3p"  # key suffix of an arm run at the prune ratio (whole_eqc: the compute) of the D3P arm of its seed
 # Row order: default-ratio arms, then the arms at D3P's ratio, then the sweep's ratios (key "<method>@<pct>"),
 # each block in this method order; "No pre-training" last.
@@ -135,15 +138,15 @@ def _find_downstream(pre_dir: str, mode: str) -> tuple[str, dict[str, Any]] | No
     parent, base = os.path.split(pre_dir)
     if base in ("", "."):  # "." (or "/"): look at the real folder name
         parent, base = os.path.split(os.path.abspath(pre_dir))
-    candidates = [os.path.join(pre_dir, mode, "summary.json")]
+    candidates = [os.path.join(pre_dir, mode, SUMMARY_FILE)]
     if base == "pretrain":
-        candidates.append(os.path.join(parent, mode, "summary.json"))
-    candidates += [f"{pre_dir}_{mode}/summary.json", f"{pre_dir}-{mode}/summary.json"]
+        candidates.append(os.path.join(parent, mode, SUMMARY_FILE))
+    candidates += [os.path.join(f"{pre_dir}_{mode}", SUMMARY_FILE), os.path.join(f"{pre_dir}-{mode}", SUMMARY_FILE)]
     for path in candidates:
         data = _read(path)
         if data is not None and data.get("mode", mode) == mode:
             return path, data
-    for path in sorted(glob.glob(os.path.join(parent, "*", "summary.json"))):  # paired by checkpoint path
+    for path in sorted(glob.glob(os.path.join(parent, "*", SUMMARY_FILE))):  # paired by checkpoint path
         data = _read(path)
         ckpt = (data or {}).get("checkpoint" if mode == "knn" else "finetune")
         if data and data.get("mode") == mode and ckpt and _same_dir(os.path.dirname(ckpt), pre_dir):
@@ -154,8 +157,8 @@ def _find_downstream(pre_dir: str, mode: str) -> tuple[str, dict[str, Any]] | No
 def load_run(folder: str) -> Run | None:
     """The Run of an arm folder or a pre-training folder; None (with a note) when nothing finished yet."""
     folder = os.path.normpath(folder)
-    arm_pre = os.path.join(folder, "pretrain", "summary.json")
-    own = os.path.join(folder, "summary.json")
+    arm_pre = os.path.join(folder, "pretrain", SUMMARY_FILE)
+    own = os.path.join(folder, SUMMARY_FILE)
     own_data = _read(own) or {}
     pre_dir, pre_path = None, None
     if own_data.get("mode") in ("finetune", "linprobe") and "samples_trained" in own_data:
@@ -166,7 +169,7 @@ def load_run(folder: str) -> Run | None:
     elif own_data.get("mode") == "pretrain" or ("mode" not in own_data and "method" in own_data):
         pre_dir, pre_path = folder, own
     if pre_dir is None:
-        ft_path, lp_path = (os.path.join(folder, m, "summary.json") for m in ("finetune", "linprobe"))
+        ft_path, lp_path = (os.path.join(folder, m, SUMMARY_FILE) for m in ("finetune", "linprobe"))
         ft, lp = _read(ft_path), _read(lp_path)
         if (ft or lp) and not (ft or lp).get("finetune"):
             return Run(folder, None, ft, lp, [p for p, d in ((ft_path, ft), (lp_path, lp)) if d])
@@ -183,13 +186,13 @@ def load_run(folder: str) -> Run | None:
     # a second fine-tuning data set: RUN_DIR/finetune_<data set>/ (or ../finetune_<data set>/ of a 'pretrain' folder)
     arm_dir = folder if pre_dir != folder else (os.path.dirname(pre_dir) if os.path.basename(pre_dir) == "pretrain"
                                                 else None)
-    for path in sorted(glob.glob(os.path.join(arm_dir, "finetune_*", "summary.json"))) if arm_dir else []:
+    for path in sorted(glob.glob(os.path.join(arm_dir, "finetune_*", SUMMARY_FILE))) if arm_dir else []:
         data = _read(path)
         if data and data.get("mode", "finetune") == "finetune":
             run.finetune2, run.finetune2_name = data, os.path.basename(os.path.dirname(path))[len("finetune_"):]
             run.sources.append(path)
             break
-    for path in (os.path.join(folder, "ratio_match.json"), os.path.join(pre_dir, "ratio_match.json")):
+    for path in (os.path.join(folder, RATIO_MATCH_FILE), os.path.join(pre_dir, RATIO_MATCH_FILE)):
         data = _read(path)
         if data is not None:
             run.ratio_match = data

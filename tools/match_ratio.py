@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from d3p.ledger import FORWARD_ONLY_COST  # noqa: E402
 from d3p.methods.common import anneal_start as anneal_epoch, kept_size  # noqa: E402  (the strategies' own rules)
 from d3p.registry import methods  # noqa: E402
+from util.run_folder import LOG_FILE, SUMMARY_FILE  # noqa: E402
 
 # methods with a model of their own below; every static method of the registry shares the static one
 DYNAMIC_MODELS = ("infobatch", "seta", "random", "rs2")
@@ -177,7 +178,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _read_log(run_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, "log.txt")
+    path = os.path.join(run_dir, LOG_FILE)
     if not os.path.isfile(path):
         raise RatioError(f"{path} does not exist: pass the pre-training folder of a finished calibration run")
     rows: dict[int, dict[str, Any]] = {}
@@ -195,7 +196,7 @@ def read_target(target: str, epochs: int | None) -> dict[str, Any]:
     Returns target_ratio, epochs (E: --epochs, else the run's), and for a run also target_run, num_samples and
     target_cost (compute in samples: trained + forward-only / 3)."""
     if os.path.isdir(target):
-        summary = _read_json(os.path.join(target, "summary.json"))
+        summary = _read_json(os.path.join(target, SUMMARY_FILE))
         out = {"target_ratio": float(summary["prune_ratio"]), "target_run": os.path.abspath(target),
                "epochs": int(epochs or summary["epochs"])}
         if "samples_trained" in summary and "num_samples" in summary:
@@ -228,7 +229,7 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
         if not calibration:
             raise RatioError(f"{method} needs --calibration: a finished {method} run of the same --epochs (e.g. the "
                              "default-ratio arm of the same seed)")
-        cal = _read_json(os.path.join(calibration, "summary.json"))
+        cal = _read_json(os.path.join(calibration, SUMMARY_FILE))
         flags = cal.get("flags") or {}
         n_ep, delta = int(cal["epochs"]), float(flags.get("delta", 0.875))
         log = _read_log(calibration)

@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import d3p  # noqa: E402
 from util.label_noise import symmetric_label_noise  # noqa: E402
+from util.run_folder import SUMMARY_FILE  # noqa: E402
 
 ARMS = ("d3p_rails", "none", "random", "infobatch", "d3p")  # d3p_rails first: random replays its kept counts
 D3P_SCHEDULE = {"d3p_start": 3, "d3p_period": 5, "d3p_window": 3, "d3p_bins": 32}
@@ -119,7 +120,7 @@ def run(arm: str, noise: float, seed: int, epochs: int, out_dir: str, kept_count
         "kept_counts": [int(lg["kept"]) for lg in logs], "seconds": time.time() - start,
     }
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in args.arms:
                 counts = None
                 if arm == "random":
-                    rails = rails or json.load(open(os.path.join(folder, f"d3p_rails_seed{seed}", "summary.json")))
+                    rails = rails or json.load(open(os.path.join(folder, f"d3p_rails_seed{seed}", SUMMARY_FILE)))
                     counts = rails["kept_counts"]
                 s = run(arm, noise, seed, args.epochs, os.path.join(folder, f"{arm}_seed{seed}"), counts, args.rails)
                 if arm == "d3p_rails":

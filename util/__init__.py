@@ -1,5 +1,2 @@
-"""Utilities of the MAE fork. Importing this package first makes torchvision importable on CPU-only
-torch (see `util/torchvision_compat.py`)."""
-from util.torchvision_compat import register_missing_torchvision_ops
-
-register_missing_torchvision_ops()
+"""Utilities of the MAE fork. Importing this package has no side effect: a module that imports torchvision or
+timm calls `util.torchvision_compat.ensure_torchvision_importable()` first (see there)."""

@@ -14,9 +14,7 @@ import torch
 from d3p.checkpoints import load_plain
 from d3p.collectives import all_gather_object, get_rank, get_world_size
 from util.dist import is_main_process
-
-# checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
+from util.run_folder import CHECKPOINT_GLOB, CHECKPOINT_RE, PARTIAL_CHECKPOINT_GLOB, checkpoint_name
 
 class ResumeMismatchError(ValueError):
     """A checkpoint from another run (model, dataset size, method): resuming it would corrupt this one."""
@@ -99,7 +97,7 @@ def checkpoint_progress(match: re.Match) -> tuple[int, int]:
 def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
     """The newest checkpoint in `output_dir` that loads completely; torn or foreign files are skipped."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+    for path in glob.glob(os.path.join(output_dir, CHECKPOINT_GLOB)):
         m = CHECKPOINT_RE.search(os.path.basename(path))
         if m:
             found.append((checkpoint_progress(m), path))
@@ -117,8 +115,7 @@ def find_latest_checkpoint(output_dir: str) -> tuple[str, dict] | None:
 
 def checkpoint_path(output_dir: str, epoch: int, step: int | None = None) -> str:
     """checkpoint-E.pth after epoch E; checkpoint-E-stepK.pth when epoch E stopped after K steps."""
-    suffix = "" if step is None else f"-step{step}"
-    return os.path.join(output_dir, f"checkpoint-{epoch}{suffix}.pth")
+    return os.path.join(output_dir, checkpoint_name(epoch, step))
 
 
 def save_on_master(obj: Any, path: str) -> None:
@@ -136,7 +133,7 @@ def remove_superseded_partials(output_dir: str, completed_epoch: int) -> None:
     """After epoch E is saved complete, mid-epoch checkpoints of epochs <= E are obsolete (main rank)."""
     if not is_main_process():
         return
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*-step*.pth")):
+    for path in glob.glob(os.path.join(output_dir, PARTIAL_CHECKPOINT_GLOB)):
         m = CHECKPOINT_RE.search(os.path.basename(path))
         if m and int(m.group(1)) <= completed_epoch:
             os.remove(path)
@@ -146,7 +143,7 @@ def prune_old_checkpoints(output_dir: str, keep: set[int]) -> None:
     """Remove checkpoint-E.pth for completed epochs not in `keep` (main rank only)."""
     if not is_main_process():
         return
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+    for path in glob.glob(os.path.join(output_dir, CHECKPOINT_GLOB)):
         m = CHECKPOINT_RE.search(os.path.basename(path))
         if m and not m.group(2) and int(m.group(1)) not in keep:
             os.remove(path)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import util  # noqa: F401  (torchvision op schemas, before torchvision)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import numpy as np
 import torch

@@ -14,6 +14,7 @@ from d3p.collectives import all_gather_object, get_rank, get_world_size
 from util import checkpoint as ckpt_util
 from util.dist import barrier, is_main_process
 from util.engine import EpochMeters
+from util.run_folder import LOG_FILE
 from util.run_log import rewrite_log_until
 
 
@@ -166,6 +167,6 @@ def restore_run_state(checkpoint: dict, path: str, r, prune_method: str) -> Resu
     start = int(partial["epoch"]) if partial is not None else int(checkpoint["epoch"]) + 1
     print(f"resumed from {path} (epoch {checkpoint['epoch']}), with optimizer and scaler; continuing at epoch {start}")
     if is_main_process():
-        rewrite_log_until(os.path.join(r.args.output_dir, "log.txt"), start - 1)
+        rewrite_log_until(os.path.join(r.args.output_dir, LOG_FILE), start - 1)
     return ResumePoint(path, start, partial, {k: checkpoint.get(k) for k in ("world_size", "args")},
                        checkpoint.get("pending_log"))

@@ -1,9 +1,15 @@
-"""What this fork's training scripts write into a run folder, read back: the per-epoch kept counts of log.txt
-(`--random_match RUN_DIR`), and the newest complete checkpoint of a pre-training run for exporting its data
-(`tools/export_run.py`). The d3p package knows none of these names; it takes the values read here.
+"""What this fork's scripts write into a run folder: the name of every file (one constant each, used by every writer
+and reader), and two readers: the per-epoch kept counts of log.txt (`--random_match RUN_DIR`), and the newest
+complete checkpoint of a pre-training run for exporting its data (`tools/export_run.py`). The d3p package knows
+none of these names; it takes the values read here.
 
-A run folder is a pre-training --output_dir (checkpoint-E.pth, log.txt, kept_static.npy), or an arm folder holding
-it as RUN_DIR/pretrain (the layout of train_d3p.sh and tools/reproduce_table1.sh).
+A run folder is a pre-training or fine-tuning --output_dir (checkpoint-E.pth, log.txt, summary.json,
+kept_static.npy, mislabelled.npy), a k-NN --output_dir (summary.json, predictions.npy), or an arm folder holding
+them as RUN_DIR/pretrain, RUN_DIR/finetune, ... (the layout of train_d3p.sh and tools/reproduce_table1.sh, which
+also keeps tools/match_ratio.py's ratio_match.json there).
+
+Importing this module imports nothing heavy (util.checkpoint imports its names; the readers import torch and d3p
+when called), so any module can use the names without an import cycle.
 """
 from __future__ import annotations
 
@@ -11,19 +17,29 @@ import argparse
 import glob
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+LOG_FILE = "log.txt"  # one JSON object per epoch (util.run.append_log)
+SUMMARY_FILE = "summary.json"  # the run's result, written at its end
+STATIC_SUBSET_FILE = "kept_static.npy"  # a static method's coreset (pre-training)
+MISLABELLED_FILE = "mislabelled.npy"  # --label_noise's mask of replaced labels (fine-tuning)
+PREDICTIONS_FILE = "predictions.npy"  # main_knn.py's ranked classes per validation sample
+RATIO_MATCH_FILE = "ratio_match.json"  # tools/match_ratio.py's prediction, kept in an arm folder
+CHECKPOINT_GLOB = "checkpoint-*.pth"  # every checkpoint, mid-epoch ones included
+PARTIAL_CHECKPOINT_GLOB = "checkpoint-*-step*.pth"  # mid-epoch checkpoints only
+# checkpoint-E.pth: epoch E completed; checkpoint-E-stepK.pth: epoch E interrupted after K steps
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
-from d3p.checkpoints import load_plain
-from d3p.export import ExportError
-from d3p.registry import method_names
-from util.checkpoint import find_latest_checkpoint
 
-LOG_FILE = "log.txt"
-STATIC_SUBSET_FILE = "kept_static.npy"
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """checkpoint-E.pth after epoch E; checkpoint-E-stepK.pth when epoch E stopped after K steps."""
+    return f"checkpoint-{epoch}{'' if step is None else f'-step{step}'}.pth"
+
+
+def has_checkpoint(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, CHECKPOINT_GLOB)))
 
 
 def read_kept_counts(run_dir: str | Path) -> list[int]:
@@ -80,6 +96,10 @@ def resolve_run_checkpoint(run: str) -> tuple[str, dict[str, Any]]:
     """(path, checkpoint) of the newest complete checkpoint of RUN_DIR (an output folder, an arm folder holding it
     as pretrain/, or a checkpoint file). A static method's subset missing from an old checkpoint is filled in from
     the folder's kept_static.npy."""
+    from d3p.checkpoints import load_plain
+    from d3p.export import ExportError
+    from util.checkpoint import find_latest_checkpoint
+
     if os.path.isfile(run):
         try:
             return run, load_plain(run)
@@ -90,9 +110,9 @@ def resolve_run_checkpoint(run: str) -> tuple[str, dict[str, Any]]:
         raise ExportError(f"{run}: no such folder. Fix: pass the --output_dir of a pre-training run "
                           "(the folder holding checkpoint-E.pth and log.txt)")
     folder = run
-    if not glob.glob(os.path.join(folder, "checkpoint-*.pth")) and os.path.isdir(os.path.join(run, "pretrain")):
+    if not has_checkpoint(folder) and os.path.isdir(os.path.join(run, "pretrain")):
         folder = os.path.join(run, "pretrain")  # an arm folder of train_d3p.sh / reproduce_table1.sh
-    if not glob.glob(os.path.join(folder, "checkpoint-*.pth")):
+    if not has_checkpoint(folder):
         raise ExportError(f"{run} holds no checkpoint-E.pth. Fix: pass the --output_dir of a pre-training run "
                           "that has saved at least one checkpoint (see --save_every), or wait for its first save")
     found = find_latest_checkpoint(folder)
@@ -106,6 +126,11 @@ def resolve_run_checkpoint(run: str) -> tuple[str, dict[str, Any]]:
 
 def _fill_static_subset(path: str, ckpt: Any) -> None:
     """Checkpoints of early versions lack a static method's subset; the engine saved it beside them."""
+    import numpy as np
+    import torch
+
+    from d3p.registry import method_names
+
     pruning = ckpt.get("pruning") if isinstance(ckpt, dict) else None
     if not isinstance(pruning, dict) or pruning.get("method") not in method_names("static"):
         return

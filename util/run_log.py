@@ -1,11 +1,11 @@
 """A run's log files: log.txt (one JSON line per epoch), summary.json and the TensorBoard events (rank 0)."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 
 from util.dist import is_main_process
+from util.run_folder import LOG_FILE, SUMMARY_FILE
 
 
 def rewrite_log_until(path: str, last_epoch: int) -> None:
@@ -25,14 +25,14 @@ def rewrite_log_until(path: str, last_epoch: int) -> None:
 def append_log(output_dir: str, stats: dict) -> None:
     """One JSON line per epoch in OUTPUT_DIR/log.txt (rank 0)."""
     if is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a", encoding="utf-8") as f:
+        with open(os.path.join(output_dir, LOG_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps(stats) + "\n")
 
 
 def write_summary(output_dir: str, summary: dict) -> None:
     """OUTPUT_DIR/summary.json (rank 0): the run's figures and its cost ledger."""
     if is_main_process():
-        with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         print("summary: " + json.dumps(summary, default=str))
 
@@ -64,7 +64,3 @@ def write_epoch_tensorboard(writer, epoch: int, stats: dict, strategy) -> None:
         writer.flush()
     if decision is not None:
         strategy.last_decision = None
-
-
-def has_checkpoint(output_dir: str) -> bool:
-    return bool(glob.glob(os.path.join(output_dir, "checkpoint-*.pth")))

@@ -6,7 +6,6 @@ submitit is imported only by `submit` and inside the job (`Trainer`), so `--help
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import os
 import re
@@ -14,6 +13,7 @@ import sys
 from typing import Any, Sequence
 
 from d3p.registry import import_prune_plugins
+from util import run_folder
 from util.dist import task_gpu
 
 SUBMITIT_MISSING = (
@@ -131,7 +131,7 @@ class Trainer:
         import submitit
 
         job_id = str(submitit.JobEnvironment().job_id)
-        has_ckpt = bool(glob.glob(os.path.join(self._output_dir(job_id), "checkpoint-*.pth")))
+        has_ckpt = run_folder.has_checkpoint(self._output_dir(job_id))
         requeued = Trainer(self.entry_module, requeue_argv(self.argv, has_ckpt))
         print(f"requeueing with: {' '.join(requeued.argv)}", flush=True)
         return submitit.helpers.DelayedSubmission(requeued)

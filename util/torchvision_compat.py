@@ -7,8 +7,15 @@ fake kernels for `nms`/`qnms` whose schemas only `_C.so` would have defined. We 
 schemas ourselves (nothing else: no kernel, so calling nms still fails loudly) and only when the
 extension really cannot load. On a CUDA machine the extension loads and this does nothing.
 
-It must run before anything imports torchvision; `util/__init__.py` runs it, so importing any
-`util` module first is enough. This is the project's only compatibility shim: keep it here.
+Every module that imports torchvision or timm (or a library that imports them: lightning, transformers) calls
+`ensure_torchvision_importable()` itself, just before those imports:
+
+    from util.torchvision_compat import ensure_torchvision_importable
+    ensure_torchvision_importable()  # before timm/torchvision
+    import timm
+
+It is idempotent and cheap after the first call; importing `util` alone does not run it (and does not import
+torchvision or timm). This is the project's only compatibility shim: keep it here.
 """
 from __future__ import annotations
 
@@ -34,8 +41,10 @@ def _extension_loads(package_dir: str) -> bool:
         return False
 
 
-def register_missing_torchvision_ops() -> bool:
-    """Define `torchvision::nms`/`qnms` schemas when torchvision's C++ ops cannot load.
+def ensure_torchvision_importable() -> bool:
+    """Make the next `import torchvision` succeed on CPU-only torch: define the `torchvision::nms`/`qnms`
+    schemas when torchvision's C++ ops cannot load. Does nothing when the extension loads (CUDA torch), when
+    torchvision is not installed, or when torchvision was already imported (by then it is too late, or done).
 
     Returns True when the schemas were registered by this call.
     """

@@ -7,8 +7,6 @@ import re
 import subprocess
 import sys
 
-import util  # noqa: F401  (before timm/torchvision)
-
 import numpy as np
 import pytest
 import torch

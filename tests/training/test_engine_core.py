@@ -2,8 +2,6 @@
 mid-epoch resumed exactly, and the forward-only pass recorded in the training mode (issue 22 items 2 and 4)."""
 import argparse
 
-import util  # noqa: F401  (before timm)
-
 import numpy as np
 import pytest
 import torch

@@ -8,7 +8,9 @@ import argparse
 import json
 import math
 
-import util  # noqa: F401  (before timm/torchvision)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import pytest
 import torch

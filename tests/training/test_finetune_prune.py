@@ -3,7 +3,9 @@ summary of pre-training, exact resume, 2 ranks, flag rules. From scratch on the 
 import json
 import shutil
 
-import util  # noqa: F401  (before timm/torchvision)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import pytest
 import torch

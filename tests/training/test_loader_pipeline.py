@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
+
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 from torchvision import transforms
 
 import main_finetune

@@ -2,8 +2,6 @@
 import argparse
 import math
 
-import util  # noqa: F401  (before timm/torchvision)
-
 import pytest
 import torch
 

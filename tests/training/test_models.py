@@ -1,7 +1,9 @@
 """models_mae / models_vit: per-sample loss, RNG use, MAE-compatible names and shapes, timm interop, pos-embed."""
 import math
 
-import util  # noqa: F401  (before timm/torchvision)
+from util.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before timm/torchvision
 
 import numpy as np
 import pytest

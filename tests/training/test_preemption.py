@@ -79,7 +79,6 @@ def test_stop_signal_sets_a_flag_and_hands_over_to_the_previous_handler():
 
 LOADER_SCRIPT = """
 import os, signal, sys, argparse
-import util
 import torch
 from torch.utils.data import TensorDataset
 from d3p.sampler import PrunedDistributedSampler

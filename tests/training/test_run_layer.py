@@ -1,11 +1,14 @@
 """util/run.py, the run layer the entry scripts share: one spelling of the common flags, one exit code per kind
 of failure, stop signals ignored by loader workers (issue 18's run layer, issue 22)."""
 import signal
+import subprocess
+import sys
 
 import pytest
 
 import main_finetune
 import main_pretrain_d3p
+from conftest import REPO
 from d3p.distributed import RankDivergenceError
 from util import loader as loader_util, run, stop
 from util.data_errors import DatasetError
@@ -25,6 +28,53 @@ def test_checkpoint_defaults_keep_each_recipe():
     ft = main_finetune.get_args_parser().parse_args([])
     assert (pre.save_every, pre.keep_last) == (20, 0)  # MAE pre-training: every 20 epochs, all kept
     assert (ft.save_every, ft.keep_last) == (1, 1)  # fine-tuning: every epoch, the newest kept
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--accum_iter", "0"], "--accum_iter must be >= 1, got 0"),
+    (["--clip_grad", "0"], "--clip_grad must be > 0, got 0.0. Fix: leave it out"),
+    (["--save_every", "0"], "--save_every must be >= 1, got 0"),
+    (["--resume", "{missing}"], "--resume checkpoint {missing} does not exist. Fix:"),
+    (["--resume", "{missing}", "--auto_resume"], "--resume and --auto_resume are exclusive. Fix: pick one"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16"),
+])
+def test_shared_flags_are_refused_alike_by_both_scripts(argv, message, tmp_path, capsys):
+    """One check (util.flags), one way (ConfigError: exit code 2, the message, no traceback) in both scripts."""
+    missing = str(tmp_path / "nope.pth")
+    argv = [a.format(missing=missing) for a in argv]
+    message = message.format(missing=missing)
+    assert main_pretrain_d3p.cli([*argv, "--output_dir", str(tmp_path / "pre")]) == run.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "usage:" not in err
+    args = main_finetune.get_args_parser().parse_args([*argv, "--model", "vit_tiny_patch4"])
+    main_finetune.resolve_defaults(args)
+    with pytest.raises(run.ConfigError) as e:
+        main_finetune.validate_args(args)
+    assert message in str(e.value)
+    assert not (tmp_path / "pre").exists()  # refused before anything was written
+
+
+def test_shared_flags_have_one_declaration():
+    """The training, data and run flags both scripts take come from util/flags.py, with each script's defaults."""
+    pre = main_pretrain_d3p.get_args_parser().parse_args([])
+    ft = main_finetune.get_args_parser().parse_args([])
+    for name in ("batch_size", "accum_iter", "clip_grad", "precision", "compile", "lr", "data_path", "data_set",
+                 "download", "jpeg_upsampling", "output_dir", "seed", "num_workers", "pin_mem", "device"):
+        assert getattr(pre, name) == getattr(ft, name), name
+    assert (pre.epochs, ft.epochs, pre.blr, ft.blr, pre.warmup_epochs, ft.warmup_epochs) == (400, None, 1.5e-4, None, 40,
+                                                                                              None)
+
+
+def test_importing_util_imports_neither_torchvision_nor_timm():
+    """The torchvision shim is an explicit call (util.torchvision_compat.ensure_torchvision_importable), not a side
+    effect of `import util`; the run-folder names import nothing heavy (util.checkpoint imports them)."""
+    code = ("import sys, util, util.run_folder, util.checkpoint; "
+            "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-c", "import sys, util.run_folder; print('torch' in sys.modules)"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("error,code", [
