@@ -13,7 +13,7 @@ from conftest import assert_state_equal, read_log, run_script, run_torchrun
 from util.run import EXIT_STOPPED
 from util.stop import StopSignals
 
-BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "16", "--train_subset", "126",
+BASE = ["--num_workers", "2", "--input_size", "16", "--batch_size", "8", "--train_subset", "126",
         "--warmup_epochs", "1", "--blr", "1e-3", "--print_freq", "1", "--save_every", "1", "--epochs", "4"]
 D3P = ["--prune_method", "d3p", "--d3p_start", "2", "--d3p_period", "2", "--d3p_window", "2", "--d3p_bins", "16"]
 PRETRAIN = [*BASE, *D3P]
@@ -173,10 +173,10 @@ def test_pretrain_resumed_on_one_rank_trains_each_kept_sample_once(tmp_path, pre
     shutil.copytree(pretrain_stopped, out)
     res = run_script(["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 2 (64 of" in res.stdout, res.stdout[-3000:]
+    assert "resuming epoch 2 after step 2 (32 of" in res.stdout, res.stdout[-3000:]
     assert "written by 2 rank(s), this run has 1" in res.stdout
     log = read_log(out)
-    assert log[2]["samples_trained"] == log[2]["kept"]  # 64 by 2 ranks, the rest by 1: each kept one once
+    assert log[2]["samples_trained"] == log[2]["kept"]  # 32 by 2 ranks, the rest by 1: each kept one once
     assert log[3]["d3p_unscored"] == 0  # the decision after the recording epochs 2-3: every sample scored
 
 
