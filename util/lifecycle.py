@@ -147,9 +147,10 @@ def finish_epoch(r: TrainingRun, epoch: int, log: dict, started: float, saved: b
     (the resume evaluates and logs it first). `saved`: the epoch's checkpoint exists (a pending line's resume)."""
     test = r.evaluate(epoch)
     stop_now = test is None or any_rank(r.stop())  # every rank takes the same branch (collectives below)
-    save = (resume.is_save_epoch(r.args, epoch) and not saved) or stop_now
+    save_epoch = resume.is_save_epoch(r.args, epoch)
+    save = (save_epoch and not saved) or stop_now
     line = {**log, **(test or {}), "epoch_seconds": time.time() - started}
-    if save:
+    if save_epoch or stop_now:  # (a pending line's resume has the same weights as the saved epoch: same hashes)
         line["replica_checksums"] = check_replicas(r.model_without_ddp, epoch)
     if test is not None:
         # log first, checkpoint second: a crash in between replays this epoch, and the resume drops this line

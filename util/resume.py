@@ -165,7 +165,7 @@ def restore_run_state(checkpoint: dict, path: str, r, prune_method: str) -> Resu
         ckpt_util.restore_rng_states(checkpoint["rng_states"])
     partial = checkpoint.get("partial_epoch")
     start = int(partial["epoch"]) if partial is not None else int(checkpoint["epoch"]) + 1
-    print(f"resumed from {path} (epoch {checkpoint['epoch']}), with optimizer and scaler; continuing at epoch {start}")
+    print(f"resumed from {path} (epoch {checkpoint['epoch']}), continuing at epoch {start}, with optimizer and scaler")
     if is_main_process():
         rewrite_log_until(os.path.join(r.args.output_dir, LOG_FILE), start - 1)
     return ResumePoint(path, start, partial, {k: checkpoint.get(k) for k in ("world_size", "args")},

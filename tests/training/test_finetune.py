@@ -230,7 +230,7 @@ def test_mae_checkpoints_with_namespace_args_load_for_eval_resume_and_finetune(p
     assert stats["num_samples"] == 297 and 0.0 <= stats["acc1"] <= 100.0
     # --resume restores model, optimizer and scaler and continues after epoch 0 (nothing left of 1 epoch)
     summary = main_finetune.main(_args(*common, "--epochs", "1", "--output_dir", str(tmp_path / "resume")))
-    assert "with optimizer and scaler; continuing at epoch 1" in capsys.readouterr().out
+    assert "continuing at epoch 1, with optimizer and scaler" in capsys.readouterr().out
     assert summary["resumed_from"] == path and summary["final_acc1"] == pytest.approx(stats["acc1"])
     # --finetune from a pre-training checkpoint in MAE's format (args as a Namespace)
     pre = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)
