@@ -82,6 +82,7 @@ def main() -> int:
         results[name] = run_phase(agreements[lag], flag, boundaries)
     results["behind_rank"] = behind_rank_costs_no_wait(rank)
     results["one_side_group"] = {"same": agreements[1].group is agreements[2].group}
+    dist.barrier()  # neither rank tears the groups down while the other still uses them
     dist.destroy_process_group()
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
