@@ -106,3 +106,18 @@ def test_as_a_dataloaders_batch_sampler():
     loader = DataLoader(data, batch_sampler=BalancedBatchSampler(s, 64), num_workers=0)
     got = [x.tolist() for x in loader]
     assert [len(x) for x in got] == [51, 51, 51, 50] and sum(got, []) == list(s)
+
+
+def test_pruner_epoch_trains_balanced_batches_and_ignores_drop_last():
+    """pruner.epoch's loader: 450 kept of 900 in batches of 64 -> 2 x 57 + 6 x 56 (no batch of 2), all trained,
+    also when the user's loader says drop_last=True."""
+    import d3p
+    data = torch.utils.data.TensorDataset(torch.randn(900, 4), torch.zeros(900, dtype=torch.long))
+    pruner = d3p.DataPruner(900, "random", epochs=2, prune_ratio=0.5, seed=1, loss_fn=d3p.per_sample_cross_entropy)
+    for drop_last in (False, True):
+        loader = DataLoader(data, batch_size=64, shuffle=True, drop_last=drop_last)
+        sizes = []
+        for x, y in pruner.epoch(loader, 0):
+            sizes.append(len(x))
+            pruner.loss(torch.zeros(len(x), 3), y)  # one loss per batch, as a training loop would
+        assert sizes == [57, 57] + [56] * 6
