@@ -274,8 +274,8 @@ def build_loaders(args):
     """-> (train set, val set, the run's DataPruner, train loader, val loader, forward-only loader).
 
     Train items carry their dataset index (util.datasets.IndexedDataset); the pruner's sampler picks them. Every
-    sample the sampler yields is trained (drop_last off: the ledger counts what was trained, and every kept sample
-    gets its loss); the linear probe keeps MAE's drop_last (its BatchNorm head cannot train on a batch of one)."""
+    sample the sampler yields is trained, in balanced batches (the ledger counts what was trained, and every kept
+    sample gets its loss), unless --drop_last asks for MAE's batching; the linear probe keeps MAE's drop_last."""
     if args.linprobe:
         tf = linprobe_transform
     else:
@@ -308,10 +308,14 @@ def build_loaders(args):
                                       **pruning_inputs(args))
     sampler_val = EvalShardSampler(len(dataset_val), rank, world, shard=args.dist_eval)
     # workers seed each item from (seed, epoch, rank, position): exact after a resume (util.item_seeding.SeededItems)
+    # balanced batches (util.loader.make_loader); Mixup/CutMix pair a batch's samples: even sizes, so at most one
+    # batch an epoch (the last, for an odd count) has a sample that is not mixed (engine_finetune.mix_batch). The
+    # linear probe keeps MAE's drop_last: it does not prune, and its BatchNorm head wants full batches
+    pairs = 2 if mixup_active(args) else 1
     loader_train = make_loader(dataset_train, pruner.sampler, args, args.batch_size, STREAM_TRAIN,
-                                   drop_last=args.linprobe)
-    loader_forward = make_loader(dataset_train, pruner.forward_sampler, args, args.batch_size,
-                                     STREAM_FORWARD_ONLY)
+                               drop_last=args.linprobe or args.drop_last, multiple_of=pairs)
+    loader_forward = make_loader(dataset_train, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY,
+                                 multiple_of=pairs)
     loader_val = make_eval_loader(dataset_val, sampler_val, args, args.batch_size)
     return dataset_train, dataset_val, pruner, loader_train, loader_val, loader_forward
 

@@ -144,7 +144,7 @@ def build(args: argparse.Namespace, stop: StopSignals) -> Pretraining:
         raise DatasetError(f"the training set under {args.data_path} is empty. Fix: check --data_path")
     print(f"dataset: {args.data_set}, {len(dataset)} training samples")
     pruner = d3p.DataPruner.from_args(args, len(dataset), min_kept=args.batch_size * world, **pruning_inputs(args))
-    train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN)
+    train_loader = make_loader(dataset, pruner.sampler, args, args.batch_size, STREAM_TRAIN, drop_last=args.drop_last)
     forward_loader = make_loader(dataset, pruner.forward_sampler, args, args.batch_size, STREAM_FORWARD_ONLY)
 
     model = models_mae.MODELS[args.model](norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)

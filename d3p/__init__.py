@@ -51,6 +51,8 @@ _EXPORTS = {
     "EpochLosses": "d3p.strategy",
     "PruningStrategy": "d3p.strategy",
     "PrunedDistributedSampler": "d3p.sampler",
+    "BalancedBatchSampler": "d3p.sampler",
+    "balanced_batch_sizes": "d3p.sampler",
     "CostLedger": "d3p.ledger",
     "RankDivergenceError": "d3p.distributed",
     "IndexedDataset": "d3p.data",

@@ -8,7 +8,8 @@ state shared between dataset and loader, nothing patched):
     pruned_loader(loader, sampler)  the same DataLoader settings (batch size, workers, collate_fn, pinning, ...)
                                   over the same dataset, with `sampler` in place of the loader's shuffle or
                                   DistributedSampler; each batch is (the loader's own batch, int64 [B] indices),
-                                  so the user's collate_fn sees the user's items unchanged.
+                                  so the user's collate_fn sees the user's items unchanged. Balanced batches
+                                  (d3p.sampler.BalancedBatchSampler): every kept sample once, no runt.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
                               Sampler, SequentialSampler)
+
+from d3p.sampler import BalancedBatchSampler
 
 __all__ = ["IndexedDataset", "IndexedCollate", "pruned_loader", "INDEX_KEY"]
 
@@ -80,6 +83,11 @@ def pruned_loader(loader: DataLoader, sampler: Sampler, dataset: Dataset | None 
     """A DataLoader with `loader`'s settings over its dataset (or `dataset`), drawing indices from `sampler`;
     batches are (loader's batch, int64 [B] dataset indices).
 
+    The batches are balanced (`d3p.sampler.BalancedBatchSampler` with the loader's batch_size): ceil(K / B)
+    batches of the epoch's K samples whose sizes differ by at most one. The loader's `drop_last` is not carried:
+    balanced batches train every kept sample (a dropped one would get no loss, and a loss-scored method would
+    prune it for that) and leave no runt to drop.
+
     Refuses a loader whose sampler does more than order the whole dataset (a WeightedRandomSampler, a custom
     batch_sampler): the pruner's sampler would silently drop that behaviour.
     """
@@ -95,11 +103,11 @@ def pruned_loader(loader: DataLoader, sampler: Sampler, dataset: Dataset | None 
                          "shuffle=True/False or a DistributedSampler, because its own sampler decides which "
                          "samples are drawn. Fix: build the DataLoader with shuffle=True (or a DistributedSampler)")
     options: dict[str, Any] = dict(
-        batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
+        batch_sampler=BalancedBatchSampler(sampler, loader.batch_size), num_workers=loader.num_workers,
         collate_fn=IndexedCollate(loader.collate_fn), pin_memory=loader.pin_memory, timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator, persistent_workers=loader.persistent_workers, in_order=loader.in_order,
     )
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(_ItemAndIndex(loader.dataset if dataset is None else dataset), sampler=sampler, **options)
+    return DataLoader(_ItemAndIndex(loader.dataset if dataset is None else dataset), **options)

@@ -135,3 +135,78 @@ class PrunedDistributedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self._local) - self._start
+
+
+def balanced_batch_sizes(n: int, batch_size: int, multiple_of: int = 1) -> list[int]:
+    """Sizes of ceil(n / batch_size) batches that hold n samples and differ by at most one, larger first:
+    every sample is trained once and no batch is a runt (450 samples in batches of 64 -> 2 x 57 + 6 x 56, not
+    7 x 64 + 2). [] for n == 0.
+
+    multiple_of m (a divisor of batch_size): the sizes are multiples of m, differing by at most m, except the last
+    batch, which also takes the n % m samples left over (Mixup/CutMix pair the samples of a batch: m = 2 leaves at
+    most one batch of an epoch with an odd size)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} < 1. Fix: give a positive batch size")
+    if n < 0:
+        raise ValueError(f"n {n} < 0 samples")
+    if multiple_of < 1 or batch_size % multiple_of:
+        raise ValueError(f"multiple_of {multiple_of} must be >= 1 and divide batch_size {batch_size}")
+    count = -(-int(n) // int(batch_size))
+    if count == 0:
+        return []
+    units, rest = divmod(int(n), multiple_of)
+    small, larger = divmod(units, count)
+    sizes = [(small + 1) * multiple_of] * larger + [small * multiple_of] * (count - larger)
+    sizes[-1] += rest
+    return sizes
+
+
+class BalancedBatchSampler(Sampler[list]):
+    """Batches of `sampler`'s items (ints, or ItemSeedSampler's (index, seed) pairs) in the sizes of
+    `balanced_batch_sizes(epoch length, batch_size)`.
+
+    Resume: a sampler that resumes an epoch after `skipped` positions of its list (PrunedDistributedSampler.skip /
+    resume_epoch, and ItemSeedSampler over it) yields only the rest. The sizes are those of the whole epoch
+    (`skipped` + the rest), so an interrupted epoch trains the same batches as an uninterrupted one: the batches
+    that end at or before `skipped` are not yielded, and when `skipped` falls inside a batch, the rest of that batch
+    is yielded as one batch.
+
+    `drop_last=True` is torch's BatchSampler(drop_last=True) over the rest (MAE's batching: full batches only, the
+    remainder dropped), for parity checks. `multiple_of`: see balanced_batch_sizes (2 for Mixup/CutMix).
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool = False, multiple_of: int = 1):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size {batch_size} < 1. Fix: give a positive batch size")
+        balanced_batch_sizes(0, int(batch_size), int(multiple_of))  # refuses a multiple_of that does not divide
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.drop_last = bool(drop_last)
+        self.multiple_of = int(multiple_of)
+
+    def _bounds(self, skipped: int, remaining: int) -> list[tuple[int, int]]:
+        """(start, end) in this rank's epoch list of each batch still to yield."""
+        bounds, start = [], 0
+        for size in balanced_batch_sizes(skipped + remaining, self.batch_size, self.multiple_of):
+            end = start + size
+            if end > skipped:
+                bounds.append((max(start, skipped), end))
+            start = end
+        return bounds
+
+    def __iter__(self):
+        remaining = list(iter(self.sampler))
+        if self.drop_last:
+            full = len(remaining) - len(remaining) % self.batch_size
+            for start in range(0, full, self.batch_size):
+                yield remaining[start : start + self.batch_size]
+            return
+        skipped = int(getattr(self.sampler, "skipped", 0))
+        for start, end in self._bounds(skipped, len(remaining)):
+            yield remaining[start - skipped : end - skipped]
+
+    def __len__(self) -> int:
+        remaining = len(self.sampler)
+        if self.drop_last:
+            return remaining // self.batch_size
+        return len(self._bounds(int(getattr(self.sampler, "skipped", 0)), remaining))

@@ -49,6 +49,7 @@ __all__ = [
     "ideal_cld_density",
     "ideal_cld_density_from_moments",
     "support_boundary",
+    "scaled_bin_targets",
     "histogram_match",
     "decide",
     "fit_ks",
@@ -410,6 +411,7 @@ class HistogramMatch:
     observed: int64 (bins,) h_k, counts of in-support samples.
     expected: int64 (bins,) e_k = floor(N * f(centre_k) * width).
     upweighted: number of samples with weight > 1.
+    scale: c of the target-ratio extension (`scaled_bin_targets`); 1.0 for the published rule.
     """
 
     trimmed: np.ndarray
@@ -417,6 +419,47 @@ class HistogramMatch:
     observed: np.ndarray
     expected: np.ndarray
     upweighted: int
+    scale: float = 1.0
+
+
+def scaled_bin_targets(
+    observed: np.ndarray, expected: np.ndarray, kept: int, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """Per-bin kept counts t_k = min(o_k, floor(c x_k)) that sum to exactly `kept` (this project's target-ratio
+    extension of spec section 6, not the paper's): the ideal expected counts x_k = N f(centre_k) width are scaled
+    by one factor c, so the kept histogram keeps the ideal distribution's shape. c = 1 gives the published
+    targets floor(x_k).
+
+    observed: int64 (bins,) o_k; expected: float64 (bins,) x_k >= 0; kept: the samples to keep in the support,
+    clipped to [0, sum o_k] (the support cannot hold more). c is the smallest value (bisection to float
+    resolution) with sum_k t_k >= kept; bins whose floor(c x_k) steps at that same c (ties) can overshoot by a
+    few samples, which are taken back one per tied bin, chosen by `rng`. Returns (t int64 (bins,), c).
+    """
+    o = np.asarray(observed, dtype=np.int64)
+    x = np.asarray(expected, dtype=np.float64)
+    kept = int(min(max(int(kept), 0), int(o[x > 0].sum())))
+
+    def targets(c: float) -> np.ndarray:
+        return np.minimum(o, np.floor(c * x).astype(np.int64))
+
+    if kept == 0:
+        return np.zeros_like(o), 0.0
+    lo, hi = 0.0, float(((o + 1) / np.where(x > 0, x, np.inf)).max())  # at hi every bin holds its o_k
+    while True:  # hi - lo halves until no float lies between them
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if int(targets(mid).sum()) >= kept:
+            hi = mid
+        else:
+            lo = mid
+    t, below = targets(hi), targets(lo)
+    excess = int(t.sum()) - kept
+    if excess > 0:  # tied steps: take one sample back from `excess` of the bins that stepped between lo and hi
+        steps = np.repeat(np.arange(o.size), t - below)
+        back = rng.choice(steps.size, size=excess, replace=False, shuffle=False)
+        np.subtract.at(t, steps[back], 1)
+    return t, hi
 
 
 def histogram_match(
@@ -425,10 +468,13 @@ def histogram_match(
     support: tuple[float, float],
     bins: int,
     rng: np.random.Generator,
+    target_kept: int | None = None,
 ) -> HistogramMatch:
     """Spec section 6: trim over-filled bins uniformly at random, up-weight under-filled ones.
 
     cld: float (N,); support: (a, b) with a < b; rng: the only source of randomness.
+    target_kept: None, the published rule (bin targets e_k); else the samples to keep inside the support, with
+    targets `scaled_bin_targets` (this project's extension: the ideal counts scaled to keep that many).
     Vectorised: one stable (radix, for int16 bin ids) argsort groups samples by bin; the loop
     runs over bins only.
     """
@@ -452,14 +498,20 @@ def histogram_match(
     counts = np.bincount(k, minlength=bins + 1)
     observed = counts[:bins].astype(np.int64)
     centres = a + width * (np.arange(bins) + 0.5)
-    expected = np.floor(N * density.pdf(centres) * width).astype(np.int64)
+    ideal = N * density.pdf(centres) * width
+    expected = np.floor(ideal).astype(np.int64)
+    # target: the ideal count of a bin (up-weights); cap: what it keeps (trims). Both e_k in the published rule
+    target, cap, scale = expected, expected, 1.0
+    if target_kept is not None:
+        cap, scale = scaled_bin_targets(observed, ideal, target_kept, rng)
+        target = np.floor(scale * ideal).astype(np.int64)
 
-    under = (observed > 0) & (observed < expected)
+    under = (observed > 0) & (observed < target)
     ratio = np.ones(bins + 1, dtype=np.float32)
-    ratio[:bins][under] = (expected[under] / observed[under]).astype(np.float32)
+    ratio[:bins][under] = (target[under] / observed[under]).astype(np.float32)
     weights = ratio[k]  # gather over a (bins+1)-table: no per-sample Python loop
 
-    excess = np.maximum(observed - expected, 0)
+    excess = np.maximum(observed - cap, 0)
     trimmed = np.zeros(N, dtype=bool)
     if np.any(excess > 0):
         order = np.argsort(k, kind="stable")  # samples grouped by bin, index order inside
@@ -474,6 +526,7 @@ def histogram_match(
         observed=observed,
         expected=expected,
         upweighted=int(observed[under].sum()),
+        scale=scale,
     )
 
 
@@ -522,6 +575,7 @@ class D3PDecision:
     poor_fit: bool = False
     capped: int = 0
     tail_kept: int = 0
+    scale: float = 1.0
 
     @property
     def max_weight(self) -> float:
@@ -577,6 +631,7 @@ def decide(
     max_weight: float = 0.0,
     poor_fit: str = "warn",
     fit_threshold: float = FIT_KS_THRESHOLD,
+    target_kept: int | None = None,
 ) -> D3PDecision:
     """Make one D3P decision from an (n, N) loss window (spec sections 3-6), with its goodness of fit.
 
@@ -590,6 +645,10 @@ def decide(
     poor_fit: what to do when ``fit_ks`` exceeds ``fit_threshold`` (`POOR_FIT_ACTIONS`): "warn" decides as usual
               (the caller warns), "keep_tail" keeps the samples above the support (weight 1), "keep_all" prunes
               nothing and weighs nothing.
+    target_kept: None (the published method) or the samples to keep: this project's extension (docs/spec.md),
+              not the paper's. The ideal histogram's expected counts are scaled by one factor so that the kept
+              samples number exactly target_kept (`scaled_bin_targets`); outside the support stays pruned (hard
+              samples kept by keep_tail count towards it), so a target above what the support holds keeps less.
     A zero-variance epoch or an empty support prunes nothing and sets ``reason``;
     non-finite losses raise DegenerateWindowError (an upstream bug: every sample must have a
     loss in every recording epoch).
@@ -648,11 +707,12 @@ def decide(
         )
     easy_mask = cld < a
     hard_mask = cld > b
-    match = histogram_match(cld, density, support, bins, gen)
     easy, hard = int(np.count_nonzero(easy_mask)), int(np.count_nonzero(hard_mask))
-    tail_kept = 0
-    if poor and poor_fit == "keep_tail":
-        tail_kept, hard_mask = hard, np.zeros(N, dtype=bool)
+    tail_kept = hard if poor and poor_fit == "keep_tail" else 0
+    inside = None if target_kept is None else max(int(target_kept) - tail_kept, 0)
+    match = histogram_match(cld, density, support, bins, gen, target_kept=inside)
+    if tail_kept:
+        hard_mask = np.zeros(N, dtype=bool)
     pruned = easy_mask | hard_mask
     pruned |= match.trimmed
     weights = match.weights
@@ -696,4 +756,5 @@ def decide(
         poor_fit=poor,
         capped=capped,
         tail_kept=tail_kept,
+        scale=match.scale,
     )

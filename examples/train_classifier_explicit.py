@@ -74,8 +74,10 @@ def main():
         pruner.load_state_dict(ckpt["pruning"])
         start = ckpt["epoch"] + 1
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    loader = DataLoader(train_set, args.batch_size, sampler=pruner.sampler)
-    forward_loader = DataLoader(train_set, args.batch_size, sampler=pruner.forward_sampler)
+    # balanced batches (sizes differ by at most one, no runt), as pruner.epoch builds them
+    loader = DataLoader(train_set, batch_sampler=d3p.BalancedBatchSampler(pruner.sampler, args.batch_size))
+    forward_loader = DataLoader(train_set, batch_sampler=d3p.BalancedBatchSampler(pruner.forward_sampler,
+                                                                                  args.batch_size))
 
     for epoch in range(start, args.epochs):
         pruner.begin_epoch(epoch)  # the method's plan: the sampler now yields this epoch's kept samples

@@ -13,6 +13,7 @@ sigterm_embed: SIGTERM at batch `step` of `epoch`'s embedding pass (D2).
 sigterm_eval (fine-tuning only): SIGTERM at batch `step` of the run's `epoch`-th evaluation (0-based).
 sigterm_forward_agent, sigterm_embed_agent, sigterm_eval_agent: the same under torchrun, with the SIGTERM sent to
 the agent, which signals every rank's process group (as sigterm_agent does in training).
+disk_full: rank `rank` cannot write checkpoint-`epoch`.pth (OSError: no space left); `step` is unused.
 stale_listing: rank `rank` sees no checkpoint of epoch >= `epoch` when it lists --output_dir (node-
 local or lagging storage); `step` is unused.
 """
@@ -115,8 +116,19 @@ def main() -> int:
                 os.symlink(os.path.join(os.path.abspath(output_dir), name), os.path.join(hidden, name))
         return real_find(hidden)
 
+    real_save = ckpt_util.atomic_torch_save
+
+    def atomic_torch_save(obj, path):
+        """Rank `rank`'s disk is full when it writes the checkpoint of `epoch`."""
+        if os.path.basename(path) == f"checkpoint-{epoch}.pth":
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path)
+
     if kind == "sigterm_forward":
         engine.forward_only_pass = forward_only_pass
+    elif kind == "disk_full":
+        if me == rank:
+            ckpt_util.atomic_torch_save = atomic_torch_save
     elif kind == "sigterm_embed":
         main_pretrain_d3p.compute_embeddings = compute_embeddings
     elif kind == "stale_listing":

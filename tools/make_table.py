@@ -50,14 +50,19 @@ from util.run_folder import RATIO_MATCH_FILE, SUMMARY_FILE  # noqa: E402
 EQUAL = "@d3p"  # key suffix of an arm run at the prune ratio (whole_eqc: the compute) of the D3P arm of its seed
 # Row order: default-ratio arms, then the arms at D3P's ratio, then the sweep's ratios (key "<method>@<pct>"),
 # each block in this method order; "No pre-training" last.
-METHOD_ORDER = ["none", "random_matched", "infobatch", "seta", "d3p", "random", "rs2", "dynunc", "d2", "whole_eqc"]
+METHOD_ORDER = ["none", "random_matched", "infobatch", "seta", "d3p", "orderdp", "random", "rs2", "random_static",
+                "dynunc", "d2", "whole_eqc"]
 DISPLAY = {
     "none": "Whole dataset", "infobatch": "InfoBatch", "seta": "SeTa", "d3p": "D3P",
     "random_matched": "Random (matched to D3P)", "random": "Random", "rs2": "RS2", "dynunc": "Dyn-Unc",
-    "d2": "D2 Pruning", "scratch": "No pre-training", "whole_eqc": "Train less",
+    "d2": "D2 Pruning", "scratch": "No pre-training", "whole_eqc": "Train less", "orderdp": "OrderDP",
+    "random_static": "Random static",
 }
-# the matched controls of an arm (same ratio / compute): random, RS2 and whole data trained for fewer epochs
-CONTROLS = (("random", "Random"), ("rs2", "RS2"), ("whole_eqc", "Train less"))
+# the matched controls of an arm (same ratio / compute): random, RS2, a fixed random subset (the static selectors'
+# control) and whole data trained for fewer epochs
+CONTROLS = (("random", "Random"), ("rs2", "RS2"), ("random_static", "Random static"), ("whole_eqc", "Train less"))
+# the accuracy a verdict reads, first one present: k-NN (deterministic given the encoder), then FT, then LP
+VERDICT_COLUMNS = (("knn_top1", "k-NN"), ("ft_top1", "FT"), ("lp_top1", "LP"))
 CI_LEVEL = 0.95
 # flags that differ between seeds of one configuration, so they do not split a group
 _PER_SEED_FLAGS = ("random_match",)
@@ -472,8 +477,8 @@ def paired_markdown(rows: list[dict[str, Any]]) -> str:
         return ""
     note = (f"Paired differences (points): arm - control over the seeds both ran, mean [{CI_LEVEL:.0%} t-interval "
             "over seeds], * where the interval excludes 0. Controls: Whole; and at the arm's own ratio (D3P's, or "
-            "the sweep's) Random (matched to D3P / at that ratio), RS2, and Train less (whole data, fewer epochs, "
-            "same compute).")
+            "the sweep's) Random (matched to D3P / at that ratio), RS2, Random static (a fixed random subset), and "
+            "Train less (whole data, fewer epochs, same compute).")
     return "\n\n".join(blocks) + "\n\n" + note
 
 
@@ -533,6 +538,64 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervise
     return "\n".join(lines) + "\n\n" + (paired + "\n\n" if paired else "") + "\n".join(notes)
 
 
+def _ratio_text(row: dict[str, Any]) -> str:
+    """The prune ratio a row ran at: the sweep's P%, else its realised mean ratio (D3P's, or an arm at it)."""
+    _, tag = split_key(row["key"])
+    if tag not in (None, "d3p"):
+        return f"{tag}%"
+    return f"{row['prune_ratio']:.1f}%" if row["prune_ratio"] is not None else "?%"
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Does pruning pay, per method: against Train less (the whole data for fewer epochs, same compute) at each
+    ratio the method ran, paired by seed (`_add_paired`). It pays at a ratio where the interval lies above 0.
+
+    Returns one record per method (Whole and Train less excluded): method, text, column, and pays: [(ratio text,
+    paired difference)] (all the ratios where it pays; [] otherwise), compared: [(ratio text, difference)].
+    text: "pays at X% (beats train less by +Y [lo, hi] k-NN points)" (several ratios joined by '; '), or
+    "does not pay here (vs train less: ...)", or "not compared with train less here" without such a control.
+    """
+    bases: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        base, _ = split_key(row["key"])
+        if row["is_whole"] or base in ("whole_eqc", "scratch", "none"):
+            continue
+        bases.setdefault(base, []).append(row)
+    out = []
+    for base in sorted(bases, key=lambda b: (METHOD_ORDER.index(b) if b in METHOD_ORDER else 99, b)):
+        members = bases[base]
+        col, short = next(((c, n) for c, n in VERDICT_COLUMNS
+                            if any("Train less" in r.get("paired", {}).get(c, {}) for r in members)), (None, None))
+        record: dict[str, Any] = {"method": DISPLAY.get(base, base), "key": base, "column": col, "pays": [],
+                                  "compared": []}
+        if col is None:
+            record["text"] = "not compared with train less here (no Train-less run at its ratio)"
+            out.append(record)
+            continue
+        for r in members:
+            diff = r["paired"].get(col, {}).get("Train less")
+            if diff is not None:
+                record["compared"].append((_ratio_text(r), diff))
+        record["pays"] = [(x, d) for x, d in record["compared"] if d["significant"] and d["mean"] > 0]
+        if record["pays"]:
+            record["text"] = "; ".join(f"pays at {x} (beats train less by {format_diff(d, d['n'])} {short} points)"
+                                       for x, d in record["pays"])
+        else:
+            record["text"] = "does not pay here (vs train less: " + "; ".join(
+                f"{format_diff(d, d['n'])} at {x}" for x, d in record["compared"]) + f" {short} points)"
+        out.append(record)
+    return out
+
+
+def verdict_text(rows: list[dict[str, Any]]) -> str:
+    """The verdict lines (`verdicts`) under a one-line heading; '' when no method ran."""
+    lines = [f"- {v['method']}: {v['text']}" for v in verdicts(rows)]
+    if not lines:
+        return ""
+    return ("Does pruning pay? Each method against Train less (whole data, fewer epochs, the same compute), paired "
+            f"by seed, mean [{CI_LEVEL:.0%} t-interval]; it pays where the interval lies above 0:\n" + "\n".join(lines))
+
+
 def plot_figure(rows: list[dict[str, Any]], path: str, col: str = "knn_top1") -> None:
     """PNG: `col` (k-NN top-1) against compute saved, one point per row with error bars (std over seeds); the
     sweep's methods as curves through their ratios (and D3P's ratio); Whole + the Train-less arms as the "train
@@ -552,7 +615,7 @@ def plot_figure(rows: list[dict[str, Any]], path: str, col: str = "knn_top1") ->
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = {"d3p": "*", "random": "o", "rs2": "s", "infobatch": "^", "seta": "v", "dynunc": "D", "d2": "P",
-               "scratch": "x"}
+               "scratch": "x", "orderdp": "h", "random_static": "d"}
     frontier = sorted(series.pop("none", []) + series.pop("whole_eqc", []), key=lambda r: r["compute_saved"])
     if frontier:
         ax.errorbar([r["compute_saved"] for r in frontier], [r[col] for r in frontier],
@@ -607,10 +670,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: --plot {args.plot}: {exc}", file=sys.stderr)
         else:
             print(f"figure: {args.plot}", file=sys.stderr)
+    supervised = all(r.supervised for r in runs)
     if args.json:
-        print(json.dumps({"acc": args.acc, "rows": rows, "skipped": skipped}, indent=2))
+        print(json.dumps({"acc": args.acc, "rows": rows, "skipped": skipped,
+                          "verdicts": [] if supervised else verdicts(rows)}, indent=2))
     else:
-        print(markdown(rows, args.acc, skipped, supervised=all(r.supervised for r in runs)))
+        print(markdown(rows, args.acc, skipped, supervised=supervised))
+        verdict = "" if supervised else verdict_text(rows)
+        if verdict:
+            print("\n" + verdict)
     return 0
 
 

@@ -35,6 +35,12 @@ Prune ratio = 1 - trained / (E * N). What each method realises at its flag r (ep
     calibration width and the whole window (which keeps everything), w_e(s) = w_e + (1 - w_e)(s - s0)/(1 - s0),
     and the width of 1..G-1 whole groups (SeTa's window; a target above 0 must leave a group out) nearest the
     target is taken. One group is SeTa's step, so the realised ratio can land a few points from the target.
+  * orderdp: --orderdp_target_ratio r prunes round-to-nearest r of the samples in every epoch (it never anneals)
+    -> r. A target of 0 is out of its reach (q = 1 is plain random).
+  * d3p (this project's --d3p_target_ratio, docs/spec.md §6a): the epochs up to the first decision train on all
+    data, then every decision keeps round((1-r) N) until the annealing epochs, so it realises r P / E with P the
+    pruned epochs of its schedule (--d3p_start/--d3p_period/--d3p_window/--d3p_anneal_epochs, as the run's flags):
+    r = target E / P. First order: a decision whose support holds fewer samples prunes more.
 A target the method cannot reach (r >= 1) is an error that names the largest reachable ratio.
 """
 from __future__ import annotations
@@ -53,7 +59,7 @@ from d3p.registry import methods  # noqa: E402
 from util.run_folder import LOG_FILE, SUMMARY_FILE  # noqa: E402
 
 # methods with a model of their own below; every static method of the registry shares the static one
-DYNAMIC_MODELS = ("infobatch", "seta", "random", "rs2")
+DYNAMIC_MODELS = ("infobatch", "seta", "random", "rs2", "orderdp", "d3p")
 
 
 def static_methods() -> tuple[str, ...]:
@@ -84,6 +90,27 @@ def static_ratio(target: float, num_epochs: int, warmup_epochs: int) -> float:
         raise RatioError(f"a static selector with {warmup_epochs} full warm-up epochs of {num_epochs} prunes at most "
                          f"{(num_epochs - warmup_epochs) / num_epochs:.1%}; target {target:.1%} is out of reach")
     return r
+
+
+def d3p_pruned_epochs(num_epochs: int, start: int, period: int, window: int, anneal_epochs: int = 0) -> int:
+    """The epochs a D3P run trains on a decision's kept set: after the first decision, before the annealing."""
+    from d3p.schedule import D3PSchedule
+
+    schedule = D3PSchedule(start, period, window, num_epochs, anneal_epochs)
+    decisions = schedule.decision_epochs()
+    if not decisions:
+        return 0
+    return sum(1 for e in range(decisions[0] + 1, num_epochs) if not schedule.is_annealing(e))
+
+
+def d3p_ratio(target: float, num_epochs: int, pruned_epochs: int) -> float:
+    """D3P at a target ratio: r with r P / E = target."""
+    _check_target(target)
+    reach = pruned_epochs / num_epochs
+    if target >= reach:
+        raise RatioError(f"D3P prunes in {pruned_epochs} of {num_epochs} epochs (after its first decision, before "
+                         f"annealing), so at most {reach:.1%}; target {target:.1%} is out of reach")
+    return target * num_epochs / pruned_epochs
 
 
 def _round_half_up(x: float) -> int:
@@ -216,10 +243,11 @@ def read_target(target: str, epochs: int | None) -> dict[str, Any]:
 
 
 def solve(method: str, target_run: str, calibration: str | None, epochs: int | None, warmup: int,
-          lr_warmup: int | None = None) -> dict[str, Any]:
+          lr_warmup: int | None = None, d3p_schedule: Sequence[int] = (3, 10, 3, 0)) -> dict[str, Any]:
     """The flags for `method` at the prune ratio of `target_run` (a finished pre-training folder, or a ratio).
 
-    warmup: J of the static selectors; lr_warmup: the full run's --warmup_epochs (whole_eqc compresses it)."""
+    warmup: J of the static selectors; lr_warmup: the full run's --warmup_epochs (whole_eqc compresses it);
+    d3p_schedule: (start, period, window, anneal epochs) of a d3p arm."""
     tgt = read_target(target_run, epochs)
     target = tgt["target_ratio"]
     out: dict[str, Any] = {"method": method, "target_ratio": target}
@@ -259,6 +287,17 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
     elif method in ("random", "rs2"):
         out["flags"] = {"prune_ratio": target}
         out["predicted_ratio"] = target
+    elif method == "orderdp":
+        if target <= 0.0:
+            raise RatioError("orderdp prunes in every epoch (q < 1): target 0.0% is out of reach")
+        out["flags"] = {"orderdp_target_ratio": target}
+        out["predicted_ratio"] = target
+    elif method == "d3p":
+        n_ep = tgt["epochs"]
+        pruned = d3p_pruned_epochs(n_ep, *d3p_schedule)
+        r = d3p_ratio(target, n_ep, pruned)
+        out["flags"] = {"d3p_target_ratio": r}
+        out["predicted_ratio"] = r * pruned / n_ep
     elif method == "whole_eqc":
         if lr_warmup is None:
             raise RatioError("whole_eqc needs --warmup_epochs: the full run's warm-up, compressed with the epochs")
@@ -289,11 +328,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="dynunc/d2/whole_eqc: the full run's pre-training epochs (default: the target's)")
     p.add_argument("--static_warmup_epochs", type=int, default=10, help="dynunc/d2: J")
     p.add_argument("--warmup_epochs", type=int, default=None, help="whole_eqc: the full run's lr warm-up epochs")
+    p.add_argument("--d3p_start", type=int, default=3, help="d3p: the run's --d3p_start")
+    p.add_argument("--d3p_period", type=int, default=10, help="d3p: the run's --d3p_period")
+    p.add_argument("--d3p_window", type=int, default=3, help="d3p: the run's --d3p_window")
+    p.add_argument("--d3p_anneal_epochs", type=int, default=0, help="d3p: the run's --d3p_anneal_epochs")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
     try:
         result = solve(args.method, args.target, args.calibration, args.epochs, args.static_warmup_epochs,
-                       args.warmup_epochs)
+                       args.warmup_epochs,
+                       (args.d3p_start, args.d3p_period, args.d3p_window, args.d3p_anneal_epochs))
     except RatioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

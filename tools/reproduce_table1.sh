@@ -4,9 +4,10 @@
 # the paired differences by seed (95% t-intervals) and OUT/figure.png. docs/does_pruning_pay.md explains the plans.
 #
 #   tools/reproduce_table1.sh [converged]        digits: the converged regime (80 epochs, 5 seeds): Whole, D3P,
-#                                                Random matched, RS2 / InfoBatch at D3P's ratio, Train less
-#   tools/reproduce_table1.sh sweep              digits: random, RS2, InfoBatch, Dyn-Unc, D2, Train less at
-#                                                30/50/70% pruned (3 seeds, 80 epochs)
+#                                                Random matched, RS2 / InfoBatch / OrderDP at D3P's ratio, Train less
+#   tools/reproduce_table1.sh sweep              digits: D3P (--d3p_target_ratio), OrderDP, random, RS2, InfoBatch,
+#                                                Dyn-Unc, D2, random_static, Train less at 30/50/70% pruned (3 seeds,
+#                                                80 epochs)
 #   tools/reproduce_table1.sh table1             digits: the 20-epoch table of every method (under-trained regime)
 #   DATA_PATH=/data/imagenet NPROC=8 tools/reproduce_table1.sh the paper's ImageNet-1K recipe (PLAN table1)
 #   DATA_SET=cifar10 DATA_PATH=/data/cifar NPROC=1 tools/reproduce_table1.sh      the paper's CIFAR-10 block
@@ -15,9 +16,9 @@
 # Variables: PLAN (or the first argument: converged | table1 | sweep; digits: converged, else table1), PLAN_ONLY=1
 # (print the jobs and flags, run nothing), OUT (./output_table1), SEEDS (digits: converged "0 1 2 3 4", sweep and
 # table1 "0 1 2"; else "0"), ARMS (table1: none infobatch seta d3p random dynunc d2, plus scratch on the digits;
-# converged: none d3p random rs2 infobatch whole_eqc), RATIO (default | match | both; digits table1: both,
-# converged and sweep: match, else default), SWEEP_RATIOS ("30 50 70", percent pruned), SWEEP_METHODS (random rs2
-# infobatch dynunc d2 whole_eqc), DATA_SET (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS,
+# converged: none d3p random rs2 infobatch orderdp whole_eqc), RATIO (default | match | both; digits table1: both,
+# converged and sweep: match, else default), SWEEP_RATIOS ("30 50 70", percent pruned), SWEEP_METHODS (d3p orderdp
+# random rs2 infobatch dynunc d2 random_static whole_eqc), DATA_SET (digits without DATA_PATH, imagenet with it; cifar10; folder), EPOCHS,
 # FT_EPOCHS, LP_EPOCHS, FT_SEEDS (seeds that are fine-tuned; digits table1 "0", converged/sweep none, else all),
 # LP_SEEDS (seeds that get a linear probe; digits converged/sweep none, else all), FT_EQUAL (1: fine-tune the
 # equal-ratio arms too; digits 0), LANES (digits: parallel single-thread lanes, 2 = the cores; else 1).
@@ -30,14 +31,16 @@
 # cifar-100-python/ for the second fine-tuning; no download.
 #
 # Arms: none = Whole dataset, infobatch, seta, d3p, random = random dynamic matched epoch by epoch to the D3P run of
-# the same seed, rs2 (RS2: random subsets without replacement), dynunc, d2; scratch (digits) = linear probe /
-# fine-tune of a randomly initialised ViT. Equal ratio (RATIO=match|both): infobatch_eq, seta_eq, rs2_eq, dynunc_eq,
-# d2_eq run at the prune ratio the D3P arm of the same seed realised, with flags from tools/match_ratio.py
+# the same seed, rs2 (RS2: random subsets without replacement), dynunc, d2, orderdp (OrderDP), random_static (a fixed
+# random subset chosen at the static selectors' warm-up epoch: their control); scratch (digits) = linear probe /
+# fine-tune of a randomly initialised ViT. Equal ratio (RATIO=match|both): infobatch_eq, seta_eq, rs2_eq, orderdp_eq,
+# dynunc_eq, d2_eq run at the prune ratio the D3P arm of the same seed realised, with flags from tools/match_ratio.py
 # (InfoBatch and SeTa are calibrated on their default-ratio arm: of the first seed, CALIBRATE=first, in converged and sweep;
 # of the same seed, CALIBRATE=each, in table1);
 # random is the matched arm. whole_eqc = Train less: the whole data for the epochs that cost what the D3P arm of
 # the seed cost (warm-up and cosine compressed; tools/match_ratio.py whole_eqc). Sweep arms <method>_p<PCT> run at
-# PCT% pruned (whole_eqc_p<PCT>: at that compute); a ratio out of a method's reach is logged as SKIP. One folder
+# PCT% pruned (whole_eqc_p<PCT>: at that compute; d3p_p<PCT>: D3P with --d3p_target_ratio solved so that the run,
+# full epochs before the first decision included, prunes PCT%); a ratio out of a method's reach is logged as SKIP. One folder
 # per arm and seed: OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for
 # matched arms. Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with
 # --auto_resume. The table (OUT/table1.md, OUT/table1.json, OUT/figure.png) is printed at the end from whatever
@@ -111,6 +114,7 @@ GPU and 32 steps per epoch ($((256 * GPUS)) images at least). Fix: use a larger 
 }
 
 # ------------------------------------------------------------------------------------------------------ recipes
+D3P_SCHEDULE=()  # D3P's --d3p_start/--d3p_period/--d3p_window when a recipe sets them (match_ratio.py reads them too)
 # Each recipe sets: MODEL VIT SIZE EPOCHS FT_EPOCHS LP_EPOCHS J (static warm-up), PRE FT LP KNN (flag arrays),
 # FT2 (second fine-tuning data set, or empty), LANES, SEEDS, RATIO, ARMS, FT_SEEDS.
 case $DATA_SET in
@@ -130,8 +134,9 @@ case $DATA_SET in
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
     DATA=()
     WARMUP=3
-    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$WARMUP" --batch_size 64 --blr 1.5e-3 --d3p_start 3
-         --d3p_period 5 --d3p_window 2 --d3p_bins 32 --num_workers 0 --save_every 10)
+    D3P_SCHEDULE=(--d3p_start 3 --d3p_period 5 --d3p_window 2)
+    PRE=(--model "$MODEL" --input_size "$SIZE" --warmup_epochs "$WARMUP" --batch_size 64 --blr 1.5e-3
+         "${D3P_SCHEDULE[@]}" --d3p_bins 32 --num_workers 0 --save_every 10)
     FT=(--model "$VIT" --input_size "$SIZE" --warmup_epochs 1 --batch_size 64 --blr 5e-3 --layer_decay 0.75
         --weight_decay 0.05 --drop_path 0 --mixup 0 --cutmix 0 --reprob 0 --aa none --smoothing 0.1 --num_workers 0
         --save_ckpt_freq 5)
@@ -201,12 +206,14 @@ case $DATA_SET in
   *) die "unknown DATA_SET=$DATA_SET: choose digits, cifar10, folder or imagenet";;
 esac
 case $PLAN in
-  converged) ARMS=${ARMS_GIVEN:-"none d3p random rs2 infobatch whole_eqc"}; RATIO=${RATIO_GIVEN:-match};;
-  sweep) SWEEP_RATIOS=${SWEEP_RATIOS:-"30 50 70"}; SWEEP_METHODS=${SWEEP_METHODS:-"random rs2 infobatch dynunc d2 whole_eqc"}
+  converged) ARMS=${ARMS_GIVEN:-"none d3p random rs2 infobatch orderdp whole_eqc"}; RATIO=${RATIO_GIVEN:-match};;
+  sweep) SWEEP_RATIOS=${SWEEP_RATIOS:-"30 50 70"}
+         SWEEP_METHODS=${SWEEP_METHODS:-"d3p orderdp random rs2 infobatch dynunc d2 random_static whole_eqc"}
          for p in $SWEEP_RATIOS; do [[ $p =~ ^[0-9]+$ ]] && (( p >= 1 && p <= 99 )) \
            || die "SWEEP_RATIOS: $p is not a percentage in 1..99"; done
-         for m in $SWEEP_METHODS; do [[ " random rs2 infobatch seta dynunc d2 whole_eqc " == *" $m "* ]] \
-           || die "SWEEP_METHODS: $m is not one of random rs2 infobatch seta dynunc d2 whole_eqc"; done;;
+         SWEEPABLE=" d3p orderdp random rs2 infobatch seta dynunc d2 random_static whole_eqc "
+         for m in $SWEEP_METHODS; do [[ $SWEEPABLE == *" $m "* ]] \
+           || die "SWEEP_METHODS: $m is not one of$SWEEPABLE"; done;;
 esac
 case $RATIO in default|match|both) ;; *) die "RATIO=$RATIO: choose default, match or both";; esac
 # The equal-ratio arms of InfoBatch and SeTa take their flags from a default-ratio run of the method (a
@@ -277,7 +284,7 @@ pretrain_flags() {
   local arm=$1 seed=$2 method d3p="$OUT/d3p_seed$2/pretrain" target="" solver
   method=$(arm_method "$arm")
   ARM_FLAGS=(--prune_method "$method"); ARM_EPOCHS=$EPOCHS
-  [[ $method == dynunc || $method == d2 ]] && ARM_FLAGS+=(--static_warmup_epochs "$J")
+  [[ $method == dynunc || $method == d2 || $method == random_static ]] && ARM_FLAGS+=(--static_warmup_epochs "$J")
   [[ $method == dynunc ]] && ARM_FLAGS+=(--dynunc_window "$(( J < 3 ? J : 3 ))")  # window in [2, J]
   case $arm in
     random) wait_pretrain d3p "$seed" || { log "FAILED ${arm}_seed$seed: no finished D3P run $d3p to match"; return 1; }
@@ -299,7 +306,8 @@ pretrain_flags() {
   local solved more err="$OUT/${arm}_seed$seed/ratio_match.err"
   mkdir -p "$OUT/${arm}_seed$seed"
   if ! solved=$($PY tools/match_ratio.py "$solver" --target "$target" "${cal[@]}" --epochs "$EPOCHS" \
-                --static_warmup_epochs "$J" --warmup_epochs "$WARMUP" --out "$OUT/${arm}_seed$seed/ratio_match.json" \
+                --static_warmup_epochs "$J" --warmup_epochs "$WARMUP" "${D3P_SCHEDULE[@]}" \
+                --out "$OUT/${arm}_seed$seed/ratio_match.json" \
                 2>"$err"); then
     cat "$err" >> "$TIMES"
     if grep -q "out of reach" "$err"; then log "SKIP ${arm}_seed$seed: $(cat "$err")"; return 3; fi
@@ -368,13 +376,14 @@ for seed in $SEEDS; do
     for arm in infobatch seta; do  # the default-ratio runs; with RATIO=match only the calibrations (CALIBRATE)
       has "$arm" && [[ $RATIO != match || $calibrates == 1 ]] && arms+=("$arm")
     done
-    for arm in none dynunc d2 scratch random rs2; do
+    for arm in none dynunc d2 scratch random rs2 orderdp random_static; do
       has "$arm" || continue
-      [[ $RATIO == match && ( $arm == dynunc || $arm == d2 || $arm == scratch || $arm == rs2 ) ]] && continue
+      [[ $RATIO == match && ( $arm == dynunc || $arm == d2 || $arm == scratch || $arm == rs2 || $arm == orderdp \
+                             || $arm == random_static ) ]] && continue
       arms+=("$arm")
     done
     if [[ $RATIO != default ]]; then
-      for arm in infobatch seta rs2 dynunc d2; do has "$arm" && has d3p && arms+=("${arm}_eq"); done
+      for arm in infobatch seta rs2 orderdp dynunc d2 random_static; do has "$arm" && has d3p && arms+=("${arm}_eq"); done
     fi
     has whole_eqc && has d3p && arms+=(whole_eqc)
   fi

@@ -118,9 +118,28 @@ def checkpoint_path(output_dir: str, epoch: int, step: int | None = None) -> str
     return os.path.join(output_dir, checkpoint_name(epoch, step))
 
 
+class CheckpointSaveError(RuntimeError):
+    """Rank 0 could not write a checkpoint (disk full, quota, permissions): every rank raises it with rank 0's error."""
+
+
 def save_on_master(obj: Any, path: str) -> None:
+    """Rank 0 writes `obj` to `path` (atomic_torch_save); every rank returns once it is written, or raises
+    CheckpointSaveError with rank 0's error when it could not be (a collective: the other ranks do not wait for it
+    at their next collective until the timeout, under torchrun or srun alike)."""
+    from util.dist import broadcast_object
+
+    error = None
     if is_main_process():
-        atomic_torch_save(obj, path)
+        try:
+            atomic_torch_save(obj, path)
+        except OSError as exc:  # the temporary file is removed; the previous checkpoints are intact
+            error = f"{type(exc).__name__}: {exc}"
+    error = broadcast_object(error)
+    if error is not None:
+        raise CheckpointSaveError(
+            f"rank 0 could not write {path} ({error}); the checkpoints written before are intact, the training "
+            "since the newest of them is lost. Fix: free space in (or the permissions of) --output_dir, then "
+            "restart with --auto_resume")
 
 
 def load_checkpoint(path: str) -> dict:

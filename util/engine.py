@@ -156,6 +156,8 @@ class EpochMeters:
     optimizer_steps: int = 0
     samples: int = 0  # samples trained by this rank (padding included)
     corrupt: int = 0  # replaced unreadable images (--skip_corrupt)
+    batch_min: int = 0  # this rank's smallest and largest batch (0: none yet); every rank has the same sizes
+    batch_max: int = 0
     data_seconds: float = 0.0  # wall time waiting for the loader (not part of the log's exact fields)
 
     _SUMMED = ("loss_sum", "loss_count", "lr_sum", "grad_norm_sum", "grad_norm_count", "optimizer_steps",
@@ -166,6 +168,11 @@ class EpochMeters:
         self.loss_count += 1
         self.lr_sum += float(lr)
         self.last_lr = float(lr)
+
+    def add_batch(self, size: int) -> None:
+        self.samples += size
+        self.batch_min = size if not self.batch_min else min(self.batch_min, size)
+        self.batch_max = max(self.batch_max, size)
 
     def add_grad_norm(self, norm: float) -> None:
         if math.isfinite(norm):
@@ -190,12 +197,15 @@ class EpochMeters:
             for name in cls._SUMMED:
                 setattr(out, name, getattr(out, name) + getattr(part, name))
             out.steps, out.last_lr = max(out.steps, part.steps), part.last_lr or out.last_lr
+            out.batch_max = max(out.batch_max, part.batch_max)
+            out.batch_min = min(b for b in (out.batch_min, part.batch_min) if b) if part.batch_min else out.batch_min
             out.data_seconds += part.data_seconds
         return out
 
     def reduced(self) -> dict:
         """The epoch's statistics over all ranks (one all-reduce): loss, lr (mean over the steps), last_lr,
-        grad_norm (mean of the finite norms), optimizer_steps (this rank's), samples, corrupt_replaced."""
+        grad_norm (mean of the finite norms), optimizer_steps (this rank's), samples, corrupt_replaced, and this
+        rank's smallest and largest batch."""
         sums = torch.tensor([float(getattr(self, name)) for name in self._SUMMED], dtype=torch.float64)
         if is_dist():
             sums = all_reduce(to_collective(sums)).cpu()
@@ -208,6 +218,8 @@ class EpochMeters:
             "optimizer_steps": self.optimizer_steps,
             "samples": int(total["samples"]),
             "corrupt_replaced": int(total["corrupt"]),
+            "batch_min": self.batch_min,
+            "batch_max": self.batch_max,
         }
 
 
@@ -271,7 +283,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
                 norms.append(norm.detach().float().reshape(()))
         meters.steps += 1
         if index is not None:
-            meters.samples += int(index.numel())
+            meters.add_batch(int(index.numel()))
             meters.corrupt += int((index < 0).sum())  # negative: a replaced unreadable image (--skip_corrupt)
         lrs.append(max(group["lr"] for group in optimizer.param_groups))
         sync.add(loss)

@@ -47,7 +47,15 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int | None, epoch
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (in place, before DDP; checkpoint keys unchanged). Off by default")
     g.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: "eager"
+    g.add_argument("--drop_last", action="store_true",
+                   help="MAE's batching: full batches of --batch_size, each epoch's remainder dropped (parity "
+                        "checks, the published RS2 loop). Default: balanced batches, every kept sample trained "
+                        f"once, no runt. Only with --prune_method {', '.join(DROP_LAST_METHODS)}")
     return g
+
+
+# methods that do not score samples by their losses: a sample the loader drops loses nothing they decide by
+DROP_LAST_METHODS = ("none", "random", "rs2", "random_static")
 
 
 def effective_batch_size(args: argparse.Namespace) -> int:
@@ -62,6 +70,11 @@ def training_arg_problems(args: argparse.Namespace) -> list[str]:
                 for name in ("batch_size", "epochs", "accum_iter") if getattr(args, name) < 1]
     if args.clip_grad is not None and args.clip_grad <= 0:
         problems.append(f"--clip_grad must be > 0, got {args.clip_grad}. Fix: leave it out to disable clipping")
+    method = getattr(args, "prune_method", "none")
+    if getattr(args, "drop_last", False) and method not in DROP_LAST_METHODS:
+        problems.append(f"--drop_last drops samples that --prune_method {method} scores by their loss: a dropped "
+                        "sample would get no loss and be pruned for it. Fix: leave --drop_last out (balanced "
+                        f"batches train every kept sample), or use --prune_method {'/'.join(DROP_LAST_METHODS)}")
     try:
         autocast_dtype(args.precision, resolve_device(args.device))
     except ValueError as exc:  # e.g. fp16 on a CPU: the message names the flag and the fix

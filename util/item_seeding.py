@@ -36,9 +36,15 @@ class ItemSeedSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         key = self.epoch_key(getattr(self.base, "epoch", 0))
-        first = int(getattr(self.base, "skipped", 0))
+        first = self.skipped
         for position, index in enumerate(self.base, start=first):
             yield int(index), (key + position) % (1 << 63)
+
+    @property
+    def skipped(self) -> int:
+        """Positions of the base sampler's epoch list skipped by a resume (0 for a sampler that cannot skip):
+        d3p.sampler.BalancedBatchSampler sizes the epoch's batches from it."""
+        return int(getattr(self.base, "skipped", 0))
 
     def __len__(self) -> int:
         return len(self.base)

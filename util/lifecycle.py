@@ -21,7 +21,6 @@ from util import checkpoint as ckpt_util
 from util import engine, resume, run, run_log
 from util.dist import any_rank, is_main_process
 from util.engine import EpochMeters
-from util.loader import warn_short_last_batch
 from util.stop import StopSignals
 
 
@@ -41,7 +40,6 @@ class TrainingRun:
     loss_scaler: object = None  # util.amp.ScaledOptimizerStep
     stop: StopSignals = None
     log_writer: object = None
-    warned_short_batch: bool = False  # util.loader.warn_short_last_batch has spoken
 
     # ------------------------------------------------------------------------------------------------ hooks
     def batch_losses(self, epoch: int, forward_only: bool = False) -> engine.BatchLosses:
@@ -99,7 +97,6 @@ def train_epoch(r: TrainingRun, epoch: int, point: resume.ResumePoint | None) ->
     this epoch to continue."""
     args, pruner = r.args, r.pruner
     pruner.begin_epoch(epoch)
-    r.warned_short_batch = warn_short_last_batch(r.train_loader, epoch, r.warned_short_batch)
     start_step, meters, seconds_before = 0, EpochMeters(), 0.0
     if point is not None:
         start_step, meters = resume.resume_partial_epoch(point, pruner)
@@ -125,7 +122,8 @@ def train_epoch(r: TrainingRun, epoch: int, point: resume.ResumePoint | None) ->
     pruning_log = pruner.end_epoch(epoch, embeddings, optimizer_steps=train["optimizer_steps"],
                                    data_seconds=meters.data_seconds, started=started)
     r.after_decision(epoch)
-    return finish_epoch(r, epoch, r.log_line(epoch, train, pruning_log), started)
+    log = {**r.log_line(epoch, train, pruning_log), "batch_min": train["batch_min"], "batch_max": train["batch_max"]}
+    return finish_epoch(r, epoch, log, started)
 
 
 def no_grad_passes(r: TrainingRun, epoch: int) -> tuple[np.ndarray | None, bool]:

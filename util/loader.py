@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from d3p.collectives import get_rank
-from util.dist import is_main_process
+from d3p.sampler import BalancedBatchSampler
 from util.item_seeding import ItemSeedSampler, SeededItems
 from util.stop import worker_init
 
@@ -94,13 +94,19 @@ def _tracked(loader: DataLoader) -> DataLoader:
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int, stream: int,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, multiple_of: int = 1) -> DataLoader:
     """A training-side loader: items come with their dataset index, and their augmentation is a function of
     (seed, stream, epoch, rank, position) in worker processes (util.item_seeding.SeededItems), so a resume with
-    workers replays it exactly. Workers ignore stop signals (ignore_stop_signals_in_worker)."""
+    workers replays it exactly. Workers ignore stop signals (ignore_stop_signals_in_worker).
+
+    Batches are balanced (d3p.BalancedBatchSampler): each rank's K samples of the epoch in ceil(K / batch_size)
+    batches whose sizes differ by at most one (by at most `multiple_of`, all multiples of it but the last, for
+    Mixup's pairs), so every kept sample is trained once and no step is a runt. `drop_last`: MAE's batching
+    (full batches, the rest dropped), for parity checks only."""
+    items = ItemSeedSampler(sampler, args.seed, get_rank(), stream)
     return _tracked(DataLoader(
-        SeededItems(dataset), sampler=ItemSeedSampler(sampler, args.seed, get_rank(), stream),
-        batch_size=batch_size, drop_last=drop_last, collate_fn=collate_indexed, generator=torch.Generator(),
+        SeededItems(dataset), batch_sampler=BalancedBatchSampler(items, batch_size, drop_last, multiple_of),
+        collate_fn=collate_indexed, generator=torch.Generator(),
         **_worker_options(args),  # creating an iterator never draws from the global RNG (own generator)
     ))
 
@@ -120,37 +126,3 @@ def _worker_options(args: argparse.Namespace) -> dict:
     workers = int(args.num_workers)
     return dict(num_workers=workers, pin_memory=bool(args.pin_mem) and str(args.device).startswith("cuda"),
                 persistent_workers=workers > 0, worker_init_fn=worker_init() if workers > 0 else None)
-
-
-# A short last batch: the engine trains every kept sample (no drop_last, unlike MAE: each kept sample must get
-# its loss), so an epoch of K samples per rank ends in a batch of K % batch_size, stepped at the full learning rate.
-# Among few steps that noisy step costs: on the digits at 70% pruned (450 = 7 x 64 + 2, one step in 8) random and
-# RS2 lost 16-18 k-NN points against 448 kept (docs/does_pruning_pay.md). Among hundreds of steps it does not.
-SHORT_BATCH_FRACTION = 8  # a last batch under batch_size / 8 samples is short
-SHORT_BATCH_MAX_STEPS = 50  # ... when it is at least one step in 50
-
-
-def short_last_batch(num_local: int, batch_size: int) -> str | None:
-    """The warning for an epoch whose per-rank list of `num_local` samples ends in a short batch (fewer than
-    batch_size / SHORT_BATCH_FRACTION samples, in an epoch of at most SHORT_BATCH_MAX_STEPS batches), else None."""
-    rest, batches = num_local % batch_size, -(-num_local // batch_size)
-    if rest == 0 or rest * SHORT_BATCH_FRACTION >= batch_size or batches > SHORT_BATCH_MAX_STEPS:
-        return None
-    return (f"{num_local} samples per rank end in a batch of {rest} of {batch_size} (1 batch of {batches}): a "
-            f"gradient of {rest} sample(s) at the full learning rate, which costs accuracy when epochs are this "
-            "short. Fix: a --batch_size or a prune ratio whose kept count per rank fills whole batches "
-            "(docs/does_pruning_pay.md, the 70% column)")
-
-
-def warn_short_last_batch(loader: DataLoader, epoch: int, warned: bool) -> bool:
-    """Print short_last_batch's warning for the epoch `loader` is about to run (rank 0, the first epoch it applies
-    to: `warned` says whether an earlier epoch printed it); returns the new `warned`. A loader that drops its last
-    batch (the linear probe's) has none to warn of. Every rank's list has the same length."""
-    if warned or loader.drop_last:
-        return warned
-    message = short_last_batch(len(loader.sampler), loader.batch_size)
-    if message is None:
-        return False
-    if is_main_process():
-        print(f"warning: epoch {epoch}: {message}. Said once per run.", flush=True)
-    return True

@@ -45,7 +45,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace
     except _usage_errors() as exc:
         _report(exc)
         return EXIT_USAGE
-    except (NonFiniteLossError, RankDivergenceError, ValueError) as exc:  # ValueError: a check deeper down
+    except (NonFiniteLossError, RankDivergenceError, ckpt_util.CheckpointSaveError, ValueError) as exc:  # ValueError: a check deeper down
         _report(exc)
         return EXIT_FAILED
     finally:

@@ -3,7 +3,7 @@ imported. Importing this package imports every module in it, so a new built-in m
 
     d3p.py        D3P (spec §2-§7)                 infobatch.py  InfoBatch          seta.py     SeTa
     random.py     random dynamic (+ matched)        none.py       whole dataset      dynunc.py   Dyn-Unc (static)
-    d2.py         D2 Pruning (static)
+    d2.py         D2 Pruning (static)             orderdp.py    OrderDP            random_static.py  fixed random subset (static)
     common.py     the public bases BaseStrategy, LossScoredStrategy and the dynamic baselines' bookkeeping
     static_base.py  StaticSelector, the warm-up-then-select frame of the static selectors
 
@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 
 # the order listings and flags show first (help text only); any other module of the package follows by name
-_LISTED_FIRST = ("d3p", "none", "infobatch", "seta", "random", "dynunc", "d2")
+_LISTED_FIRST = ("d3p", "none", "infobatch", "seta", "random", "dynunc", "d2", "orderdp", "random_static")
 
 
 def _import_all() -> None:

@@ -27,6 +27,10 @@ class D3P:
     max_weight > 0 caps the up-weights; min_kept_share > 0 keeps at least that share of the samples (the pruned
     samples closest to the support come back first); poor_fit chooses what a poorly fitting decision does
     (`d3p.stats.POOR_FIT_ACTIONS`).
+
+    target_ratio (this project's extension, not the paper's; None: the published method): each decision keeps
+    round((1 - target_ratio) N) samples, the ideal histogram's expected counts scaled by one factor so the kept
+    CLD histogram keeps the ideal distribution's shape (`d3p.stats.scaled_bin_targets`; docs/spec.md).
     """
 
     name = "d3p"
@@ -43,7 +47,12 @@ class D3P:
         min_kept_share: float = 0.0,
         poor_fit: str = "warn",
         fit_threshold: float = FIT_KS_THRESHOLD,
+        target_ratio: float | None = None,
     ):
+        if target_ratio is not None and not 0.0 <= target_ratio < 1.0:
+            raise ValueError(f"target_ratio must lie in [0, 1), got {target_ratio}. Fix: a share of samples pruned, "
+                             "e.g. 0.5, or None for the published method")
+        self.target_ratio = None if target_ratio is None else float(target_ratio)
         self.num_samples = int(num_samples)
         self.schedule = schedule
         self.bins = int(bins)
@@ -97,6 +106,9 @@ class D3P:
         # the floor of the rail (a share of the dataset) and the batch floor (a full batch per rank), the larger
         share_floor = math.ceil(self.min_kept_share * self.num_samples - 1e-9) if self.min_kept_share else 0
         floor = max(self.min_kept, share_floor)
+        target = None
+        if self.target_ratio is not None:  # unscored samples are pruned: the scored ones fill the target
+            target = min(int(round((1.0 - self.target_ratio) * self.num_samples)), int(scored.sum()))
         decision = decide(
             window,  # float32; decide() works in float64 without copying the (n, N) window
             bins=self.bins,
@@ -106,6 +118,7 @@ class D3P:
             max_weight=self.max_weight,
             poor_fit=self.poor_fit,
             fit_threshold=self.fit_threshold,
+            target_kept=target,
         )
         if unscored:
             # a sample without a CLD cannot be placed against the ideal law: it is pruned (and counted)
@@ -135,6 +148,8 @@ class D3P:
             "d3p_capped": int(decision.capped),
             "d3p_tail_kept": int(decision.tail_kept),
         }
+        if self.target_ratio is not None:
+            log["d3p_target_scale"] = float(decision.scale)
         if decision.reason:
             log["d3p_note"] = decision.reason
         elif decision.restored:
@@ -233,6 +248,11 @@ D3P_OPTIONS = (
     Option("d3p_fit_threshold", FIT_KS_THRESHOLD, float, "KS distance between the observed and the ideal CLD "
            "distribution above which D3P warns (and --d3p_poor_fit acts)", valid=lambda t: 0.0 < t <= 1.0,
            rule="must lie in (0, 1]"),
+    # this project's extension (docs/spec.md), not the paper's: D3P on the ratio frontier
+    Option("d3p_target_ratio", None, float, "prune this share at every decision (this project's extension: the "
+           "ideal CLD histogram's counts scaled to keep round((1-R)N) samples; default unset: the published "
+           "method, whose ratio emerges from the data)", valid=lambda r: 0.0 <= r < 1.0, rule="must lie in [0, 1)",
+           only_for_owner=True),
 )
 
 
@@ -250,7 +270,9 @@ def _d3p_kept_set(state: dict[str, Any]) -> np.ndarray:
                  help="Distribution-aware Dynamic Data Pruning")
 def build_d3p(num_samples: int, epochs: int | None, seed: int, min_kept: int, d3p_start: int, d3p_period: int,
               d3p_window: int, d3p_bins: int, d3p_quantile: float, d3p_anneal_epochs: int, d3p_max_weight: float,
-              d3p_min_kept: float, d3p_poor_fit: str, d3p_fit_threshold: float) -> D3P:
+              d3p_min_kept: float, d3p_poor_fit: str, d3p_fit_threshold: float,
+              d3p_target_ratio: float | None = None) -> D3P:
     schedule = D3PSchedule(d3p_start, d3p_period, d3p_window, epochs, d3p_anneal_epochs)
     return D3P(num_samples, schedule, d3p_bins, d3p_quantile, seed=seed, min_kept=min_kept, max_weight=d3p_max_weight,
-               min_kept_share=d3p_min_kept, poor_fit=d3p_poor_fit, fit_threshold=d3p_fit_threshold)
+               min_kept_share=d3p_min_kept, poor_fit=d3p_poor_fit, fit_threshold=d3p_fit_threshold,
+               target_ratio=d3p_target_ratio)

@@ -139,8 +139,10 @@ def _explicit_loop(epochs=5):
     model, loss_fn = torch.nn.Linear(8, 3), torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     pruner = d3p.DataPruner(N, "d3p", epochs=epochs, seed=3, min_kept=16, **D3P_OPTIONS)
-    loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=pruner.sampler)
-    forward_loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=pruner.forward_sampler)
+    # pruner.epoch's loaders batch like this: balanced batches (every kept sample once, no runt)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=d3p.BalancedBatchSampler(pruner.sampler, 16))
+    forward_loader = torch.utils.data.DataLoader(data, batch_sampler=d3p.BalancedBatchSampler(
+        pruner.forward_sampler, 16))
     for epoch in range(epochs):
         pruner.begin_epoch(epoch)
         for x, y, index in loader:

@@ -103,13 +103,13 @@ def test_the_builtins_keep_their_names_kinds_flags_and_defaults():
     assert defaults(builtins) == {
         "d3p_start": 3, "d3p_period": 10, "d3p_window": 3, "d3p_bins": 128, "d3p_quantile": 0.999,
         "d3p_anneal_epochs": 0, "d3p_max_weight": 0.0, "d3p_min_kept": 0.0, "d3p_poor_fit": "warn",
-        "d3p_fit_threshold": FIT_KS_THRESHOLD, "prune_ratio": 0.5, "delta": 0.875, "seta_groups": 10, "seta_window_scale": 0.5,
+        "d3p_fit_threshold": FIT_KS_THRESHOLD, "d3p_target_ratio": None, "prune_ratio": 0.5, "delta": 0.875, "seta_groups": 10, "seta_window_scale": 0.5,
         "random_match": None, "static_warmup_epochs": 10, "dynunc_window": 3, "d2_neighbors": 10, "d2_gamma": None,
         "d2_mode": "sum", "d2_sampling": "absolute", "d2_knn": "auto", "d2_knn_index": "auto", "d2_nprobe": 8,
     }
     assert {m: d3p.get_method(m).option_names() for m in builtins} == {
         "d3p": ["d3p_start", "d3p_period", "d3p_window", "d3p_bins", "d3p_quantile", "d3p_anneal_epochs",
-                "d3p_max_weight", "d3p_min_kept", "d3p_poor_fit", "d3p_fit_threshold"],
+                "d3p_max_weight", "d3p_min_kept", "d3p_poor_fit", "d3p_fit_threshold", "d3p_target_ratio"],
         "none": [], "infobatch": ["prune_ratio", "delta"],
         "seta": ["prune_ratio", "delta", "seta_groups", "seta_window_scale"],
         "random": ["prune_ratio", "random_match"], "dynunc": ["prune_ratio", "static_warmup_epochs", "dynunc_window"],

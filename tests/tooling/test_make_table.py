@@ -326,3 +326,39 @@ def test_cli_plot(tmp_path):
     assert res.returncode == 0, res.stderr
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10_000
     assert "vs Train less" in res.stdout
+
+
+def test_verdict_per_method_against_train_less(tmp_path):
+    """One line per method: it pays where its paired interval against Train less lies above 0, at that ratio."""
+    dirs = _converged_and_sweep(tmp_path)
+    for seed in range(3):  # OrderDP and random_static in the 30% sweep: OrderDP clearly above Train less (77 + s)
+        for method, knn in (("orderdp", 78.5 + 0.1 * seed), ("random_static", 76.9 + 0.3 * seed)):
+            dirs.append(arm(tmp_path, f"{method}_p30_seed{seed}", method, seed=seed, trained=7000, knn=knn + seed,
+                            ratio_match={"method": method, "target_ratio": 0.3, "flags": {}}))
+    rows = list(rows_by_key(dirs).values())
+    got = {v["key"]: v for v in make_table.verdicts(rows)}
+    assert list(got) == ["d3p", "orderdp", "random", "rs2", "random_static"]
+    # OrderDP - Train less at 30%: 1.5, 1.6, 1.7 -> mean 1.6, interval [1.35, 1.85]
+    assert got["orderdp"]["text"] == "pays at 30% (beats train less by +1.6 [+1.4, +1.8]* k-NN points)"
+    assert [x for x, _ in got["orderdp"]["pays"]] == ["30%"]
+    # D3P - Train less: 0.01 s over 5 seeds, mean 0.02, interval [+0.0004, +0.0396]: above 0, at D3P's realised
+    # ratio 1 - (9000 + 10 s) / 10000, mean 9.8%
+    assert got["d3p"]["text"] == "pays at 9.8% (beats train less by +0.0 [+0.0, +0.0]* k-NN points)"
+    assert got["d3p"]["pays"][0][1]["lo"] == pytest.approx(0.0003676, abs=1e-6)
+    # random: -1.8 (matched to D3P) and -2.0 at 30%: both listed, neither pays
+    assert got["random"]["text"].startswith("does not pay here") and len(got["random"]["compared"]) == 2
+    # random_static: -0.1 + 0.3 s -> +0.2 [-0.55, +0.95]: not significant
+    assert got["random_static"]["pays"] == [] and "at 30%" in got["random_static"]["text"]
+    # the random_static row is a control of the others at 30%
+    assert rows_by_key(dirs)["orderdp@30"]["paired"]["knn_top1"]["Random static"]["control"] == "random_static@30"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_table.py"), *dirs],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "- OrderDP: pays at 30% (beats train less by +1.6 [+1.4, +1.8]* k-NN points)" in res.stdout
+    assert "- Random: does not pay here (vs train less: -1.8 [-1.8, -1.8]* at 9.8%; -2.0 [" in res.stdout
+
+
+def test_verdict_without_a_train_less_control():
+    rows = [{"key": "infobatch", "is_whole": False, "paired": {"knn_top1": {}}, "prune_ratio": 30.0}]
+    (v,) = make_table.verdicts(rows)
+    assert v["text"].startswith("not compared with train less here") and v["pays"] == []

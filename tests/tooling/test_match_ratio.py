@@ -149,3 +149,21 @@ def test_whole_eqc_and_rs2_from_a_run_or_a_ratio(tmp_path, capsys):
     assert "needs --warmup_epochs" in capsys.readouterr().err
     assert match_ratio.main(["rs2", "--target", "nonsense"]) == 1
     assert "neither a folder nor a prune ratio" in capsys.readouterr().err
+
+
+def test_d3p_orderdp_and_random_static_at_a_ratio(capsys):
+    # D3P (s=3, p=5, n=2, 80 epochs): the first decision ends epoch 2, so 77 epochs are pruned: r = t 80 / 77
+    assert match_ratio.d3p_pruned_epochs(80, 3, 5, 2) == 77
+    assert match_ratio.d3p_pruned_epochs(80, 3, 5, 2, anneal_epochs=7) == 70
+    out = match_ratio.solve("d3p", "0.5", None, 80, 5, d3p_schedule=(3, 5, 2, 0))
+    assert out["flags"] == {"d3p_target_ratio": 0.5 * 80 / 77} and out["predicted_ratio"] == pytest.approx(0.5)
+    with pytest.raises(match_ratio.RatioError, match="out of reach"):
+        match_ratio.solve("d3p", "0.5", None, 6, 5, d3p_schedule=(3, 5, 2, 0))  # 3 of 6 epochs pruned: at most 50%
+    assert match_ratio.solve("orderdp", "0.3", None, 80, 5)["flags"] == {"orderdp_target_ratio": 0.3}
+    with pytest.raises(match_ratio.RatioError, match="out of reach"):
+        match_ratio.solve("orderdp", "0.0", None, 80, 5)
+    static = match_ratio.solve("random_static", "0.7", None, 80, 5)  # the static selectors' model
+    assert static["flags"] == {"prune_ratio": 0.7 * 80 / 75, "static_warmup_epochs": 5}
+    assert match_ratio.main(["d3p", "--target", "0.3", "--epochs", "80", "--d3p_start", "3", "--d3p_period", "5",
+                             "--d3p_window", "2"]) == 0
+    assert capsys.readouterr().out.strip() == f"--d3p_target_ratio {0.3 * 80 / 77!r}"

@@ -195,3 +195,16 @@ def test_folder_plan_fits_the_batches_to_a_small_folder(tmp_path):
         (data / "train" / "c0" / f"{i}.png").unlink()
     small = run_recipe(tmp_path / "out", PLAN_ONLY=1, DATA_SET="folder", DATA_PATH=data, EPOCHS=10)
     assert small.returncode == 2 and "too few for a linear probe" in small.stderr and "LP_BATCH" in small.stderr
+
+
+def test_plans_hold_orderdp_d3p_at_a_ratio_and_random_static(tmp_path):
+    """converged: OrderDP at D3P's ratio (no default-ratio OrderDP run); sweep: D3P (--d3p_target_ratio), OrderDP
+    and random_static at every ratio."""
+    converged = _jobs(run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="converged", SEEDS="0 1"))
+    assert [j for j in converged if j.startswith("orderdp")] == ["orderdp_eq:0", "orderdp_eq:1"]
+    sweep = _jobs(run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="sweep", SEEDS="0"))
+    for pct in (30, 50, 70):
+        assert {f"d3p_p{pct}:0", f"orderdp_p{pct}:0", f"random_static_p{pct}:0", f"whole_eqc_p{pct}:0"} <= set(sweep)
+    assert "d3p:0" not in sweep  # D3P runs at the sweep's ratios only
+    bad = run_recipe(tmp_path / "plan", PLAN_ONLY=1, PLAN="sweep", SWEEP_METHODS="d3p topk")
+    assert bad.returncode == 2 and "SWEEP_METHODS: topk is not one of" in bad.stderr

@@ -122,9 +122,24 @@ def test_pruning_flag_rules():
         main_finetune.validate_args(_args("--linprobe", "--prune_method", "infobatch", "--model", "vit_tiny_patch4"))
 
 
-def test_fine_tuning_warns_of_a_short_last_batch(tmp_path, capsys):
-    """Random at 70% keeps 450 of the 1,500 digits: 7 batches of 64 and one of 2 (docs/does_pruning_pay.md)."""
+def test_every_method_trains_balanced_batches_and_drop_last_is_for_the_unscored_ones(tmp_path, capsys):
+    """Random at 70% keeps 450 of the 1,500 digits: 8 balanced batches (2 x 57 + 6 x 56), not 7 x 64 and a runt of
+    2 (docs/does_pruning_pay.md, the 70% column); with Mixup the sizes are even. --drop_last is MAE's batching (7 x
+    64, 2 dropped) and is refused for a method that scores samples by their loss."""
     main_finetune.cli([*BASE, "--prune_method", "random", "--prune_ratio", "0.7", "--epochs", "1",
                        "--output_dir", str(tmp_path / "ft")])
-    assert "warning: epoch 0: 450 samples per rank end in a batch of 2 of 64 (1 batch of 8)" in capsys.readouterr().out
-    assert read_log(str(tmp_path / "ft"))[0]["samples_trained"] == 450
+    line = read_log(str(tmp_path / "ft"))[0]
+    assert (line["samples_trained"], line["batch_min"], line["batch_max"], line["optimizer_steps"]) == (450, 56, 57, 8)
+    main_finetune.cli([*BASE, "--prune_method", "random", "--prune_ratio", "0.7", "--epochs", "1", "--mixup", "0.8",
+                       "--output_dir", str(tmp_path / "mix")])
+    line = read_log(str(tmp_path / "mix"))[0]
+    assert (line["batch_min"], line["batch_max"]) == (56, 58)  # 450 = 58 + 7 x 56: pairs for Mixup
+    main_finetune.cli([*BASE, "--prune_method", "random", "--prune_ratio", "0.7", "--epochs", "1", "--drop_last",
+                       "--output_dir", str(tmp_path / "mae")])
+    line = read_log(str(tmp_path / "mae"))[0]
+    assert (line["samples_trained"], line["batch_min"], line["batch_max"]) == (448, 64, 64)
+    with pytest.raises(SystemExit) as refused:
+        main_finetune.cli([*BASE, "--prune_method", "infobatch", "--drop_last", "--output_dir", str(tmp_path / "x")])
+    assert refused.value.code == 2
+    assert "--drop_last drops samples that --prune_method infobatch scores by their loss" in capsys.readouterr().err
+

@@ -208,6 +208,21 @@ def test_nan_on_one_rank_stops_every_rank_together(tmp_path):
     assert torch.isfinite(load_ckpt(out, 0)["model"]["blocks.0.attn.qkv.weight"]).all()
 
 
+def test_a_failed_save_on_rank_0_stops_every_rank_with_its_error(tmp_path):
+    """Rank 0's disk is full when it writes checkpoint-1.pth: both ranks stop at once with rank 0's error (exit 1),
+    instead of rank 1 waiting in its next collective until the timeout; checkpoint-0.pth stays, no torn file."""
+    out = str(tmp_path / "run")
+    res = run_torchrun(2, ["tests/fault_runner.py", *BASE, "--prune_method", "none", "--epochs", "3",
+                           "--output_dir", out, "--dist_timeout_min", "5"], timeout=150,
+                       env_extra={"FAULT": "disk_full:1:0:0"})
+    assert res.returncode != 0
+    for rank in (0, 1):
+        assert (f"error (rank {rank}): rank 0 could not write {os.path.join(out, 'checkpoint-1.pth')} (OSError: "
+                "[Errno 28] No space left on device)") in res.stderr, res.stderr[-3000:]
+    assert "Fix: free space in" in res.stderr and "util/checkpoint.py\", line" not in res.stderr  # no traceback of ours
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["checkpoint-0.pth"]
+
+
 def test_auto_resume_follows_rank0_when_another_rank_sees_an_older_listing(tmp_path, two_rank_run):
     """Rank 1's storage lags (it lists no checkpoint-2.pth yet): rank 0 chooses for everyone, both
     ranks resume from checkpoint-2.pth and finish exactly as the uninterrupted run."""

@@ -131,48 +131,29 @@ def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
         assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("num_local, batch_size, rest", [
-    (450, 64, 2),  # the sweep's 70% on the digits: 7 x 64 + 2, one batch in 8
-    (66, 32, 2), (7, 64, 7),  # 2 x 32 + 2; an epoch of one short batch
-    (448, 64, None), (450, 16, None),  # whole batches; 450 = 28 x 16 + 2 is short but 2 * 8 >= 16
-    (455, 64, 7),  # 7 x 64 + 7: 7 * 8 = 56 < 64
-    (456, 64, None),  # 7 x 64 + 8: 8 * 8 = 64, not short
-    (1500, 64, None),  # 23 x 64 + 28
-    (51 * 64 + 1, 64, None), (49 * 64 + 1, 64, 1),  # 52 batches: one in 52 is noise among noise; 50: warned
-])
-def test_short_last_batch_threshold(num_local, batch_size, rest):
-    message = loader_util.short_last_batch(num_local, batch_size)
-    if rest is None:
-        assert message is None
-    else:
-        batches = -(-num_local // batch_size)
-        assert message is not None and f"a batch of {rest} of {batch_size} (1 batch of {batches})" in message
-        assert "Fix:" in message
+def test_training_loaders_balance_the_batches_and_resume_in_the_same_batches():
+    """66 samples at --batch_size 32: 3 batches of 22 (not 32 + 32 + 2); even sizes for Mixup (67: 22, 22, 23);
+    MAE's drop_last: 2 x 32. A resume after the first batch yields the rest of the same batches."""
+    import argparse
 
+    import torch
+    from torch.utils.data import TensorDataset
 
-def test_a_short_last_batch_is_warned_once_per_run(tmp_path, capsys):
-    """66 samples in batches of 32 end every epoch in a batch of 2: rank 0 says so, once, naming the fix;
-    64 samples fill two batches and say nothing."""
-    base = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--warmup_epochs", "0",
-            "--prune_method", "none", "--epochs", "2"]
-    assert main_pretrain_d3p.cli([*base, "--train_subset", "66", "--output_dir", str(tmp_path / "short")]) == 0
-    out = capsys.readouterr().out
-    assert out.count("warning: epoch 0: 66 samples per rank end in a batch of 2 of 32 (1 batch of 3)") == 1
-    assert "warning: epoch 1" not in out
-    assert main_pretrain_d3p.cli([*base, "--train_subset", "64", "--output_dir", str(tmp_path / "whole")]) == 0
-    assert "batch of" not in capsys.readouterr().out
+    from d3p.sampler import PrunedDistributedSampler
+    from util.datasets import IndexedDataset
 
+    args = argparse.Namespace(seed=0, num_workers=0, pin_mem=False, device="cpu")
 
-def test_the_short_batch_warning_reads_the_loader(capsys):
-    """Batch size, length and drop_last come from the loader the epoch runs: the linear probe's (drop_last) has
-    no short batch to warn of; an earlier warning silences later epochs."""
-    from torch.utils.data import DataLoader
+    def sizes(n, **kw):
+        data = IndexedDataset(TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long)))
+        sampler = PrunedDistributedSampler(n, shuffle=False)
+        loader = loader_util.make_loader(data, sampler, args, 32, 0, **kw)
+        return [len(index) for _, _, index in loader], sampler, loader
 
-    data = list(range(66))
-    assert loader_util.warn_short_last_batch(DataLoader(data, batch_size=32, drop_last=True), 0, False) is False
-    assert capsys.readouterr().out == ""
-    keeps = DataLoader(data, batch_size=32)
-    assert loader_util.warn_short_last_batch(keeps, 3, False) is True
-    assert "warning: epoch 3: 66 samples per rank end in a batch of 2 of 32" in capsys.readouterr().out
-    assert loader_util.warn_short_last_batch(keeps, 4, True) is True
-    assert capsys.readouterr().out == ""
+    assert sizes(66)[0] == [22, 22, 22]
+    assert sizes(67, multiple_of=2)[0] == [22, 22, 23]
+    assert sizes(66, drop_last=True)[0] == [32, 32]
+    _, sampler, loader = sizes(66)
+    sampler.skip(22)  # a mid-epoch checkpoint after one step of 22
+    assert [index.tolist() for _, _, index in loader] == [list(range(22, 44)), list(range(44, 66))]
+
