@@ -149,13 +149,16 @@ def test_poor_fit_actions():
     np.testing.assert_array_equal(a.pruned, b.pruned)
 
 
-def test_defaults_are_the_published_method_and_classification_turns_the_rails_on():
-    mae = d3p.DataPruner(100, "d3p", epochs=10)
+def test_defaults_are_the_rails_and_reconstruction_is_the_published_method():
+    """Issue 29 item 6: a DataPruner without loss_kind gets the rails (the classification preset); declaring
+    MAE's reconstruction loss gives the published method."""
+    safe = d3p.DataPruner(100, "d3p", epochs=10)
+    assert safe.loss_kind == "classification"
+    assert safe.strategy.max_weight == 1.0 and safe.strategy.min_kept_share == 0.5
+    assert safe.options["d3p_max_weight"] == 1.0  # summary.json's flags say so
+    mae = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="reconstruction")
     assert (mae.strategy.max_weight, mae.strategy.min_kept_share, mae.strategy.poor_fit) == (0.0, 0.0, "warn")
-    clf = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="classification")
-    assert clf.strategy.max_weight == 1.0 and clf.strategy.min_kept_share == 0.5
-    assert clf.options["d3p_max_weight"] == 1.0  # summary.json's flags say so
-    own = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="classification", d3p_max_weight=0.0)
+    own = d3p.DataPruner(100, "d3p", epochs=10, d3p_max_weight=0.0)
     assert own.strategy.max_weight == 0.0  # an explicit option wins over the preset
     with pytest.raises(ValueError, match="loss_kind must be one of"):
         d3p.DataPruner(100, "d3p", epochs=10, loss_kind="regression")
@@ -168,7 +171,9 @@ def test_defaults_are_the_published_method_and_classification_turns_the_rails_on
     assert (pre.d3p_max_weight, pre.d3p_min_kept, pre.d3p_poor_fit) == (0.0, 0.0, "warn")
     assert (ft.d3p_max_weight, ft.d3p_min_kept) == (1.0, 0.5)
     parser = argparse.ArgumentParser()
-    d3p.add_pruning_args(parser)
+    d3p.add_pruning_args(parser)  # the flags' default is the safe one too
+    assert parser.parse_args([]).d3p_max_weight == 1.0
+    assert d3p.DataPruner.from_args(pre, 100).strategy.max_weight == 0.0  # the MAE script: the published method
     assert "must be 0 (no cap) or >= 1" in "; ".join(
         d3p.validate_pruning_args(parser.parse_args(["--d3p_max_weight", "0.5"])))
 
