@@ -171,9 +171,10 @@ class DataPruner:
         changed = {k: v for k, v in self.options.items() if k in ("prune_ratio", "d3p_max_weight", "d3p_min_kept",
                                                                    "d3p_start", "d3p_period", "d3p_window")}
         last = self.ledger.epochs[-1] if self.ledger.epochs else None
+        totals = self.ledger.totals() if last is not None else {}
         where = ("no epoch yet" if last is None else
                  f"after epoch {last['epoch']}: kept {last['kept']}/{self.num_samples}, run prune ratio "
-                 f"{last['run_prune_ratio']:.3f}, compute saved {last['compute_saved']:.3f}")
+                 f"{totals['run_prune_ratio']:.3f}, compute saved {totals['compute_saved']:.3f}")
         options = "".join(f", {k}={v!r}" for k, v in changed.items())
         return (f"DataPruner({self.num_samples}, method={self.method!r}, epochs={self.epochs}, seed={self.seed}"
                 f"{options}, world_size={self.sampler.num_replicas}; {where})")
