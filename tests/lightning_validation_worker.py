@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import d3p  # noqa: E402
+import d3p.lightning  # noqa: E402
 
 N, BATCH, EPOCHS = 160, 16, 5
 
@@ -96,6 +97,8 @@ def run(out_dir: str, devices: int) -> dict:
         "early_stopping_wait": int(stop.wait_count), "early_stopping_best": float(stop.best_score),
         "sync_dist_warnings": [str(w.message) for w in caught if "sync_dist" in str(w.message)],
         "metrics": sorted(k for k in trainer.callback_metrics if k.startswith("d3p/")),
+        "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("d3p/")},
+        "last_log": {k: float(pruner.last_log[k]) for k in d3p.lightning.METRICS},
     }
 
 

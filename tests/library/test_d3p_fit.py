@@ -235,3 +235,37 @@ def test_main_finetune_label_noise_flag(tmp_path):
     np.testing.assert_array_equal(bad, mask)
     assert bad.sum() == 300 and noisy.base.targets == expect.tolist()
     assert noisy[int(np.flatnonzero(bad)[0])][1] != clean[int(np.flatnonzero(bad)[0])][1]  # the items carry it
+
+
+# ------------------------------------------------------------------ issue 29 item 8: the mutants that survived
+def test_poor_fit_starts_strictly_above_the_threshold():
+    """A fit exactly at the threshold is not poor (`ks > threshold`): keep_all then prunes as much as warn."""
+    window = _cross_entropy_window()
+    d = decide(window, bins=32, rng=3)
+    at = decide(window, bins=32, rng=3, fit_threshold=d.fit_ks, poor_fit="keep_all")
+    assert d.pruned.sum() > 0 and not at.poor_fit
+    np.testing.assert_array_equal(at.pruned, d.pruned)
+
+
+def test_the_fit_threshold_reaches_the_strategy():
+    """DataPruner(d3p_fit_threshold=0.99): no D3PFitWarning on the cross-entropy window that warns at 0.2."""
+    window = _cross_entropy_window()
+    for threshold, warns in ((0.99, False), (FIT_KS_THRESHOLD, True)):
+        strategy = d3p.DataPruner(4000, "d3p", epochs=10, d3p_start=3, d3p_period=5, d3p_window=3, d3p_bins=32,
+                                  d3p_fit_threshold=threshold).strategy
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _decide_on(strategy, window)
+        assert any(issubclass(w.category, D3PFitWarning) for w in caught) == warns, threshold
+
+
+def test_the_kept_share_is_rounded_up():
+    """d3p_min_kept=0.6 of N=4001 keeps ceil(2400.6) = 2401 when the decision falls below it."""
+    window = _cross_entropy_window(4001)
+    assert decide(window, bins=32, rng=0).pruned.sum() > 4001 - 2401  # the decision alone keeps fewer
+    strategy = d3p.DataPruner(4001, "d3p", epochs=10, d3p_start=3, d3p_period=5, d3p_window=3, d3p_bins=32,
+                              d3p_min_kept=0.6, d3p_max_weight=0.0).strategy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", D3PFitWarning)
+        _decide_on(strategy, window)
+    assert int((~strategy.pruned).sum()) == 2401

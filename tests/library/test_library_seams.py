@@ -221,3 +221,22 @@ def test_repr_the_per_epoch_line_and_the_decision_figure(tmp_path, caplog):
     path = pruner.plot(str(tmp_path / "decision.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ issue 29 item 8: the mutants that survived
+def test_a_batch_whose_indices_were_never_used_is_refused():
+    pruner = d3p.DataPruner(N, "none", loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
+    loader = DataLoader(_data(), batch_size=BATCH, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # leaving the epoch by the error is warned; not what this test reads
+        with pytest.raises(ValueError, match="the previous batch's indices were never used: call "
+                                             r"pruner.loss\(outputs, targets\) once per batch"):
+            for x, y in pruner.epoch(loader, 0):
+                pass  # no pruner.loss: the next batch is refused
+
+
+def test_num_replicas_and_rank_come_together():
+    for given in (dict(num_replicas=2), dict(rank=1)):
+        with pytest.raises(ValueError, match="give both num_replicas and rank, or neither"):
+            d3p.DataPruner(N, "none", **given)
+    assert d3p.DataPruner(N, "none", num_replicas=2, rank=1).sampler.rank == 1

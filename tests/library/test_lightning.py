@@ -3,6 +3,7 @@ Lightning's checkpoint, 2 DDP ranks pruning the same samples, Lightning's sample
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import assert_state_equal, run_torchrun
@@ -65,6 +66,10 @@ def _check_validation_follows_the_pruned_epoch(result, devices):
     assert result["sync_dist_warnings"] == []
     assert result["metrics"] == sorted(f"d3p/{k}" for k in ("kept", "epoch_prune_ratio", "run_prune_ratio",
                                                             "compute_saved"))
+    # each metric is the last epoch's log entry of its name (the epoch's and the run's ratio differ here)
+    last = result["last_log"]
+    assert last["epoch_prune_ratio"] != last["run_prune_ratio"]
+    assert result["logged"] == {f"d3p/{k}": pytest.approx(v, abs=1e-6) for k, v in last.items()}
 
 
 def test_lightning_validation_checkpoints_and_early_stopping_follow_the_pruned_epoch(tmp_path):
