@@ -7,6 +7,7 @@ an MLP, SGD, batch 100, the five-line loop of docs/library.md with `d3p.per_samp
   whole       method "none" (every sample, every epoch)
   default     DataPruner(N, "d3p", epochs=E, loss_fn=...): no loss_kind, so the rails are on
   published   the same with loss_kind="reconstruction": D3P as published (what the default was before)
+  keep_all    (--keep_all) the default with d3p_poor_fit="keep_all": a poorly fitting decision prunes nothing
   random      method "random" at the default arm's kept counts (random_match)
 Prints one JSON line per run and a summary: the clean test accuracy of each arm, mean over the seeds, and the
 default arm's loss against Whole (acceptance: at most 3 points).
@@ -56,6 +57,8 @@ def run(arm: str, seed: int, epochs: int, match: list[int] | None = None) -> dic
         pruner = d3p.DataPruner(N_TRAIN, "none", loss_fn=loss_fn, seed=seed)
     elif arm == "default":
         pruner = d3p.DataPruner(N_TRAIN, "d3p", epochs=epochs, loss_fn=loss_fn, seed=seed)
+    elif arm == "keep_all":  # the default with a poorly fitting decision pruning nothing (--d3p_poor_fit keep_all)
+        pruner = d3p.DataPruner(N_TRAIN, "d3p", epochs=epochs, loss_fn=loss_fn, seed=seed, d3p_poor_fit="keep_all")
     elif arm == "published":
         pruner = d3p.DataPruner(N_TRAIN, "d3p", epochs=epochs, loss_fn=loss_fn, seed=seed, loss_kind="reconstruction")
     else:
@@ -85,17 +88,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--out", default=None)
+    p.add_argument("--keep_all", action="store_true", help="also run the keep_all arm")
     args = p.parse_args(argv)
     runs = []
     for seed in args.seeds:
-        for arm in ("whole", "default", "published"):
+        for arm in ("whole", "default", "published") + (("keep_all",) if args.keep_all else ()):
             runs.append(run(arm, seed, args.epochs))
             print(json.dumps(runs[-1]), flush=True)
         default_kept = next(r["kept"] for r in runs if r["arm"] == "default" and r["seed"] == seed)
         runs.append(run("random", seed, args.epochs, match=default_kept))
         print(json.dumps(runs[-1]), flush=True)
     mean = {arm: round(float(np.mean([r["test_acc1"] for r in runs if r["arm"] == arm])), 2)
-            for arm in ("whole", "default", "published", "random")}
+            for arm in ("whole", "default", "published", "random", "keep_all") if any(r["arm"] == arm for r in runs)}
     result = {"mean_test_acc1": mean, "default_minus_whole": round(mean["default"] - mean["whole"], 2),
               "seeds": args.seeds, "epochs": args.epochs, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
