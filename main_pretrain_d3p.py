@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train on the first N training samples only (smoke tests, CPU demos); 0 = all")
 
     flags.add_run_args(parser, save_every=20, keep_last=0)  # output, checkpoints, resume, loader, devices
-    d3p.add_pruning_args(parser)
+    d3p.add_pruning_args(parser, loss_kind="reconstruction")  # MAE's loss: the published D3P, no rails
     return parser
 
 

@@ -81,7 +81,7 @@ def signalled(args: argparse.Namespace) -> None:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     n = args.num_samples
-    pruner = d3p.DataPruner(n, "d3p", epochs=800, min_kept=4096)
+    pruner = d3p.DataPruner(n, "d3p", epochs=800, min_kept=4096, loss_kind="reconstruction")  # MAE: published D3P
     pruner.begin_epoch(0)  # a recording epoch: the checkpoint carries the losses recorded so far
     rng = np.random.default_rng(0)
     for start in range(0, n // 2, 65536):  # half of the epoch trained: its losses recorded

@@ -8,7 +8,7 @@ The public API (see docs/api.md and examples/train_classifier.py):
     validate_pruning_args messages for forbidden flag values / combinations
     per_sample_cross_entropy  cross-entropy per sample (label smoothing, soft Mixup/CutMix targets)
     D3PFitWarning         D3P's model of the losses fits poorly (docs/supervised.md); DataPruner(...,
-                          loss_kind="classification") turns its safety rails on
+                          loss_kind="classification", the default) turns its safety rails on
     register_method, Option   add a method of your own (d3p/registry.py; docs/methods_api.md), on the bases
     BaseStrategy, LossScoredStrategy, StaticSelector, implementing PruningStrategy with EpochPlan
     import_prune_plugins  import the --prune_plugin modules named in argv (before the parser is built)

@@ -1,9 +1,12 @@
-"""Loading a checkpoint as plain data (d3p-export; the training scripts' reader uses it too)."""
+"""Loading a checkpoint as plain data (d3p-export; the training scripts' reader uses it too), and writing one
+atomically (every file the library itself writes)."""
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
+import tempfile
 from typing import Any
 
 import torch
@@ -33,3 +36,20 @@ def load_plain(path: str) -> Any:
             "anything else can run code. Fix: in a session you trust, load it with weights_only=False and re-save "
             "the plain parts, e.g. torch.save({'model': ckpt['model']}, path)"
         ) from exc
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in `path`'s folder, fsync, then rename over `path`: a crash or a full disk
+    mid-write leaves the previous file (or none), never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

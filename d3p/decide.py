@@ -2,6 +2,12 @@
 
     python -m d3p.decide LOSSES.npy --out DECISION.npz [--bins 128] [--quantile 0.999]
                          [--seed 0] [--min-kept 1] [--plot FIG.png]
+                         [--max-weight W] [--min-kept-share F] [--poor-fit warn|keep_tail|keep_all]
+                         [--fit-threshold T] [--classification]
+
+The rails (`--max-weight`, `--min-kept-share`, `--poor-fit`, `--fit-threshold`) are those of DataPruner and the
+scripts' --d3p_max_weight, --d3p_min_kept, --d3p_poor_fit, --d3p_fit_threshold; off by default (the published
+decision). `--classification` takes the classification defaults (DataPruner's default) for those not given.
 
 LOSSES.npy: float array (n, N), losses[t, i] = loss of sample i in recording epoch t.
 DECISION.npz: pruned (bool N), weights (float32 N), cld (float64 N), support (float64 2),
@@ -12,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from .fit import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS
 
 
 # What matplotlib's Agg canvas writes (FigureCanvasAgg.get_supported_filetypes()); listed here
@@ -38,7 +47,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the trimming generator")
     p.add_argument("--min-kept", type=int, default=1, help="keep at least this many samples")
     p.add_argument("--plot", default=None, help="also write the decision figure (e.g. FIG.png)")
+    p.add_argument("--max-weight", type=float, default=None,
+                   help="cap on the up-weights (0: no cap, the published method; 1: none; classification: 1)")
+    p.add_argument("--min-kept-share", type=float, default=None,
+                   help="keep at least this share of the samples, in [0, 1] (classification: 0.5)")
+    p.add_argument("--poor-fit", choices=POOR_FIT_ACTIONS, default=None,
+                   help="what a decision whose fit KS exceeds --fit-threshold does (default warn)")
+    p.add_argument("--fit-threshold", type=float, default=None,
+                   help=f"the KS distance above which the fit is poor, in (0, 1] (default {FIT_KS_THRESHOLD:g})")
+    p.add_argument("--classification", action="store_true",
+                   help="a classifier's cross-entropy: the rails not given take their classification defaults")
     return p
+
+
+def _rails(args: argparse.Namespace) -> dict:
+    """The rails' values: those given, else the defaults of the loss kind (the published ones, or
+    --classification's), read from the registered D3P options so that they cannot drift from DataPruner's."""
+    from .options import defaults
+
+    kind = defaults(("d3p",), "classification" if args.classification else "reconstruction")
+    given = {"d3p_max_weight": args.max_weight, "d3p_min_kept": args.min_kept_share,
+             "d3p_poor_fit": args.poor_fit, "d3p_fit_threshold": args.fit_threshold}
+    return {name: kind[name] if value is None else value for name, value in given.items()}
 
 
 def _load(parser: argparse.ArgumentParser, path: str) -> np.ndarray:
@@ -86,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.min_kept < 0:
         parser.error(f"--min-kept must be >= 0, got {args.min_kept}")
+    rails = _rails(args)
+    if not (rails["d3p_max_weight"] == 0 or rails["d3p_max_weight"] >= 1):
+        parser.error(f"--max-weight must be 0 (no cap) or >= 1, got {rails['d3p_max_weight']}")
+    if not 0.0 <= rails["d3p_min_kept"] <= 1.0:
+        parser.error(f"--min-kept-share must lie in [0, 1], got {rails['d3p_min_kept']}")
+    if not 0.0 < rails["d3p_fit_threshold"] <= 1.0:
+        parser.error(f"--fit-threshold must lie in (0, 1], got {rails['d3p_fit_threshold']}")
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else None
     for target, flag in ((out, "--out"), (plot, "--plot")):
@@ -102,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     from .stats import DegenerateWindowError, decide
 
     try:
-        decision = decide(losses, bins=args.bins, quantile=args.quantile, rng=args.seed,
-                          min_kept=args.min_kept)
+        share = rails["d3p_min_kept"]
+        floor = max(args.min_kept, math.ceil(share * losses.shape[1] - 1e-9) if share else 0)  # as D3P's
+        decision = decide(losses, bins=args.bins, quantile=args.quantile, rng=args.seed, min_kept=floor,
+                          max_weight=rails["d3p_max_weight"], poor_fit=rails["d3p_poor_fit"],
+                          fit_threshold=rails["d3p_fit_threshold"])
     except DegenerateWindowError as err:  # non-finite was checked above; keep the contract anyway
         parser.error(str(err))
 
@@ -136,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     line = {k: summary[k] for k in ("N", "pruned", "easy", "hard", "trimmed", "upweighted",
                                     "prune_ratio", "seconds")}
     line.update(restored=summary["restored"], reason=summary["reason"], fit_ks=summary["fit_ks"],
-                poor_fit=summary["poor_fit"], max_weight=summary["max_weight"])
+                poor_fit=summary["poor_fit"], max_weight=summary["max_weight"], capped=summary["capped"],
+                tail_kept=summary["tail_kept"])
     print(json.dumps(line), flush=True)
     return 0
 

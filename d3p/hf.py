@@ -31,10 +31,15 @@ from torch.utils.data import BatchSampler, DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from d3p.checkpoints import atomic_save
 from d3p.data import _ItemAndIndex
 from d3p.integration import DataPruner
 
-__all__ = ["PruningTrainer", "per_sequence_token_loss", "INDEX_KEY"]
+__all__ = ["PruningTrainer", "per_sequence_token_loss", "INDEX_KEY", "CheckpointSaveError"]
+
+
+class CheckpointSaveError(RuntimeError):
+    """A rank failed to write its part of a checkpoint; raised on every rank, with that rank's error."""
 
 INDEX_KEY = "d3p_index"
 STATE_FILE = "d3p_pruning-rank{rank}.pt"
@@ -139,6 +144,7 @@ class PruningTrainer(Trainer):
         resume = self._resume_state
         if resume is not None and resume["epoch"] == epoch:
             self.pruner._batches = resume["batches"]  # the steps of the epoch's first part (ledger)
+            self.pruner._samples_seen = resume["samples"]  # and this rank's samples trained in it
             if resume["recorded"] is not None:
                 self.pruner.carry_over(*resume["recorded"])  # this rank's losses of the epoch's first part
         self._resume_state = None
@@ -194,8 +200,36 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        """The Trainer's checkpoint and this rank's pruning state (written atomically); then every rank learns
+        whether every rank saved. A failed save (rank 0's disk full) stops every rank at once with that rank's
+        error, instead of the others training on into a collective that never completes."""
+        error = None
+        try:
+            super()._save_checkpoint(model, trial)
+            self._save_pruning_state(trial)
+        except Exception as err:  # noqa: BLE001 - every failure of a save is shared with the other ranks
+            error = err
+        failed = self._failed_saves(error)
+        if failed:
+            rank, message = failed[0]
+            raise CheckpointSaveError(
+                f"rank {rank} could not save checkpoint-{self.state.global_step}: {message}. Every rank stops "
+                "here. Fix: free or change the output directory (TrainingArguments(output_dir=...)), then resume "
+                "with trainer.train(resume_from_checkpoint=True)") from error
+
+    def _failed_saves(self, error: BaseException | None) -> list[tuple[int, str]]:
+        """(rank, its error) of every rank whose save failed: one all-gather of a short string per save."""
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+                torch.distributed.get_world_size() == 1:
+            return [] if mine is None else [(0, mine)]
+        gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        return [(rank, message) for rank, message in enumerate(gathered) if message is not None]
+
+    def _save_pruning_state(self, trial: Any) -> None:
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)  # rank 0 makes it with the model's files; the others need not wait
         recorded = None
         if self._epoch_open and self.pruner.recorder is not None:
             recorded = self.pruner.recorder.totals()  # this rank's losses so far (plain float64/int32 arrays)
@@ -204,10 +238,11 @@ class PruningTrainer(Trainer):
             "epoch": self.pruner._epoch if self._epoch_open else
             (0 if self.pruner._epoch is None else self.pruner._epoch + 1),
             "batches": self.pruner._batches if self._epoch_open else 0,
+            "samples": self.pruner._samples_seen if self._epoch_open else 0,  # this rank's, for the ledger
             "world_size": self.pruner.sampler.num_replicas,
             "recorded": None if recorded is None else [torch.from_numpy(recorded[0]), torch.from_numpy(recorded[1])],
         }
-        torch.save(state, os.path.join(folder, STATE_FILE.format(rank=self.args.process_index)))
+        atomic_save(state, os.path.join(folder, STATE_FILE.format(rank=self.args.process_index)))
 
     def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
                              resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
@@ -229,6 +264,8 @@ class PruningTrainer(Trainer):
         self.pruner.load_state_dict(state["pruner"])
         recorded = state["recorded"]
         self._resume_state = {"epoch": state["epoch"], "batches": int(state["batches"]),
+                              # absent in checkpoints of earlier versions: full batches
+                              "samples": int(state.get("samples", int(state["batches"]) * self._train_batch_size)),
                               "recorded": None if recorded is None else (recorded[0].numpy(),
                                                                          recorded[1].numpy().astype(np.int32))}
         return int(state["epoch"]), int(state["batches"])

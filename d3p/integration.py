@@ -27,7 +27,9 @@ Negative dataset indices mark a substituted (unreadable) sample: weight 0, no re
 """
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -37,6 +39,7 @@ from d3p.collectives import all_gather_within, get_rank, get_world_size, is_dist
 from d3p.data import pruned_loader
 from d3p.distributed import RankDivergenceError, check_ranks_agree, reduce_epoch_losses
 from d3p.ledger import CostLedger
+from d3p.messages import in_keywords, warn_at_caller
 from d3p.options import options_of, preset_options, validate_options
 from d3p.recorder import LossRecorder
 from d3p.registry import all_options, build, get_method, method_names
@@ -44,6 +47,8 @@ from d3p.sampler import PrunedDistributedSampler
 from d3p.strategy import EpochLosses, EpochPlan, PruningStrategy
 
 __all__ = ["DataPruner", "build_strategy", "weighted_batch_loss"]
+
+logger = logging.getLogger("d3p")
 
 
 def weighted_batch_loss(per_sample: torch.Tensor, weights: torch.Tensor | None, normalize: bool) -> torch.Tensor:
@@ -85,23 +90,29 @@ class DataPruner:
     knn_device: where D2's k-NN runs (the training device).
     loss_fn: (outputs, targets) -> float [B] per-sample losses: the one loss of both passes (`loss`, `epoch`).
     sync_timeout: seconds `begin_epoch`/`end_epoch` wait for the other ranks before an error names the call.
-    loss_kind: "reconstruction" (MAE's loss: the published defaults) or "classification" (a cross-entropy: the
-        options not given take their classification defaults, which turn D3P's safety rails on; docs/supervised.md).
+    loss_kind: "classification" (the default, safe for any loss: the options not given take their classification
+        defaults, which turn D3P's safety rails on; docs/supervised.md) or "reconstruction" (MAE's reconstruction
+        loss, what D3P was published and validated on: the published method, no rails).
+    log_epochs: True: one line per epoch through `logging` (logger "d3p", level INFO; `epoch_summary`).
     **options: the method's options, named as the flags (`d3p.registry.get_method(name).options`).
     """
 
     def __init__(self, num_samples: int, method: str | PruningStrategy = "d3p", epochs: int | None = None,
                  seed: int = 0, *, min_kept: int = 1, num_replicas: int | None = None, rank: int | None = None,
                  knn_device: str = "cpu", loss_fn: Callable[..., torch.Tensor] | None = None,
-                 sync_timeout: float = 1800.0, loss_kind: str = "reconstruction", **options: Any):
+                 sync_timeout: float = 1800.0, loss_kind: str = "classification", log_epochs: bool = False,
+                 _flags: bool = False, **options: Any):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}: the dataset is empty")
         options = {**preset_options(loss_kind), **options}
         self.loss_kind = loss_kind
+        self._flags = _flags  # built from command-line flags (from_args): messages name flags, else keywords
+        self.epochs = epochs
+        self.log_epochs = bool(log_epochs)
         if isinstance(method, str):
             problems = validate_options(method, epochs, options)
             if problems:
-                raise ValueError("; ".join(problems))
+                raise ValueError(self._speak("; ".join(problems)))
             self.strategy = build_strategy(method, int(num_samples), epochs, seed, min_kept, knn_device, **options)
         else:
             self.strategy = method
@@ -134,6 +145,9 @@ class DataPruner:
         self._forward_recorded = False
         self._epoch: int | None = None
         self._pending_index: torch.Tensor | None = None  # the batch `epoch()` yielded last, until `loss` takes it
+        self._samples_seen = 0  # samples this rank passed through batch_loss this epoch (what the model trained)
+        self._open = False  # begin_epoch ran and end_epoch has not yet
+        self._left_early = False  # pruner.epoch was left before its end (warned once)
         self._loaders: dict[int, tuple[Any, Any, Any]] = {}  # id(user loader) -> (it, train loader, forward loader)
         self.last_log: dict[str, Any] | None = None  # end_epoch's log of the last epoch `epoch()` ran
 
@@ -142,31 +156,51 @@ class DataPruner:
         """From flags added by `d3p.add_pruning_args` (+ `--epochs`, `--seed`, `--device`); `kwargs` (options or
         DataPruner's keywords) take precedence over the flags, e.g. random_match=<kept counts read from a run>."""
         return cls(num_samples, args.prune_method, args.epochs, args.seed, min_kept=min_kept,
-                   knn_device=getattr(args, "device", None) or "cpu", **{**options_of(args), **kwargs})
+                   knn_device=getattr(args, "device", None) or "cpu", _flags=True,
+                   **{**options_of(args), **kwargs})
 
     @property
     def num_samples(self) -> int:
         return self.strategy.num_samples
+
+    def _speak(self, message: str) -> str:
+        """`message` in the caller's terms: flags for a pruner built from flags (the scripts), else keywords."""
+        return message if self._flags else in_keywords(message)
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.options.items() if k in ("prune_ratio", "d3p_max_weight", "d3p_min_kept",
+                                                                   "d3p_start", "d3p_period", "d3p_window")}
+        last = self.ledger.epochs[-1] if self.ledger.epochs else None
+        totals = self.ledger.totals() if last is not None else {}
+        where = ("no epoch yet" if last is None else
+                 f"after epoch {last['epoch']}: kept {last['kept']}/{self.num_samples}, run prune ratio "
+                 f"{totals['run_prune_ratio']:.3f}, compute saved {totals['compute_saved']:.3f}")
+        options = "".join(f", {k}={v!r}" for k, v in changed.items())
+        return (f"DataPruner({self.num_samples}, method={self.method!r}, epochs={self.epochs}, seed={self.seed}"
+                f"{options}, world_size={self.sampler.num_replicas}; {where})")
 
     @property
     def method(self) -> str:
         return self.strategy.name
 
     # ------------------------------------------------------------------------------------- the epoch
-    def _same_call_on_every_rank(self, call: str, epoch: int) -> None:
-        """One all-gather of (call, epoch): every rank must be in the same pruner call, or the error names it
-        (rather than a collective of another call matching this one, or a silent hang)."""
+    def _same_call_on_every_rank(self, call: str, epoch: int) -> tuple[int, int]:
+        """One all-gather of (call, epoch, samples, batch_loss calls): every rank must be in the same pruner call,
+        or the error names it (rather than a collective of another call matching this one, or a silent hang).
+        Returns the samples and batch_loss calls of this epoch summed over the ranks."""
         if not is_dist():
-            return
+            return self._samples_seen, self._batches
         calls = ("begin_epoch", "end_epoch")
-        mine = torch.tensor([calls.index(call), int(epoch)], dtype=torch.int64)
-        got = [tuple(int(v) for v in t.cpu()) for t in
-               all_gather_within(to_collective(mine), self.sync_timeout, f"DataPruner.{call}({epoch})")]
+        mine = torch.tensor([calls.index(call), int(epoch), self._samples_seen, self._batches], dtype=torch.int64)
+        gathered = [tuple(int(v) for v in t.cpu()) for t in
+                    all_gather_within(to_collective(mine), self.sync_timeout, f"DataPruner.{call}({epoch})")]
+        got = [g[:2] for g in gathered]
         if len(set(got)) != 1:
             where = ", ".join(f"rank {r}: {calls[c]}({e})" for r, (c, e) in enumerate(got))
             raise RankDivergenceError(
                 f"the ranks are in different DataPruner calls ({where}). Every rank must call begin_epoch and "
                 "end_epoch for every epoch, in the same order. Fix: call them outside any `if rank == 0:`")
+        return sum(g[2] for g in gathered), sum(g[3] for g in gathered)
 
     def _refresh_ranks(self) -> None:
         """Re-read world size and rank (when not given): the process group may have started after __init__."""
@@ -179,6 +213,7 @@ class DataPruner:
 
     def begin_epoch(self, epoch: int) -> EpochPlan:
         """Ask the method for the epoch's plan, prove the ranks agree, rebuild the samplers."""
+        self._warn_epoch_order(int(epoch))
         self._same_call_on_every_rank("begin_epoch", epoch)
         self._refresh_ranks()
         plan = self.strategy.plan_epoch(epoch)
@@ -198,7 +233,28 @@ class DataPruner:
         self._forward_recorded = False
         self._epoch = int(epoch)
         self._pending_index = None
+        self._samples_seen = 0
+        self._open, self._left_early = True, False
         return plan
+
+    def _warn_epoch_order(self, epoch: int) -> None:
+        """Warn (at the caller's line) of an epoch begun twice, an epoch whose end_epoch never ran, and an epoch
+        past `epochs`: each silently loses or misplaces decisions."""
+        if self._open and not self._left_early:
+            if epoch == self._epoch:
+                warn_at_caller(f"begin_epoch({epoch}) was called twice without end_epoch({epoch}) between: the "
+                               "losses recorded since the first call are dropped. Fix: call begin_epoch once per "
+                               "epoch (pruner.epoch(loader, epoch, model) calls it for you)")
+            else:
+                warn_at_caller(f"begin_epoch({epoch}) without end_epoch({self._epoch}): epoch {self._epoch}'s "
+                               "losses and decision are lost. Fix: call pruner.end_epoch(epoch) on every rank after "
+                               "each epoch's last batch (pruner.epoch(loader, epoch, model) calls it for you)")
+        if self.epochs is not None and epoch >= self.epochs:
+            warn_at_caller(f"epoch {epoch} is past the run's epochs: the pruner was built with "
+                           + self._speak(f"--epochs {self.epochs}") + " (epochs 0.."
+                           f"{self.epochs - 1}), so the method's schedule ended (no more decisions, annealing "
+                           "over). Fix: " + self._speak(f"build the pruner with --epochs {epoch + 1} or more")
+                           + " (the number of epochs the loop runs)")
 
     @property
     def forward_only_indices(self) -> np.ndarray:
@@ -220,7 +276,11 @@ class DataPruner:
     def batch_weights(self, indices: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
         """float32 [B] weights of the batch's samples on `device` (None: all ones). Negative indices: weight 0."""
         if self.plan is None:
-            raise RuntimeError("DataPruner.begin_epoch(epoch) must be called before the epoch's first batch")
+            raise RuntimeError(
+                "no epoch has begun: DataPruner.begin_epoch(epoch) must run before the epoch's first batch. Fix: "
+                "with Lightning add callbacks=[d3p.PruningCallback(pruner)] to L.Trainer; with the Hugging Face "
+                "Trainer use d3p.PruningTrainer(..., pruner=pruner); in your own loop iterate "
+                "`for batch in pruner.epoch(loader, epoch, model)` or call pruner.begin_epoch(epoch)")
         valid = indices >= 0
         weights = None
         if self._weights is not None:
@@ -262,6 +322,7 @@ class DataPruner:
         if self.recorder is not None:
             self.recorder.record(indices, per_sample)
         self._batches += 1
+        self._samples_seen += int(indices.numel())
         return loss
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
@@ -315,17 +376,37 @@ class DataPruner:
         model: what the forward-only pass runs, as is (the same mode as training), without gradient.
         forward: batch -> float [B] per-sample losses for the forward-only pass (default: `loss_fn(model(
             inputs), targets)` on the model's device). Give it when the training step does more (autocast, ...).
-        A loop that breaks out early skips the epoch's end: call `end_epoch` then, on every rank.
+        A loop that breaks out early skips the epoch's end (a warning says so): call `end_epoch` then, on every
+        rank.
         """
+        dataset_size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
+        if dataset_size is not None and dataset_size != self.num_samples:
+            raise ValueError(
+                f"the loader's dataset has {dataset_size} samples, but the pruner was built for {self.num_samples}: "
+                + ("it would never draw the last " + str(dataset_size - self.num_samples) if dataset_size >
+                   self.num_samples else "it would draw indices past the dataset's end")
+                + ". Fix: " + self._speak("build the pruner with the dataset's size, DataPruner(len(train_set), "
+                                          "...)"))
         train_loader, forward_loader = self._loaders_for(loader)
         self.begin_epoch(epoch)
         self.last_log = None
-        for batch, indices in train_loader:
-            if self._pending_index is not None:
-                raise ValueError("the previous batch's indices were never used: call pruner.loss(outputs, "
-                                 "targets) once per batch (or batch_loss(per_sample, indices))")
-            self._pending_index = indices
-            yield batch
+        finished = False
+        try:
+            for batch, indices in train_loader:
+                if self._pending_index is not None:
+                    raise ValueError("the previous batch's indices were never used: call pruner.loss(outputs, "
+                                     "targets) once per batch (or batch_loss(per_sample, indices))")
+                self._pending_index = indices
+                yield batch
+            finished = True
+        finally:
+            if not finished and self._open and self._epoch == int(epoch):
+                self._left_early = True
+                warn_at_caller(
+                    f"pruner.epoch(loader, {epoch}, ...) was left before its last batch (a break, max_steps, an "
+                    f"exception): epoch {epoch}'s forward-only pass and end_epoch did not run, so its losses and "
+                    "decision are lost and the ledger lacks it. Fix: let the loop finish the epoch, or call "
+                    f"pruner.end_epoch({epoch}) on every rank right after leaving it")
         self._pending_index = None
         self.forward_only_pass(forward_loader, model, forward)
         self.last_log = self.end_epoch(epoch)
@@ -370,9 +451,14 @@ class DataPruner:
         plan_fingerprint, and the method's decision statistics.
         """
         if self.plan is None:
-            raise RuntimeError("DataPruner.end_epoch called without begin_epoch")
-        self._same_call_on_every_rank("end_epoch", epoch)
-        decision = self.strategy.end_epoch(epoch, self.epoch_losses(), embeddings) or {}
+            raise RuntimeError("DataPruner.end_epoch called without begin_epoch. Fix: call "
+                               "pruner.begin_epoch(epoch) before the epoch's first batch")
+        seen, batches = self._same_call_on_every_rank("end_epoch", epoch)
+        decision = self._decide(epoch, embeddings)
+        # what the model trained: the samples batch_loss saw on every rank, plus the positions a resumed epoch
+        # skipped (trained before the preemption); a loop that never calls batch_loss: the sampler's length
+        skipped = self.sampler.total_size - len(self.sampler) * self.sampler.num_replicas
+        trained = seen + skipped if batches else self.sampler.total_size
         forward_seen = self.forward_sampler.total_size if self._forward_recorded else 0
         if embeddings is not None:
             forward_seen += self.num_samples
@@ -380,7 +466,7 @@ class DataPruner:
         self.trained_counts[self.plan.kept] += 1
         costs = self.ledger.record_epoch(
             epoch,
-            samples_trained=self.sampler.total_size,
+            samples_trained=trained,
             samples_forward_only=forward_seen,
             optimizer_steps=self._batches if optimizer_steps is None else optimizer_steps,
             epoch_seconds=time.time() - (self._epoch_start if started is None else started),
@@ -388,7 +474,46 @@ class DataPruner:
             kept=int(self.plan.kept.size),
         )
         costs.pop("epoch")
-        return {**costs, "plan_fingerprint": self.fingerprint, **decision}
+        self._open = False
+        log = {**costs, "plan_fingerprint": self.fingerprint, **decision}
+        if self.log_epochs:
+            logger.info(self.epoch_summary(epoch, log))
+        return log
+
+    def _decide(self, epoch: int, embeddings: np.ndarray | None) -> dict[str, Any]:
+        """The method's end_epoch; its warnings re-issued in the caller's terms at the caller's line."""
+        if self._flags:
+            return self.strategy.end_epoch(epoch, self.epoch_losses(), embeddings) or {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decision = self.strategy.end_epoch(epoch, self.epoch_losses(), embeddings) or {}
+        for w in caught:
+            warn_at_caller(in_keywords(str(w.message)), w.category)
+        if "d3p_warning" in decision:
+            decision["d3p_warning"] = in_keywords(decision["d3p_warning"])
+        return decision
+
+    @staticmethod
+    def epoch_summary(epoch: int, log: dict[str, Any]) -> str:
+        """One line of an epoch's log: kept, the epoch's and the run's prune ratio, compute saved, the fit KS."""
+        ks = log.get("d3p_fit_ks")
+        fit = "" if ks is None else f", fit KS {ks:.3f}"
+        return (f"d3p epoch {epoch}: kept {log['kept']}/{log['kept'] + log['pruned']}, epoch prune ratio "
+                f"{log['epoch_prune_ratio']:.3f}, run prune ratio {log['run_prune_ratio']:.3f}, compute saved "
+                f"{log['compute_saved']:.3f}{fit}")
+
+    def plot(self, path: str, log: bool = False) -> str:
+        """Write the figure of the last D3P decision (`d3p-decide --plot`'s) to `path` (its suffix: the format);
+        needs matplotlib. Returns `path`."""
+        decision = getattr(self.strategy, "last_decision", None)
+        if decision is None:
+            raise ValueError(f"no D3P decision to plot: method {self.method!r} has made none yet (D3P decides at "
+                             "the end of its decision epochs). Fix: call plot after a decision epoch's end_epoch, "
+                             "e.g. when pruner.last_log has 'd3p_support'")
+        from d3p.plot import plot_decision
+
+        plot_decision(decision, decision.density, path, log=log)
+        return path
 
     def summary(self) -> dict[str, Any]:
         """Whole-run figures for summary.json: method, seed, world size, the ledger's totals, the method's options."""
@@ -412,16 +537,19 @@ class DataPruner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["method"] != self.strategy.name:
-            raise ValueError(
+            raise ValueError(self._speak(
                 f"checkpoint was written by --prune_method {state['method']}, this run uses "
                 f"{self.strategy.name}. Fix: resume with --prune_method {state['method']}, or use a new --output_dir"
-            )
+            ))
         if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(
+            raise ValueError(self._speak(
                 f"checkpoint's dataset has {state['num_samples']} samples, this one {self.num_samples}. "
                 "Fix: resume with the same dataset, or use a new --output_dir"
-            )
-        self.strategy.load_state_dict(state["strategy"])
+            ))
+        try:
+            self.strategy.load_state_dict(state["strategy"])
+        except ValueError as err:  # the method's refusal (a changed option), in the caller's terms
+            raise ValueError(self._speak(str(err))) from None
         self.ledger.load_state_dict(state["ledger"])
         counts = state.get("trained_counts")  # absent in checkpoints of early versions of this fork
         if counts is None:

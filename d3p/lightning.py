@@ -30,7 +30,10 @@ from torch.utils.data import DataLoader
 
 from d3p.integration import DataPruner
 
-__all__ = ["PruningCallback"]
+__all__ = ["PruningCallback", "METRICS"]
+
+# logged as d3p/<key> at each epoch's end (docs/library.md, "The d3p metrics")
+METRICS = ("kept", "epoch_prune_ratio", "run_prune_ratio", "compute_saved")
 
 
 def _loaders(obj: Any) -> list[DataLoader]:
@@ -84,8 +87,33 @@ class PruningCallback(pl.Callback):
                 "replaces a custom sampler under a distributed strategy unless told not to, and the pruned "
                 "samples would then be trained anyway. Fix: L.Trainer(..., use_distributed_sampler=False) and "
                 "train_dataloader() returning DataLoader(d3p.IndexedDataset(train_set), sampler=pruner.sampler)")
+        for dl in loaders:
+            if _draws_from(dl, self.pruner.sampler) and len(dl.dataset) != self.pruner.num_samples:
+                raise ValueError(
+                    f"the training DataLoader's dataset has {len(dl.dataset)} samples, but the pruner was built for "
+                    f"{self.pruner.num_samples}. Fix: d3p.DataPruner(len(train_set), ...) over the same dataset")
         self._begin(trainer.current_epoch)
         self._ended = False
+        self._follow_pruned_epoch(trainer)
+
+    @staticmethod
+    def _follow_pruned_epoch(trainer: pl.Trainer) -> None:
+        """Lightning counts the training batches once, from the first (unpruned) loader; validation (and with
+        it ModelCheckpoint(monitor=...), EarlyStopping, plateau schedulers) runs when that count is reached, and
+        the progress bar shows it. Recount them from this epoch's pruned loader."""
+        loop = trainer.fit_loop
+        combined = loop._combined_loader
+        if combined is None or len(combined.flattened) != 1:  # several train loaders: Lightning's count stays
+            return
+        limit = combined.limits[0] if combined.limits else float("inf")
+        batches = min(len(combined.flattened[0]), limit)
+        if batches == loop.max_batches:
+            return
+        loop.max_batches = batches
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and getattr(trainer, "_val_check_time_interval", None) is None \
+                and trainer.val_check_batch not in (None, float("inf")):
+            trainer.val_check_batch = max(1, int(batches * interval))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -110,8 +138,11 @@ class PruningCallback(pl.Callback):
         self.pruner.forward_only_pass(self._forward_batches(trainer), forward=self._forward_fn(pl_module))
         log = self.pruner.end_epoch(trainer.current_epoch)
         self.pruner.last_log = log
-        for key in ("kept", "epoch_prune_ratio", "run_prune_ratio", "compute_saved"):
-            pl_module.log(f"d3p/{key}", float(log[key]), rank_zero_only=True, on_step=False, on_epoch=True)
+        # every rank holds the same (global) values: "max" across ranks is each of them, exactly, and a synced
+        # metric raises no sync_dist warning under DDP
+        for key in METRICS:
+            pl_module.log(f"d3p/{key}", float(log[key]), on_step=False, on_epoch=True, sync_dist=True,
+                          reduce_fx="max")
 
     # ------------------------------------------------------------------ the forward-only pass
     def _forward_batches(self, trainer: pl.Trainer):

@@ -38,13 +38,13 @@ def preset_options(loss_kind: str) -> dict[str, Any]:
 
 def add_pruning_args(
     parser: argparse.ArgumentParser, methods: Sequence[str] | None = None, default: str = "d3p",
-    loss_kind: str = "reconstruction",
+    loss_kind: str = "classification",
 ) -> argparse._ArgumentGroup:
     """Add the "pruning" flag group: --prune_method, --prune_plugin and the options of the methods `methods`
     supports (default: every registered one). `validate_pruning_args(args, methods)` refuses the other methods
     with a message. Methods registered by a --prune_plugin are among them when `import_prune_plugins(argv)` ran
-    before this call. loss_kind: the training loss's kind; the flags default to its presets ("classification":
-    D3P's safety rails on)."""
+    before this call. loss_kind: the training loss's kind; the flags default to its presets ("classification", the
+    default: D3P's safety rails on; "reconstruction": MAE's loss, the published method, as main_pretrain_d3p.py)."""
     names = None if methods is None else tuple(methods)
     shown = names if names is not None else method_names()
     g = parser.add_argument_group("pruning")

@@ -51,6 +51,9 @@ def m(name: str, file: str, edits: list[tuple[str, str]], tests: list[str], why:
 STATS = "tests/library/test_d3p_stats.py"
 METHOD = "tests/library/test_d3p_method.py"
 PRETRAIN = "tests/training/test_pretrain.py"
+FINETUNE = "tests/training/test_finetune.py"
+FIT = "tests/library/test_d3p_fit.py"
+SEAMS = "tests/library/test_library_seams.py"
 
 # ---------------------------------------------------------------------------------------------------------------
 # The list. Keep each snippet short but unique in its file; after a refactor, fix the snippets the run reports STALE.
@@ -144,7 +147,7 @@ MUTATIONS: list[Mutation] = [
         "window = np.where(np.isfinite(self.window), self.window, np.nanmean(self.window, axis=1, keepdims=True))"),
        ("self.pruned[scored] = decision.pruned", "self.pruned = decision.pruned | ~scored"),
        ("self.weights[scored] = decision.weights", "self.weights = np.where(scored, decision.weights, 1).astype(np.float32)")],
-      [f"{METHOD}::test_samples_without_a_loss_are_pruned_and_counted"],
+      [f"{METHOD}::test_samples_without_a_loss_are_kept_and_counted"],
       "samples without a loss imputed with the epoch mean and decided with the others (changes everyone's e_k)"),
     m("d2_last_epoch_difficulty", "d3p/methods/d2.py",
       [("difficulty = history.mean(axis=0)", "difficulty = history[-1]")],
@@ -186,9 +189,44 @@ MUTATIONS: list[Mutation] = [
        "tests/training/test_loader_pipeline.py::test_crop_scale_and_aspect_histograms_match"],
       "no horizontal flip in the uint8 JPEG crop"),
     m("forward_only_counted_as_trained", "d3p/integration.py",
-      [("samples_trained=self.sampler.total_size,", "samples_trained=self.sampler.total_size + forward_seen,")],
+      [("samples_trained=trained,", "samples_trained=trained + forward_seen,")],
       [f"{PRETRAIN}::test_d3p_end_to_end_prunes_records_and_resumes_mid_cycle"],
       "forward-only samples counted as trained in the cost ledger"),
+    # issue 29: the mutants that survived before, and the seams it fixed
+    m("finetune_no_flip", "util/image_transforms.py",
+      [('hflip=0.0 if data_set == "digits" else 0.5,', "hflip=0.0,")],
+      [f"{FINETUNE}::test_finetune_transform_flips_natural_images_half_the_time_and_digits_never"],
+      "the fine-tuning transform without MAE's horizontal flip"),
+    m("poor_fit_at_threshold", "d3p/stats.py",
+      [("poor = bool(ks > fit_threshold)", "poor = bool(ks >= fit_threshold)")],
+      [f"{FIT}::test_poor_fit_starts_strictly_above_the_threshold"], "a fit exactly at the threshold called poor"),
+    m("fit_threshold_dropped", "d3p/methods/d3p.py",
+      [("poor_fit=d3p_poor_fit, fit_threshold=d3p_fit_threshold)", "poor_fit=d3p_poor_fit)")],
+      [f"{FIT}::test_the_fit_threshold_reaches_the_strategy"], "--d3p_fit_threshold never reaches the strategy"),
+    m("kept_share_rounded_down", "d3p/methods/d3p.py",
+      [("math.ceil(self.min_kept_share * self.num_samples - 1e-9)", "int(self.min_kept_share * self.num_samples)")],
+      [f"{FIT}::test_the_kept_share_is_rounded_up"], "the floor's share rounded down"),
+    m("unused_indices_allowed", "d3p/integration.py",
+      [("                if self._pending_index is not None:\n                    raise",
+        "                if False:\n                    raise")],
+      [f"{SEAMS}::test_a_batch_whose_indices_were_never_used_is_refused"],
+      "a batch whose indices pruner.loss never took goes by silently"),
+    m("replicas_without_rank", "d3p/integration.py",
+      [("if num_replicas is None and rank is not None or num_replicas is not None and rank is None:", "if False:")],
+      [f"{SEAMS}::test_num_replicas_and_rank_come_together"], "num_replicas without rank accepted"),
+    m("dropped_samples_pruned", "d3p/methods/d3p.py",
+      [("            self.pruned = np.zeros(self.num_samples, dtype=bool)\n            self.pruned[scored]",
+        "            self.pruned = ~scored\n            self.pruned[scored]")],
+      [f"{SEAMS}::test_a_drop_last_loader_prunes_nothing_it_dropped_and_the_floor_and_ledger_hold"],
+      "samples a drop_last loader dropped pruned as unscored"),
+    m("ledger_counts_the_sampler", "d3p/integration.py",
+      [("samples_trained=trained,", "samples_trained=self.sampler.total_size,")],
+      [f"{SEAMS}::test_a_drop_last_loader_prunes_nothing_it_dropped_and_the_floor_and_ledger_hold"],
+      "the ledger counts the sampler's length, not the samples trained"),
+    m("bins_not_compared", "d3p/methods/d3p.py",
+      [("if value is not None and value != now[name]:", "if False:")],
+      [f"{SEAMS}::test_a_resume_that_changes_the_decisions_is_refused_naming_the_option"],
+      "a resume with other bins, quantile or rails accepted"),
 ]
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from d3p.messages import warn_at_caller
 from d3p.registry import Option, register_method
 from d3p.schedule import D3PSchedule, validate_schedule
 from d3p.fit import FIT_KS_THRESHOLD, POOR_FIT_ACTIONS, D3PFitWarning
@@ -102,27 +102,31 @@ class D3P:
 
         scored = np.isfinite(self.window).all(axis=0)  # samples with a loss in every window epoch
         unscored = int(self.num_samples - scored.sum())
-        window = self.window if not unscored else self.window[:, scored]
         # the floor of the rail (a share of the dataset) and the batch floor (a full batch per rank), the larger
         share_floor = math.ceil(self.min_kept_share * self.num_samples - 1e-9) if self.min_kept_share else 0
         floor = max(self.min_kept, share_floor)
+        if unscored == self.num_samples:
+            return self._nothing_scored(epoch)
+        window = self.window if not unscored else self.window[:, scored]
         target = None
-        if self.target_ratio is not None:  # unscored samples are pruned: the scored ones fill the target
-            target = min(int(round((1.0 - self.target_ratio) * self.num_samples)), int(scored.sum()))
+        if self.target_ratio is not None:  # the unscored samples are kept (below): the scored ones fill the rest
+            kept = int(round((1.0 - self.target_ratio) * self.num_samples))
+            target = min(max(kept - unscored, 0), int(scored.sum()))
         decision = decide(
             window,  # float32; decide() works in float64 without copying the (n, N) window
             bins=self.bins,
             quantile=self.quantile,
             rng=epoch_rng(self.seed, epoch, _DECISION_RNG),
-            min_kept=floor,
+            min_kept=max(floor - unscored, 0),  # the unscored samples are kept: they count toward the floor
             max_weight=self.max_weight,
             poor_fit=self.poor_fit,
             fit_threshold=self.fit_threshold,
             target_kept=target,
         )
         if unscored:
-            # a sample without a CLD cannot be placed against the ideal law: it is pruned (and counted)
-            self.pruned = ~scored
+            # a sample without a loss in every window epoch (one a drop_last loader left out, an unreadable
+            # image) cannot be placed against the ideal law: it is kept, with weight 1, and decided next time
+            self.pruned = np.zeros(self.num_samples, dtype=bool)
             self.pruned[scored] = decision.pruned
             self.weights = np.ones(self.num_samples, dtype=np.float32)
             self.weights[scored] = decision.weights
@@ -172,9 +176,21 @@ class D3P:
             log["d3p_rails"] = "; ".join(rails)
         if decision.poor_fit:
             log["d3p_warning"] = self._poor_fit_message(epoch, decision.fit_ks, float(self.weights.max()), rails)
-            warnings.warn(log["d3p_warning"], D3PFitWarning, stacklevel=3)
+            warn_at_caller(log["d3p_warning"], D3PFitWarning)  # at the user's end_epoch (or loop) line
         self.window[:] = np.nan  # the next window starts empty
         return log
+
+    def _nothing_scored(self, epoch: int) -> dict[str, Any]:
+        """No sample has a loss in every window epoch (a recording epoch whose losses never reached
+        end_epoch): nothing is pruned, every weight is 1, and the next window starts empty."""
+        self.pruned = np.zeros(self.num_samples, dtype=bool)
+        self.weights = np.ones(self.num_samples, dtype=np.float32)
+        self.decisions += 1
+        self.last_decision = None
+        self.window[:] = np.nan
+        return {"d3p_decision_pruned": 0, "d3p_unscored": self.num_samples,
+                "d3p_note": f"no sample has a loss in every recording epoch of the window ending at epoch {epoch} "
+                            "(an epoch left before its end_epoch?): nothing pruned"}
 
     def _poor_fit_message(self, epoch: int, ks: float, largest_weight: float, rails: list[str]) -> str:
         acted = f" The rails acted: {'; '.join(rails)}." if rails else ""
@@ -205,7 +221,13 @@ class D3P:
             "schedule": [self.schedule.start, self.schedule.period, self.schedule.window],
             "bins": self.bins,
             "quantile": self.quantile,
+            "rails": self._rails(),
         }
+
+    def _rails(self) -> dict[str, Any]:
+        """The options besides the schedule that change decisions, by flag name (compared on resume)."""
+        return {"d3p_max_weight": self.max_weight, "d3p_min_kept": self.min_kept_share,
+                "d3p_poor_fit": self.poor_fit, "d3p_fit_threshold": self.fit_threshold}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["num_samples"]) != self.num_samples:
@@ -219,6 +241,14 @@ class D3P:
                 f"checkpoint's D3P schedule (s, p, n) = {tuple(state['schedule'])} differs from the flags' "
                 f"{tuple(sched)}. Fix: resume with the same --d3p_start/--d3p_period/--d3p_window"
             )
+        saved = {"d3p_bins": state.get("bins"), "d3p_quantile": state.get("quantile"), **state.get("rails", {})}
+        now = {"d3p_bins": self.bins, "d3p_quantile": self.quantile, **self._rails()}
+        for name, value in saved.items():  # absent (None) in checkpoints of early versions: not compared
+            if value is not None and value != now[name]:
+                raise ValueError(
+                    f"the checkpoint's D3P decisions were made with --{name} {value}, this run has --{name} "
+                    f"{now[name]}: resuming would change the decisions mid-run. Fix: resume with --{name} {value}, "
+                    "or start a new --output_dir")
         self.window = state["window"].numpy().copy()
         self.pruned = state["pruned"].numpy().copy()
         self.weights = state["weights"].numpy().copy()

@@ -82,7 +82,7 @@ def test_epoch_weights_reach_the_device_once_per_epoch():
 
 
 def test_bad_use_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="--d3p_window"):
+    with pytest.raises(ValueError, match=r"^d3p_window \(n=3\) must be <= d3p_start \(s=1\)"):  # keywords, no flags
         d3p.DataPruner(100, "d3p", epochs=10, d3p_start=1, d3p_window=3)
     with pytest.raises(ValueError, match="needs the number of epochs"):
         d3p.DataPruner(100, "infobatch")
@@ -93,7 +93,7 @@ def test_bad_use_is_refused_with_the_fix():
     with pytest.raises(RuntimeError, match="begin_epoch"):
         d3p.DataPruner(100, "none").batch_loss(torch.ones(2), torch.tensor([0, 1]))
     pruner = d3p.DataPruner(100, "random", epochs=3)
-    with pytest.raises(ValueError, match="--prune_method random"):
+    with pytest.raises(ValueError, match="resume with method='random', or start a new run"):
         d3p.DataPruner(100, "none").load_state_dict(pruner.state_dict())
 
 

@@ -176,3 +176,43 @@ def test_figure_colours_the_pruned_parts(losses_file, tmp_path) -> None:
     assert f"fit KS {d.fit_ks:.3f}" in ax.get_title()  # the goodness of fit in the figure
     path = plot_decision(d, d.density, tmp_path / "f.png")
     assert path.stat().st_size > 1000
+
+
+def test_every_rail_is_an_option_and_classification_takes_the_library_default(tmp_path, capsys):
+    """Issue 29 item 8: d3p-decide takes the max weight, the kept share, the poor-fit action and the fit threshold;
+    --classification gives DataPruner's default decision (the rails on), the default the published one."""
+    import d3p
+    from d3p.strategy import EpochLosses
+
+    rng = np.random.default_rng(7)  # a noisy cross-entropy: most losses near 0, a tail of mislabelled samples
+    bad = rng.random(4001) < 0.2
+    base = np.where(bad, rng.normal(3.0, 0.8, 4001).clip(0.2), rng.exponential(0.08, 4001))
+    window = (base[None, :] * (1 + 0.1 * rng.standard_normal((2, 4001)))).clip(1e-4).astype(np.float32)
+    path = tmp_path / "w.npy"
+    np.save(path, window)
+
+    def run(*flags):
+        assert decide_main([str(path), "--out", str(tmp_path / "d.npz"), "--seed", "5", *flags]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return line, np.load(tmp_path / "d.npz")
+
+    published, _ = run()
+    assert published["max_weight"] > 1 and published["N"] - published["pruned"] < 2001  # uncapped, below half
+    capped, _ = run("--max-weight", "1")
+    assert capped["max_weight"] == 1.0 and capped["capped"] > 0
+    floored, _ = run("--min-kept-share", "0.6")
+    assert floored["N"] - floored["pruned"] == 2401  # ceil(0.6 * 4001)
+    kept_all, _ = run("--poor-fit", "keep_all")
+    assert kept_all["poor_fit"] and kept_all["pruned"] == 0
+    lenient, _ = run("--fit-threshold", "0.99")
+    assert not lenient["poor_fit"]
+    clf, arrays = run("--classification")
+    # the library's default pruner keeps as many from the same window (its trimming draw is seeded otherwise, so
+    # which samples differ; how many does not)
+    strategy = d3p.DataPruner(4001, "d3p", epochs=3, d3p_start=2, d3p_period=2, d3p_window=2).strategy
+    for epoch in range(2):
+        strategy.end_epoch(epoch, EpochLosses(window[epoch].astype(np.float64), np.ones(4001, dtype=np.int32)))
+    assert clf["max_weight"] == 1.0 and clf["N"] - clf["pruned"] == int((~strategy.pruned).sum())
+    with pytest.raises(SystemExit):
+        decide_main([str(path), "--out", str(tmp_path / "d.npz"), "--max-weight", "0.5"])
+    assert "--max-weight must be 0 (no cap) or >= 1" in capsys.readouterr().err

@@ -149,13 +149,16 @@ def test_poor_fit_actions():
     np.testing.assert_array_equal(a.pruned, b.pruned)
 
 
-def test_defaults_are_the_published_method_and_classification_turns_the_rails_on():
-    mae = d3p.DataPruner(100, "d3p", epochs=10)
+def test_defaults_are_the_rails_and_reconstruction_is_the_published_method():
+    """Issue 29 item 6: a DataPruner without loss_kind gets the rails (the classification preset); declaring
+    MAE's reconstruction loss gives the published method."""
+    safe = d3p.DataPruner(100, "d3p", epochs=10)
+    assert safe.loss_kind == "classification"
+    assert safe.strategy.max_weight == 1.0 and safe.strategy.min_kept_share == 0.5
+    assert safe.options["d3p_max_weight"] == 1.0  # summary.json's flags say so
+    mae = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="reconstruction")
     assert (mae.strategy.max_weight, mae.strategy.min_kept_share, mae.strategy.poor_fit) == (0.0, 0.0, "warn")
-    clf = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="classification")
-    assert clf.strategy.max_weight == 1.0 and clf.strategy.min_kept_share == 0.5
-    assert clf.options["d3p_max_weight"] == 1.0  # summary.json's flags say so
-    own = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="classification", d3p_max_weight=0.0)
+    own = d3p.DataPruner(100, "d3p", epochs=10, d3p_max_weight=0.0)
     assert own.strategy.max_weight == 0.0  # an explicit option wins over the preset
     with pytest.raises(ValueError, match="loss_kind must be one of"):
         d3p.DataPruner(100, "d3p", epochs=10, loss_kind="regression")
@@ -168,7 +171,9 @@ def test_defaults_are_the_published_method_and_classification_turns_the_rails_on
     assert (pre.d3p_max_weight, pre.d3p_min_kept, pre.d3p_poor_fit) == (0.0, 0.0, "warn")
     assert (ft.d3p_max_weight, ft.d3p_min_kept) == (1.0, 0.5)
     parser = argparse.ArgumentParser()
-    d3p.add_pruning_args(parser)
+    d3p.add_pruning_args(parser)  # the flags' default is the safe one too
+    assert parser.parse_args([]).d3p_max_weight == 1.0
+    assert d3p.DataPruner.from_args(pre, 100).strategy.max_weight == 0.0  # the MAE script: the published method
     assert "must be 0 (no cap) or >= 1" in "; ".join(
         d3p.validate_pruning_args(parser.parse_args(["--d3p_max_weight", "0.5"])))
 
@@ -230,3 +235,37 @@ def test_main_finetune_label_noise_flag(tmp_path):
     np.testing.assert_array_equal(bad, mask)
     assert bad.sum() == 300 and noisy.base.targets == expect.tolist()
     assert noisy[int(np.flatnonzero(bad)[0])][1] != clean[int(np.flatnonzero(bad)[0])][1]  # the items carry it
+
+
+# ------------------------------------------------------------------ issue 29 item 8: the mutants that survived
+def test_poor_fit_starts_strictly_above_the_threshold():
+    """A fit exactly at the threshold is not poor (`ks > threshold`): keep_all then prunes as much as warn."""
+    window = _cross_entropy_window()
+    d = decide(window, bins=32, rng=3)
+    at = decide(window, bins=32, rng=3, fit_threshold=d.fit_ks, poor_fit="keep_all")
+    assert d.pruned.sum() > 0 and not at.poor_fit
+    np.testing.assert_array_equal(at.pruned, d.pruned)
+
+
+def test_the_fit_threshold_reaches_the_strategy():
+    """DataPruner(d3p_fit_threshold=0.99): no D3PFitWarning on the cross-entropy window that warns at 0.2."""
+    window = _cross_entropy_window()
+    for threshold, warns in ((0.99, False), (FIT_KS_THRESHOLD, True)):
+        strategy = d3p.DataPruner(4000, "d3p", epochs=10, d3p_start=3, d3p_period=5, d3p_window=3, d3p_bins=32,
+                                  d3p_fit_threshold=threshold).strategy
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _decide_on(strategy, window)
+        assert any(issubclass(w.category, D3PFitWarning) for w in caught) == warns, threshold
+
+
+def test_the_kept_share_is_rounded_up():
+    """d3p_min_kept=0.6 of N=4001 keeps ceil(2400.6) = 2401 when the decision falls below it."""
+    window = _cross_entropy_window(4001)
+    assert decide(window, bins=32, rng=0).pruned.sum() > 4001 - 2401  # the decision alone keeps fewer
+    strategy = d3p.DataPruner(4001, "d3p", epochs=10, d3p_start=3, d3p_period=5, d3p_window=3, d3p_bins=32,
+                              d3p_min_kept=0.6, d3p_max_weight=0.0).strategy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", D3PFitWarning)
+        _decide_on(strategy, window)
+    assert int((~strategy.pruned).sum()) == 2401

@@ -118,8 +118,10 @@ def test_a_decision_never_leaves_less_than_min_kept():
     assert int((~s.pruned).sum()) == 256 and "restored" in log["d3p_note"]
 
 
-def test_samples_without_a_loss_are_pruned_and_counted():
-    """An unreadable image replaced under --skip_corrupt never gets a loss: it cannot be scored."""
+def test_samples_without_a_loss_are_kept_and_counted():
+    """A sample a drop_last loader left out, or an unreadable image replaced under --skip_corrupt, gets no loss:
+    it cannot be scored, so it is kept with weight 1 (issue 29: pruning it would prune samples because the loader
+    dropped them)."""
     s, missing = make(), np.array([5, 17, 2000])
     for epoch in range(2):
         s.plan_epoch(epoch)
@@ -127,7 +129,7 @@ def test_samples_without_a_loss_are_pruned_and_counted():
         count[missing] = 0
         loss_sum = synthetic_loss(np.arange(N), epoch) * count
         log = s.end_epoch(epoch, EpochLosses(loss_sum, count))
-    assert log["d3p_unscored"] == 3 and s.pruned[missing].all()
+    assert log["d3p_unscored"] == 3 and not s.pruned[missing].any()
     assert (s.weights[missing] == 1).all()
     # the others are decided exactly as a dataset without the missing samples would be: the same window
     # columns, the same seed and epoch (so the same trimming draw)
@@ -139,7 +141,7 @@ def test_samples_without_a_loss_are_pruned_and_counted():
     assert 0 < s.pruned[keep].sum() < keep.size
     np.testing.assert_array_equal(s.pruned[keep], ref.pruned)
     np.testing.assert_array_equal(s.weights[keep], ref.weights)
-    assert log["d3p_decision_pruned"] == ref_log["d3p_decision_pruned"] + 3
+    assert log["d3p_decision_pruned"] == ref_log["d3p_decision_pruned"]  # the unscored ones are kept
     for key in ("d3p_easy", "d3p_hard", "d3p_trimmed", "d3p_upweighted"):
         assert log[key] == ref_log[key], key
 

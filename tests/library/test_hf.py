@@ -2,6 +2,7 @@
 Trainer's checkpoint bit-identical to an uninterrupted run (causal LM), 2 ranks pruning the same samples
 (classifier), a re-split training loader refused."""
 import json
+import os
 
 import torch
 
@@ -46,3 +47,17 @@ def test_hf_two_ranks_prune_the_same_samples(tmp_path):
     for e in r0["ledger"]["epochs"]:  # the ranks' shares cover the kept set once (padded to even), not twice
         assert e["samples_trained"] == e["kept"] + e["kept"] % 2, e
     assert [e["kept"] for e in r0["ledger"]["epochs"]] == [e["kept"] for e in r1["ledger"]["epochs"]]
+
+
+def test_a_failed_save_on_rank_0_stops_every_rank_with_its_error(tmp_path):
+    """Issue 29 item 7: rank 0's save fails (disk full). Every rank raises rank 0's error at that save, at once,
+    rather than rank 1 training on into a collective that never completes (or being killed without a word)."""
+    res = run_torchrun(2, ["tests/hf_save_worker.py", str(tmp_path)], timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for rank in (0, 1):
+        error = json.loads((tmp_path / f"save-rank{rank}.json").read_text())
+        assert error.startswith("CheckpointSaveError: rank 0 could not save checkpoint-2: OSError: [Errno 28] No "
+                                "space left on device. Every rank stops here"), (rank, error)
+    # rank 1's own pruning state of that checkpoint was written whole (atomically): no temporary file is left
+    names = sorted(os.listdir(tmp_path / "run" / "checkpoint-2"))
+    assert "d3p_pruning-rank1.pt" in names and not any(n.startswith(".tmp") for n in names), names

@@ -3,6 +3,7 @@ Lightning's checkpoint, 2 DDP ranks pruning the same samples, Lightning's sample
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import assert_state_equal, run_torchrun
@@ -47,3 +48,43 @@ def test_lightning_two_ddp_ranks_prune_the_same_samples(tmp_path):
     for e in r0["ledger"]["epochs"]:
         assert e["samples_trained"] == e["kept"] + e["kept"] % 2, e
     assert np.array_equal(r0["trained_counts"].numpy(), r1["trained_counts"].numpy())
+
+
+def _check_validation_follows_the_pruned_epoch(result, devices):
+    epochs = list(range(5))
+    assert result["validated"] == epochs, result  # before issue 29: epoch 0 only, once pruning began
+    assert min(result["kept"]) < result["kept"][0] == 160  # pruning shortened the epochs
+    # the fit loop's (and the progress bar's) batch count is the pruned epoch's, on each rank
+    assert result["batches"] == [-(-k // 16) for k in result["local_kept"]], result
+    assert result["last_batch_idx"] == [b - 1 for b in result["batches"]]
+    # a val_loss-monitored checkpoint each epoch, each with that epoch's fresh val_loss
+    assert result["checkpoints"] == [f"epoch={e}.ckpt" for e in epochs]
+    assert len(set(result["scores"])) == 5, result["scores"]
+    # EarlyStopping saw every epoch's val_loss: its best is the best checkpoint's, its wait counts from there
+    assert result["early_stopping_best"] == min(result["scores"])
+    assert result["early_stopping_wait"] == 4 - result["scores"].index(min(result["scores"]))
+    assert result["sync_dist_warnings"] == []
+    assert result["metrics"] == sorted(f"d3p/{k}" for k in ("kept", "epoch_prune_ratio", "run_prune_ratio",
+                                                            "compute_saved"))
+    # each metric is the last epoch's log entry of its name (the epoch's and the run's ratio differ here)
+    last = result["last_log"]
+    assert last["epoch_prune_ratio"] != last["run_prune_ratio"]
+    assert result["logged"] == {f"d3p/{k}": pytest.approx(v, abs=1e-6) for k, v in last.items()}
+
+
+def test_lightning_validation_checkpoints_and_early_stopping_follow_the_pruned_epoch(tmp_path):
+    """Issue 29 item 3, one rank: validation, ModelCheckpoint(monitor="val_loss"), EarlyStopping and the batch
+    count run on every pruned epoch."""
+    from lightning_validation_worker import run
+
+    _check_validation_follows_the_pruned_epoch(run(str(tmp_path), 1), 1)
+
+
+def test_lightning_validation_follows_the_pruned_epoch_on_two_ddp_ranks(tmp_path):
+    """The same under DDP (2 gloo ranks), with no sync_dist warning from the d3p/* metrics."""
+    res = run_torchrun(2, ["tests/lightning_validation_worker.py", str(tmp_path)], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = [json.loads((tmp_path / f"validation-rank{r}.json").read_text()) for r in (0, 1)]
+    for result in results:
+        _check_validation_follows_the_pruned_epoch(result, 2)
+    assert results[0]["kept"] == results[1]["kept"]

@@ -450,3 +450,24 @@ def test_effective_batch_refusal_exits_2_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert "= 2048) is larger than the training set (1500 images)" in err and "Fix:" in err
+
+
+@pytest.mark.parametrize("data_set,rate", [("cifar10", 0.5), ("folder", 0.5), ("digits", 0.0)])
+def test_finetune_transform_flips_natural_images_half_the_time_and_digits_never(data_set, rate):
+    """Issue 29 item 8 (a surviving mutant): the horizontal flip of MAE's fine-tuning recipe, off for digits
+    (a mirrored digit is another glyph). A left-to-right intensity ramp stays increasing under any crop and
+    resize; only a flip turns it around."""
+    import numpy as np
+    from PIL import Image
+
+    from util.image_transforms import finetune_train_transform
+
+    ramp = np.repeat(np.repeat((np.arange(32) * 8).astype(np.uint8)[None, :, None], 32, 0), 3, 2)
+    img = Image.fromarray(ramp)
+    tf = finetune_train_transform(data_set, 16)
+    torch.manual_seed(0)
+    flipped = 0
+    for _ in range(200):
+        out = tf(img)
+        flipped += int(out[:, :, 0].mean() > out[:, :, -1].mean())
+    assert abs(flipped / 200 - rate) <= 0.1, flipped
