@@ -5,7 +5,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import util  # noqa: F401,E402
+from util.torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before lightning/transformers
 
 import transformers  # noqa: E402
 

@@ -7,7 +7,9 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import util  # noqa: F401,E402  (torchvision shim for CPU-only torch)
+from util.torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # CPU-only torch: torchvision's op schemas, before lightning/transformers
 
 import lightning.pytorch as L  # noqa: E402
 import torch  # noqa: E402

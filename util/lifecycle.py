@@ -147,7 +147,9 @@ def finish_epoch(r: TrainingRun, epoch: int, log: dict, started: float, saved: b
     stop_now = test is None or any_rank(r.stop())  # every rank takes the same branch (collectives below)
     save_epoch = resume.is_save_epoch(r.args, epoch)
     save = (save_epoch and not saved) or stop_now
-    line = {**log, **(test or {}), "epoch_seconds": time.time() - started}
+    line = {**log, **(test or {})}
+    if test:  # the epoch's time includes its evaluation (the pruner's epoch_seconds ends at the decision)
+        line["epoch_seconds"] = time.time() - started
     if save_epoch or stop_now:  # (a pending line's resume has the same weights as the saved epoch: same hashes)
         line["replica_checksums"] = check_replicas(r.model_without_ddp, epoch)
     if test is not None:
