@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from d3p.checkpoints import atomic_save
 from d3p.data import _ItemAndIndex
 from d3p.integration import DataPruner
+from d3p.sampler import BalancedBatchSampler
 
 __all__ = ["PruningTrainer", "per_sequence_token_loss", "INDEX_KEY", "CheckpointSaveError"]
 
@@ -102,10 +103,11 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def _loader(self, sampler: Any) -> DataLoader:
+        # balanced batches (d3p.sampler.BalancedBatchSampler): every kept sample once, no runt step at the end
         return DataLoader(
-            _ItemAndIndex(self.train_dataset), batch_size=self._train_batch_size, sampler=sampler,
+            _ItemAndIndex(self.train_dataset), batch_sampler=BalancedBatchSampler(sampler, self._train_batch_size),
             collate_fn=_DictIndexCollate(self.data_collator), num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory, drop_last=False,
+            pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0)
 
     def get_train_dataloader(self) -> DataLoader:
@@ -121,12 +123,12 @@ class PruningTrainer(Trainer):
 
     def _check_loader(self, train_dataloader: Any) -> None:
         """The loader must draw batches from the pruner's sampler as they are: a plain DataLoader whose
-        BatchSampler reads `pruner.sampler` (accelerate's SkipBatchSampler of a resumed epoch allowed). Anything
-        else (accelerate's BatchSamplerShard after `prepare`, a custom sampler) re-splits or replaces it."""
+        BalancedBatchSampler reads `pruner.sampler` (accelerate's SkipBatchSampler of a resumed epoch allowed).
+        Anything else (accelerate's BatchSamplerShard after `prepare`, a custom sampler) re-splits or replaces it."""
         batch_sampler = getattr(train_dataloader, "batch_sampler", None)
         if type(batch_sampler).__name__ == "SkipBatchSampler":
             batch_sampler = batch_sampler.batch_sampler
-        if type(batch_sampler) is not BatchSampler or batch_sampler.sampler is not self.pruner.sampler:
+        if type(batch_sampler) is not BalancedBatchSampler or batch_sampler.sampler is not self.pruner.sampler:
             inner = getattr(batch_sampler, "sampler", batch_sampler)
             raise RuntimeError(
                 "the Trainer's training DataLoader does not draw from DataPruner.sampler as it is (found "
