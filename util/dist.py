@@ -79,6 +79,9 @@ def cleanup() -> None:
     """Leave the process group at exit (every entry script calls it in a `finally`): NCCL frees its
     communicators in order instead of at interpreter teardown, where it can hang or warn."""
     if is_dist():
+        from util.stop import release_side_group  # (util.stop builds on this module)
+
+        release_side_group()  # it holds the default group, and so the store's listening socket, alive
         dist.destroy_process_group()
 
 
@@ -198,3 +201,12 @@ def agree_at_sync_point(stop: bool, bad_step: int | None, num_steps: int, bad_va
     key, kind = divmod(key, 3)
     q, r = divmod(key, world)
     return stop, num_steps - q, world - 1 - r, kinds[kind]
+
+
+def all_reduce_max_async_cpu(flag: torch.Tensor, group) -> "dist.Work":
+    """Launch a MAX all-reduce of a CPU int tensor on `group`, a gloo process group (util.stop's side group), and
+    return its work without waiting. CPU by design: gloo runs it on its own threads, so launching it and reading
+    the result never touch (or sync) a GPU; the device check of the NCCL collectives does not apply."""
+    if flag.device.type != "cpu":
+        raise ValueError(f"all_reduce_max_async_cpu takes a CPU tensor (a gloo group), got one on {flag.device}")
+    return dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)

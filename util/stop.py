@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from d3p.collectives import get_rank
+from util.dist import all_reduce_max_async_cpu
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
@@ -106,6 +107,13 @@ def stop_side_group():
     return _SIDE_GROUP[1]
 
 
+def release_side_group() -> None:
+    """Forget the side group (util.dist.cleanup, before the process group is destroyed): a run started later in
+    this process (submitit's requeue, tests) makes its own, and the old store's socket can close."""
+    global _SIDE_GROUP
+    _SIDE_GROUP = None
+
+
 class StopAgreement:
     """All ranks agree to stop at the same optimizer-step boundary, with no device sync and no wait per step.
 
@@ -166,8 +174,7 @@ class StopAgreement:
             agreed = bool(self.stop())
         else:
             flag = torch.tensor([1 if self.stop() else 0], dtype=torch.int32)  # CPU: gloo, no device
-            self._outstanding.append((flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group,
-                                                            async_op=True)))
+            self._outstanding.append((flag, all_reduce_max_async_cpu(flag, self.group)))
             agreed = len(self._outstanding) > self.lag and self._read_oldest()
         if agreed:
             self.stopped_at = boundary
