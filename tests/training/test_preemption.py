@@ -1,6 +1,7 @@
 """Preemption as schedulers do it (issue 22): a stop signal to every rank's whole process group, DataLoader
 workers included; the run saves mid-epoch and resumes exactly, also on another world size."""
 import os
+import re
 import shutil
 import signal
 import time
@@ -55,6 +56,15 @@ def assert_same_log(ref_dir, out_dir):
                 assert b == pytest.approx(a, rel=1e-6, nan_ok=True), (ref_line["epoch"], key, a, b)
             else:
                 assert a == b, (ref_line["epoch"], key, a, b)
+
+
+def agreed_stop(text: str, epoch: int, earliest: int) -> int:
+    """The step both ranks stopped after (the same on both: they agreed), at `earliest` (the boundary after the
+    one at which the flag is up when the signal comes at once) or later."""
+    steps = re.findall(rf"stopped by signal in epoch {epoch} after step (\d+); checkpoint saved", text)
+    assert len(steps) == 2 and steps[0] == steps[1], (steps, text[-3000:])
+    assert int(steps[0]) >= earliest, steps
+    return int(steps[0])
 
 
 # ----------------------------------------------------------------------------------------------- unit
@@ -128,9 +138,10 @@ def pretrain_stopped(tmp_path_factory):
     text = res.stdout + res.stderr
     # (torchrun's agent itself ends with a traceback of the SignalException it raises on SIGTERM)
     assert "DataLoader worker" not in text and "main_pretrain_d3p.py\", line" not in text, text[-3000:]
-    # the flag is up at step 0's boundary; the ranks agree at the next one (StopAgreement): after step 1
-    assert text.count("stopped by signal in epoch 2 after step 2; checkpoint saved") == 2, text[-3000:]
-    assert os.path.exists(os.path.join(out, "checkpoint-2-step2.pth")), os.listdir(out)
+    # the flag is up by step 1's boundary; the ranks agree at the next one (StopAgreement): after step 1, or later
+    # when a loaded machine delivers the agent's signal late
+    step = agreed_stop(text, epoch=2, earliest=2)
+    assert os.path.exists(os.path.join(out, f"checkpoint-2-step{step}.pth")), os.listdir(out)
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
     return out
 
@@ -141,7 +152,7 @@ def test_pretrain_sigterm_to_every_process_group_saves_and_resumes_bit_identical
     shutil.copytree(pretrain_stopped, out)
     res = run_torchrun(2, ["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 2" in res.stdout and "split anew" not in res.stdout
+    assert re.search(r"resuming epoch 2 after step \d+ ", res.stdout) and "split anew" not in res.stdout
     for epoch in (2, 3):
         assert_bit_identical(pretrain_ref, out, f"checkpoint-{epoch}.pth")
     ref_log = read_log(pretrain_ref)
@@ -173,7 +184,7 @@ def test_pretrain_resumed_on_one_rank_trains_each_kept_sample_once(tmp_path, pre
     shutil.copytree(pretrain_stopped, out)
     res = run_script(["main_pretrain_d3p.py", *PRETRAIN, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 2 (32 of" in res.stdout, res.stdout[-3000:]
+    assert re.search(r"resuming epoch 2 after step \d+ \(\d+ of", res.stdout), res.stdout[-3000:]
     assert "written by 2 rank(s), this run has 1" in res.stdout
     log = read_log(out)
     assert log[2]["samples_trained"] == log[2]["kept"]  # 32 by 2 ranks, the rest by 1: each kept one once
@@ -208,13 +219,14 @@ def test_finetune_sigterm_to_every_process_group_saves_and_resumes_bit_identical
                        env_extra={"FAULT": "sigterm_agent:2:1:0", "FAULT_SCRIPT": "finetune"})
     text = res.stdout + res.stderr
     assert "DataLoader worker" not in text and "main_finetune.py\", line" not in text, text[-3000:]
-    # the flag is up at step 1's boundary; the ranks agree at the next one (StopAgreement): after step 2
-    assert text.count("stopped by signal in epoch 2 after step 3; checkpoint saved") == 2, text[-3000:]
-    assert os.path.exists(os.path.join(out, "checkpoint-2-step3.pth")), os.listdir(out)
+    # the flag is up by step 2's boundary; the ranks agree at the next one (StopAgreement): after step 2, or later
+    # when a loaded machine delivers the agent's signal late
+    step = agreed_stop(text, epoch=2, earliest=3)
+    assert os.path.exists(os.path.join(out, f"checkpoint-2-step{step}.pth")), os.listdir(out)
     res = run_torchrun(2, ["main_finetune.py", *FINETUNE, "--output_dir", out, "--auto_resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming epoch 2 after step 3" in res.stdout
-    assert not os.path.exists(os.path.join(out, "checkpoint-2-step3.pth")), "superseded partial checkpoint kept"
+    assert f"resuming epoch 2 after step {step}" in res.stdout
+    assert not os.path.exists(os.path.join(out, f"checkpoint-2-step{step}.pth")), "superseded partial checkpoint kept"
     for epoch in (2, 3):
         assert_bit_identical(ref, out, f"checkpoint-{epoch}.pth")
     ref_log, log = read_log(ref), read_log(out)
