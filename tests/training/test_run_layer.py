@@ -157,3 +157,14 @@ def test_training_loaders_balance_the_batches_and_resume_in_the_same_batches():
     sampler.skip(22)  # a mid-epoch checkpoint after one step of 22
     assert [index.tolist() for _, _, index in loader] == [list(range(22, 44)), list(range(44, 66))]
 
+
+
+def test_an_old_checkpoint_without_samples_done_counts_every_rank():
+    """A mid-epoch checkpoint written before samples_done was stored: the positions done are step x batch size x
+    the world size that wrote it (2 steps of 32 on 2 ranks: 128), not of one rank; a stored value wins."""
+    from util.resume import _samples_done
+
+    written_by = {"world_size": 2, "args": {"batch_size": 32}}
+    assert _samples_done({"step": 2}, written_by) == 128
+    assert _samples_done({"step": 2}, {"args": {"batch_size": 32}}) == 64  # no world size stored: one rank wrote it
+    assert _samples_done({"step": 2, "samples_done": 77}, written_by) == 77
