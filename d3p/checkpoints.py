@@ -39,9 +39,11 @@ def load_plain(path: str) -> Any:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in `path`'s folder, fsync, then rename over `path`: a crash or a full disk
-    mid-write leaves the previous file (or none), never a torn one."""
+    """torch.save to a temporary file in `path`'s folder (made if missing), fsync, rename over `path`, fsync the
+    folder: a crash or a full disk mid-write leaves the previous file (or none), never a torn one. The one atomic
+    save of the project (the training scripts' checkpoints: util.checkpoint.atomic_torch_save is this)."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,6 +51,11 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)  # the rename itself survives a crash
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
