@@ -32,3 +32,8 @@ if __name__ == "__main__":
         error = f"{type(e).__name__}: {e}"
     with open(os.path.join(out, f"save-rank{rank}.json"), "w") as f:
         json.dump(error, f)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave the group in order: a gloo group torn down at interpreter exit can abort
+        dist.barrier()
+        dist.destroy_process_group()
