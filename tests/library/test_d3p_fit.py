@@ -154,7 +154,7 @@ def test_defaults_are_the_rails_and_reconstruction_is_the_published_method():
     MAE's reconstruction loss gives the published method."""
     safe = d3p.DataPruner(100, "d3p", epochs=10)
     assert safe.loss_kind == "classification"
-    assert safe.strategy.max_weight == 1.0 and safe.strategy.min_kept_share == 0.5
+    assert safe.strategy.max_weight == 1.0 and safe.strategy.min_kept_share == 0.7
     assert safe.options["d3p_max_weight"] == 1.0  # summary.json's flags say so
     mae = d3p.DataPruner(100, "d3p", epochs=10, loss_kind="reconstruction")
     assert (mae.strategy.max_weight, mae.strategy.min_kept_share, mae.strategy.poor_fit) == (0.0, 0.0, "warn")
@@ -169,7 +169,7 @@ def test_defaults_are_the_rails_and_reconstruction_is_the_published_method():
     pre = main_pretrain_d3p.get_args_parser().parse_args([])
     ft = main_finetune.get_args_parser().parse_args([])
     assert (pre.d3p_max_weight, pre.d3p_min_kept, pre.d3p_poor_fit) == (0.0, 0.0, "warn")
-    assert (ft.d3p_max_weight, ft.d3p_min_kept) == (1.0, 0.5)
+    assert (ft.d3p_max_weight, ft.d3p_min_kept) == (1.0, 0.7)
     parser = argparse.ArgumentParser()
     d3p.add_pruning_args(parser)  # the flags' default is the safe one too
     assert parser.parse_args([]).d3p_max_weight == 1.0

@@ -202,7 +202,7 @@ def test_repr_the_per_epoch_line_and_the_decision_figure(tmp_path, caplog):
     pruner = d3p.DataPruner(N, "d3p", epochs=6, seed=3, d3p_start=2, d3p_period=2, d3p_window=2, d3p_bins=16,
                             log_epochs=True)
     assert repr(pruner) == ("DataPruner(100, method='d3p', epochs=6, seed=3, d3p_start=2, d3p_period=2, "
-                            "d3p_window=2, d3p_max_weight=1.0, d3p_min_kept=0.5, world_size=1; no epoch yet)")
+                            "d3p_window=2, d3p_max_weight=1.0, d3p_min_kept=0.7, world_size=1; no epoch yet)")
     with pytest.raises(ValueError, match="no D3P decision to plot"):
         pruner.plot(str(tmp_path / "none.png"))
     g = torch.Generator().manual_seed(0)

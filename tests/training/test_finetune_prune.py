@@ -61,7 +61,7 @@ def test_supervised_d3p_end_to_end_resumes_exactly(tmp_path, monkeypatch):
     assert summary["compute_saved"] == pytest.approx(log[3]["compute_saved"]) and summary["compute_saved"] > 0
     assert summary["flags"]["d3p_start"] == 2 and summary["epochs"] == 4
     # the classification defaults: D3P's rails on (no up-weights, half kept), the fit measured at each decision
-    assert (summary["flags"]["d3p_max_weight"], summary["flags"]["d3p_min_kept"]) == (1.0, 0.5)
+    assert (summary["flags"]["d3p_max_weight"], summary["flags"]["d3p_min_kept"]) == (1.0, 0.7)
     assert all(log[e]["d3p_max_weight"] == 1.0 and 0 <= log[e]["d3p_fit_ks"] <= 1 for e in (1, 3))
     assert all(r["kept"] >= N // 2 for r in log)
     ckpt = torch.load(straight / "checkpoint-1.pth", map_location="cpu", weights_only=True)
