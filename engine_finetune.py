@@ -18,11 +18,8 @@ from timm.data.mixup import mixup_target
 from timm.utils import accuracy
 
 from d3p.collectives import all_reduce, is_dist, to_collective
-from util import engine
 from util.device_input import DeviceNormalize, Stats
-from util.engine import (  # noqa: F401  (NonFiniteLossError: the engine's error, re-exported for callers)
-    EpochMeters, EpochOutcome, NonFiniteLossError, autocast, training_mode,
-)
+from util.engine import autocast, training_mode
 from util.metrics import MetricLogger
 
 class SupervisedLoss:
@@ -49,19 +46,6 @@ class SupervisedLoss:
         return self.criterion(outputs, targets), (batch[2] if len(batch) > 2 else None)
 
 
-def train_one_epoch(model: torch.nn.Module, criterion, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device, epoch: int, loss_scaler, mixup_fn=None, log_writer=None, args=None,
-                    input_stats: Stats | None = None, pruner=None, start_step: int = 0,
-                    meters: EpochMeters | None = None, stop_requested: Callable[[], bool] | None = None,
-                    amp_dtype: torch.dtype | None = None) -> EpochOutcome:
-    """One fine-tuning epoch (MAE's signature, 0-based `epoch`): util.engine.train_one_epoch with the supervised
-    loss. criterion(logits [B, C], targets) -> per-sample losses [B]; gradient clipping is args.clip_grad."""
-    return engine.train_one_epoch(
-        model, data_loader, optimizer, loss_scaler, epoch, args,
-        SupervisedLoss(model, criterion, device, epoch, mixup_fn, amp_dtype, input_stats), pruner=pruner,
-        start_step=start_step, meters=meters, stop_requested=stop_requested, log_writer=log_writer)
-
-
 def mix_batch(mixup_fn, samples: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """timm's Mixup/CutMix; it needs an even batch, so an odd batch (the last one of a pruned epoch) mixes all
     but its last sample, which keeps its image and gets mixup_fn's smoothed one-hot target."""
@@ -70,16 +54,6 @@ def mix_batch(mixup_fn, samples: torch.Tensor, targets: torch.Tensor) -> tuple[t
     mixed, soft = mixup_fn(samples[:-1], targets[:-1])
     last = mixup_target(targets[-1:], mixup_fn.num_classes, 1.0, mixup_fn.label_smoothing)
     return torch.cat([mixed, samples[-1:]]), torch.cat([soft, last.to(soft.dtype)])
-
-
-def forward_only_pass(model: torch.nn.Module, criterion, data_loader: Iterable, device, epoch: int, pruner,
-                      mixup_fn=None, amp_dtype: torch.dtype | None = None, input_stats: Stats | None = None,
-                      stop_requested: Callable[[], bool] | None = None, print_freq: int = 20) -> int | None:
-    """The supervised loss of the samples not trained this epoch (util.engine.forward_only_pass: training mode, no
-    gradient, nothing recorded when stopped). A BatchNorm would update its running statistics here: MAE's ViT has
-    none, and the linear probe (BatchNorm head) does not prune."""
-    losses = SupervisedLoss(model, criterion, device, epoch, mixup_fn, amp_dtype, input_stats, forward_only=True)
-    return engine.forward_only_pass(model, data_loader, losses, pruner, epoch, stop_requested, print_freq)
 
 
 @torch.no_grad()

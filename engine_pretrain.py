@@ -7,13 +7,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from d3p import DataPruner
 from d3p.collectives import all_reduce, is_dist, to_collective
-from util import engine
 from util.device_input import DeviceNormalize, Stats
-from util.engine import (  # noqa: F401  (NonFiniteLossError, nonfinite_loss_error: re-exported for callers)
-    EpochMeters, EpochOutcome, NonFiniteLossError, autocast, nonfinite_loss_error, stoppable, training_mode,
-)
+from util.engine import autocast, stoppable, training_mode
 from util.metrics import MetricLogger
 
 
@@ -31,30 +27,6 @@ class MAELoss:
         with autocast(self.device, self.amp_dtype):
             per_sample, _, _ = self.model(self.to_input(samples), mask_ratio=self.mask_ratio)
         return per_sample, index
-
-
-def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, loss_scaler, log_writer=None, args=None,
-                    pruner: DataPruner | None = None, amp_dtype: torch.dtype | None = None, start_step: int = 0,
-                    meters: EpochMeters | None = None, stop_requested: Callable[[], bool] | None = None,
-                    input_stats: Stats | None = None) -> EpochOutcome:
-    """One MAE pre-training epoch (MAE's signature): util.engine.train_one_epoch with MAE's loss. Batches are
-    (images, targets, dataset_index); `pruner` weighs and records the per-sample losses (None: MAE's mean)."""
-    return engine.train_one_epoch(
-        model, data_loader, optimizer, loss_scaler, epoch, args,
-        MAELoss(model, device, args.mask_ratio, amp_dtype, input_stats), pruner=pruner, start_step=start_step,
-        meters=meters, stop_requested=stop_requested, log_writer=log_writer)
-
-
-@torch.no_grad()
-def forward_only_pass(model: torch.nn.Module, data_loader: Iterable, device: torch.device, epoch: int,
-                      pruner: DataPruner, mask_ratio: float, amp_dtype: torch.dtype | None = None,
-                      input_stats: Stats | None = None, stop_requested: Callable[[], bool] | None = None,
-                      print_freq: int = 20) -> int | None:
-    """MAE's loss of the samples not trained this epoch (util.engine.forward_only_pass): same augmentation and
-    random masking, no gradient, the model in training mode."""
-    return engine.forward_only_pass(model, data_loader, MAELoss(model, device, mask_ratio, amp_dtype, input_stats),
-                                    pruner, epoch, stop_requested=stop_requested, print_freq=print_freq)
 
 
 @torch.no_grad()

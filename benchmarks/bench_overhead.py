@@ -29,7 +29,8 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 import main_pretrain_d3p as mp  # noqa: E402
 import models_mae  # noqa: E402
 import d3p  # noqa: E402
-from engine_pretrain import forward_only_pass, train_one_epoch  # noqa: E402
+from engine_pretrain import MAELoss  # noqa: E402
+from util.engine import forward_only_pass, train_one_epoch  # noqa: E402
 from util.amp import ScaledOptimizerStep  # noqa: E402
 from util.datasets import IndexedDataset, dataset_stats  # noqa: E402
 from util.image_transforms import pretrain_transform  # noqa: E402
@@ -56,12 +57,12 @@ class Arm:
     def epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
         self.pruner.begin_epoch(epoch)
-        meters = train_one_epoch(self.model, self.train_loader, self.optimizer, torch.device("cpu"), epoch,
-                                 self.scaler, args=self.args, pruner=self.pruner, input_stats=self.stats).meters
+        mae_loss = MAELoss(self.model, torch.device("cpu"), self.args.mask_ratio, input_stats=self.stats)
+        meters = train_one_epoch(self.model, self.train_loader, self.optimizer, self.scaler, epoch, self.args,
+                                 mae_loss, pruner=self.pruner).meters
         t1 = time.perf_counter()
         if self.pruner.forward_only_indices.size:  # extra compute, timed apart from the machinery
-            forward_only_pass(self.model, self.forward_loader, torch.device("cpu"), epoch, self.pruner,
-                              self.args.mask_ratio, input_stats=self.stats)
+            forward_only_pass(self.model, self.forward_loader, mae_loss, self.pruner, epoch)
         t2 = time.perf_counter()
         self.pruner.end_epoch(epoch, optimizer_steps=meters.optimizer_steps, data_seconds=meters.data_seconds,
                               started=t0)

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import engine_finetune
+from util import engine
 from util.amp import ScaledOptimizerStep
 
 
@@ -21,8 +22,8 @@ def main() -> int:
     args = argparse.Namespace(accum_iter=1, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, precision="fp32")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
-        engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, opt, torch.device("cpu"), 0,
-                                        ScaledOptimizerStep(None, "cpu"), args=args)
+        engine.train_one_epoch(model, batches, opt, ScaledOptimizerStep(None, "cpu"), 0, args,
+                               engine_finetune.SupervisedLoss(model, torch.nn.CrossEntropyLoss(), "cpu", 0))
     except FloatingPointError as exc:
         sys.stderr.write(f"rank {rank} stopped: {exc}\n")
         sys.stderr.flush()

@@ -10,6 +10,7 @@ import engine_finetune
 import models_vit
 from d3p import per_sample_cross_entropy
 from util.amp import ScaledOptimizerStep
+from util import engine
 from util.engine import EpochMeters, NonFiniteLossError, SyncPoint
 
 ARGS = dict(accum_iter=2, lr=0.05, min_lr=0.0, warmup_epochs=0, epochs=3, precision="fp32", print_freq=2)
@@ -26,10 +27,15 @@ def _model():
     return models_vit.vit_tiny_patch4(num_classes=5, img_size=8, drop_path_rate=0.3)
 
 
+def _losses(model, epoch=1, **kw):
+    """The fine-tuning engine's per-sample loss (what main_finetune trains the one loop with)."""
+    return engine_finetune.SupervisedLoss(model, per_sample_cross_entropy, torch.device("cpu"), epoch, **kw)
+
+
 def _epoch(model, batches, **kw):
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    stats = engine_finetune.train_one_epoch(model, per_sample_cross_entropy, batches, opt, torch.device("cpu"), 1,
-                                            ScaledOptimizerStep(None, "cpu"), args=argparse.Namespace(**ARGS), **kw)
+    stats = engine.train_one_epoch(model, batches, opt, ScaledOptimizerStep(None, "cpu"), 1, argparse.Namespace(**ARGS),
+                                   _losses(model), **kw)
     return opt, stats
 
 
@@ -54,9 +60,9 @@ def test_stop_at_a_sync_point_then_resume_equals_the_uninterrupted_epoch():
     opt_c = torch.optim.AdamW(model.parameters(), lr=0.05)
     opt_c.load_state_dict(opt_b.state_dict())
     torch.set_rng_state(rng)
-    stats_c = engine_finetune.train_one_epoch(
-        model, per_sample_cross_entropy, batches[4:], opt_c, torch.device("cpu"), 1, ScaledOptimizerStep(None, "cpu"),
-        args=argparse.Namespace(**ARGS), start_step=4, meters=carried)
+    stats_c = engine.train_one_epoch(
+        model, batches[4:], opt_c, ScaledOptimizerStep(None, "cpu"), 1, argparse.Namespace(**ARGS), _losses(model),
+        start_step=4, meters=carried)
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), model.state_dict().values()))
     for k, state in opt_a.state_dict()["state"].items():
         assert torch.equal(state["exp_avg_sq"], opt_c.state_dict()["state"][k]["exp_avg_sq"])
@@ -95,7 +101,7 @@ def test_forward_only_losses_are_recorded_in_training_mode():
     batches = [_batches(1)[0]]
     pruner = _Recorder()
     torch.manual_seed(5)
-    seen = engine_finetune.forward_only_pass(model, per_sample_cross_entropy, batches, "cpu", 0, pruner)
+    seen = engine.forward_only_pass(model, batches, _losses(model, 0, forward_only=True), pruner, 0)
     assert seen == 4 and model.training
     images, targets, _ = batches[0]
     torch.manual_seed(5)
@@ -108,8 +114,8 @@ def test_forward_only_losses_are_recorded_in_training_mode():
 
 def test_forward_only_pass_stopped_records_nothing():
     model, pruner, calls = _model(), _Recorder(), []
-    seen = engine_finetune.forward_only_pass(model, per_sample_cross_entropy, _batches(4), "cpu", 0, pruner,
-                                             stop_requested=lambda: calls.append(1) or True, print_freq=2)
+    seen = engine.forward_only_pass(model, _batches(4), _losses(model, 0, forward_only=True), pruner, 0,
+                                    stop_requested=lambda: calls.append(1) or True, print_freq=2)
     assert seen is None and pruner.losses == [] and len(calls) == 1
 
 
@@ -152,10 +158,9 @@ def test_finetune_steps_between_sync_points_make_no_host_sync():
         pruner = d3p.DataPruner(48, "infobatch", epochs=3)
         pruner.begin_epoch(1)  # weights and recording
         with _HostSyncs() as syncs:
-            stats = engine_finetune.train_one_epoch(
-                model, per_sample_cross_entropy, _batches(steps), opt, torch.device("cpu"), 1,
-                ScaledOptimizerStep(None, "cpu"), args=argparse.Namespace(**{**ARGS, "print_freq": 100}),
-                pruner=pruner)
+            stats = engine.train_one_epoch(
+                model, _batches(steps), opt, ScaledOptimizerStep(None, "cpu"), 1,
+                argparse.Namespace(**{**ARGS, "print_freq": 100}), _losses(model), pruner=pruner)
         assert stats.meters.optimizer_steps == steps // 2
         counts.append(syncs.count)
     assert counts[0] == counts[1] and counts[0] <= 10, counts

@@ -185,6 +185,7 @@ def test_non_finite_loss_names_epoch_and_step():
     import argparse
 
     import engine_finetune
+    from util import engine
     from util.amp import ScaledOptimizerStep
 
     class NaNModel(torch.nn.Module):
@@ -200,8 +201,8 @@ def test_non_finite_loss_names_epoch_and_step():
     batches = [(torch.randn(4, 3, 4, 4), torch.randint(0, 10, (4,)))] * 2
     args = argparse.Namespace(accum_iter=1, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=5, precision="fp32")
     with pytest.raises(FloatingPointError, match=r"epoch 3, step 0"):
-        engine_finetune.train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, opt, torch.device("cpu"), 3,
-                                        ScaledOptimizerStep(None, "cpu"), args=args)
+        engine.train_one_epoch(model, batches, opt, ScaledOptimizerStep(None, "cpu"), 3, args,
+                               engine_finetune.SupervisedLoss(model, torch.nn.CrossEntropyLoss(), "cpu", 3))
 
 
 # ------------------------------------------------------------------------ MAE's own checkpoints (issue 9, 12)
@@ -268,6 +269,7 @@ def test_last_partial_accumulation_group_is_scaled_in_finetuning():
     import argparse
 
     import engine_finetune
+    from util import engine
     from util.amp import ScaledOptimizerStep
 
     class Scalar(torch.nn.Module):  # output = theta * x: d loss / d theta = mean(x) with the mean criterion
@@ -281,8 +283,8 @@ def test_last_partial_accumulation_group_is_scaled_in_finetuning():
     model = Scalar()
     batches = [(torch.tensor([[float(c)]]), torch.zeros(1)) for c in (1, 3, 8)]
     args = argparse.Namespace(accum_iter=2, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, precision="fp32")
-    engine_finetune.train_one_epoch(model, lambda out, _: out.mean(), batches, torch.optim.SGD(model.parameters(), lr=1.0),
-                                    torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
+    engine.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=1.0), ScaledOptimizerStep(None, "cpu"),
+                           0, args, engine_finetune.SupervisedLoss(model, lambda out, _: out.mean(), "cpu", 0))
     assert model.theta.item() == -((1 + 3) / 2 + 8)
 
 

@@ -11,7 +11,8 @@ import main_pretrain_d3p
 from conftest import load_ckpt, read_log, run_torchrun
 from d3p import DataPruner, EpochPlan, weighted_batch_loss
 from d3p.stats import FIT_KS_THRESHOLD
-from engine_pretrain import train_one_epoch
+from engine_pretrain import MAELoss
+from util.engine import train_one_epoch
 
 BASE = ["--num_workers", "0", "--input_size", "16", "--batch_size", "32", "--train_subset", "192", "--warmup_epochs", "1",
         "--blr", "1e-3", "--print_freq", "3"]
@@ -68,8 +69,8 @@ def test_engine_uses_sample_weights_in_the_gradient():
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         pruner = DataPruner(4, _FixedPlan(4, None if normalize is None else weights, bool(normalize)))
         pruner.begin_epoch(0)
-        train_one_epoch(model, batch, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args,
-                        pruner=pruner)
+        train_one_epoch(model, batch, opt, ScaledOptimizerStep(None, "cpu"), 0, args,
+                        MAELoss(model, torch.device("cpu"), args.mask_ratio), pruner=pruner)
         assert model.theta.item() == pytest.approx(-expected, rel=1e-6)
 
 
@@ -302,7 +303,8 @@ def test_last_partial_accumulation_group_is_stepped_with_its_own_mean():
     args = SimpleNamespace(accum_iter=4, lr=1.0, min_lr=1.0, warmup_epochs=0, epochs=1, mask_ratio=0.75, print_freq=3)
     model = _LinearLossModel()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    outcome = train_one_epoch(model, batches, opt, torch.device("cpu"), 0, ScaledOptimizerStep(None, "cpu"), args=args)
+    outcome = train_one_epoch(model, batches, opt, ScaledOptimizerStep(None, "cpu"), 0, args,
+                              MAELoss(model, torch.device("cpu"), args.mask_ratio))
     assert outcome.meters.optimizer_steps == 3
     assert model.theta.item() == -(2.5 + 6.5 + 9.5)
 
