@@ -271,6 +271,8 @@ def _label(key: str, members: list[Run]) -> str:
     name = DISPLAY.get(base, base)
     if tag == "d3p":
         return name + " (= D3P ratio)"
+    if tag is not None and any((r.ratio_match or {}).get("target") == "compute_saved" for r in members):
+        return f"{name} ({tag}% compute saved)"  # D3P's sweep arm: its forward-only passes cost compute too
     return name if tag is None else f"{name} ({tag}% pruned)"
 
 
@@ -516,7 +518,9 @@ def markdown(rows: list[dict[str, Any]], acc: str, skipped: list[str], supervise
     ]
     if any(split_key(r["key"])[1] not in (None, "d3p") for r in rows):
         notes.insert(1, "(P% pruned): the sweep; the arm ran at prune ratio P% (flags from tools/match_ratio.py; "
-                        "InfoBatch/SeTa land near it, see the Prune ratio column).")
+                        "InfoBatch/SeTa land near it, see the Prune ratio column); (P% compute saved): D3P's sweep "
+                        "arm, which prunes more so that its forward-only passes included it spends the column's "
+                        "compute.")
     if any(split_key(r["key"])[1] == "d3p" for r in rows):
         notes.insert(1, "= D3P ratio: the arm ran at the prune ratio the D3P arm of the same seed realised "
                         "(flags from tools/match_ratio.py; Random matched to D3P: its kept count epoch by epoch).")

@@ -40,7 +40,10 @@ Prune ratio = 1 - trained / (E * N). What each method realises at its flag r (ep
   * d3p (this project's --d3p_target_ratio, docs/spec.md §6a): the epochs up to the first decision train on all
     data, then every decision keeps round((1-r) N) until the annealing epochs, so it realises r P / E with P the
     pruned epochs of its schedule (--d3p_start/--d3p_period/--d3p_window/--d3p_anneal_epochs, as the run's flags):
-    r = target E / P. First order: a decision whose support holds fewer samples prunes more.
+    r = target E / P. First order: a decision whose support holds fewer samples prunes more. With --by_compute the
+    target is the compute saved: the recording epochs among the P run a forward-only pass over the pruned samples
+    (FORWARD_ONLY_COST = 1/3 of a trained sample each), so r (P - F / 3) / E = target, F those epochs. The sweep's
+    D3P arms use it: every arm of a sweep column then spends the same compute.
 A target the method cannot reach (r >= 1) is an error that names the largest reachable ratio.
 """
 from __future__ import annotations
@@ -101,6 +104,31 @@ def d3p_pruned_epochs(num_epochs: int, start: int, period: int, window: int, ann
     if not decisions:
         return 0
     return sum(1 for e in range(decisions[0] + 1, num_epochs) if not schedule.is_annealing(e))
+
+
+def d3p_recording_pruned_epochs(num_epochs: int, start: int, period: int, window: int, anneal_epochs: int = 0) -> int:
+    """The pruned epochs that are also recording epochs: D3P runs a forward-only pass over their pruned samples."""
+    from d3p.schedule import D3PSchedule
+
+    schedule = D3PSchedule(start, period, window, num_epochs, anneal_epochs)
+    decisions = schedule.decision_epochs()
+    if not decisions:
+        return 0
+    return sum(1 for e in range(decisions[0] + 1, num_epochs)
+               if not schedule.is_annealing(e) and schedule.is_recording(e))
+
+
+def d3p_compute_ratio(target: float, num_epochs: int, pruned_epochs: int, recording_pruned: int) -> float:
+    """D3P at a target compute saving: r with r (P - c F) / E = target, c = FORWARD_ONLY_COST and F the pruned
+    epochs that record (their pruned samples get a forward-only pass, a third of a trained sample each)."""
+    _check_target(target)
+    effective = pruned_epochs - FORWARD_ONLY_COST * recording_pruned
+    reach = effective / num_epochs
+    if target >= reach:
+        raise RatioError(f"D3P saves at most {reach:.1%} of the compute with this schedule ({pruned_epochs} pruned "
+                         f"epochs of {num_epochs}, {recording_pruned} of them with a forward-only pass); target "
+                         f"{target:.1%} is out of reach")
+    return target * num_epochs / effective
 
 
 def d3p_ratio(target: float, num_epochs: int, pruned_epochs: int) -> float:
@@ -243,16 +271,20 @@ def read_target(target: str, epochs: int | None) -> dict[str, Any]:
 
 
 def solve(method: str, target_run: str, calibration: str | None, epochs: int | None, warmup: int,
-          lr_warmup: int | None = None, d3p_schedule: Sequence[int] = (3, 10, 3, 0)) -> dict[str, Any]:
+          lr_warmup: int | None = None, d3p_schedule: Sequence[int] = (3, 10, 3, 0),
+          by_compute: bool = False) -> dict[str, Any]:
     """The flags for `method` at the prune ratio of `target_run` (a finished pre-training folder, or a ratio).
 
     warmup: J of the static selectors; lr_warmup: the full run's --warmup_epochs (whole_eqc compresses it);
-    d3p_schedule: (start, period, window, anneal epochs) of a d3p arm."""
+    d3p_schedule: (start, period, window, anneal epochs) of a d3p arm; by_compute (d3p, a ratio target): solve
+    for the compute saved instead of the prune ratio (its forward-only passes counted)."""
     tgt = read_target(target_run, epochs)
     target = tgt["target_ratio"]
     out: dict[str, Any] = {"method": method, "target_ratio": target}
     if "target_run" in tgt:
         out["target_run"] = tgt["target_run"]
+    if by_compute and (method != "d3p" or "target_run" in tgt):
+        raise RatioError("--by_compute is for d3p at a ratio target: the other methods save what they prune")
     if method in ("infobatch", "seta"):
         if not calibration:
             raise RatioError(f"{method} needs --calibration: a finished {method} run of the same --epochs (e.g. the "
@@ -295,7 +327,13 @@ def solve(method: str, target_run: str, calibration: str | None, epochs: int | N
     elif method == "d3p":
         n_ep = tgt["epochs"]
         pruned = d3p_pruned_epochs(n_ep, *d3p_schedule)
-        r = d3p_ratio(target, n_ep, pruned)
+        if by_compute:
+            recording = d3p_recording_pruned_epochs(n_ep, *d3p_schedule)
+            r = d3p_compute_ratio(target, n_ep, pruned, recording)
+            out["target"] = "compute_saved"
+            out["predicted_compute_saved"] = r * (pruned - FORWARD_ONLY_COST * recording) / n_ep
+        else:
+            r = d3p_ratio(target, n_ep, pruned)
         out["flags"] = {"d3p_target_ratio": r}
         out["predicted_ratio"] = r * pruned / n_ep
     elif method == "whole_eqc":
@@ -332,12 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d3p_period", type=int, default=10, help="d3p: the run's --d3p_period")
     p.add_argument("--d3p_window", type=int, default=3, help="d3p: the run's --d3p_window")
     p.add_argument("--d3p_anneal_epochs", type=int, default=0, help="d3p: the run's --d3p_anneal_epochs")
+    p.add_argument("--by_compute", action="store_true",
+                   help="d3p at a ratio target: save that share of the compute (its forward-only passes over the "
+                        "pruned samples counted) instead of pruning that share of the samples")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     args = p.parse_args(argv)
     try:
         result = solve(args.method, args.target, args.calibration, args.epochs, args.static_warmup_epochs,
                        args.warmup_epochs,
-                       (args.d3p_start, args.d3p_period, args.d3p_window, args.d3p_anneal_epochs))
+                       (args.d3p_start, args.d3p_period, args.d3p_window, args.d3p_anneal_epochs),
+                       by_compute=args.by_compute)
     except RatioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -349,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "whole_eqc":
         print(f"whole_eqc: target compute {result['target_cost_epochs']:.3f} epochs of whole data -> "
               f"{result['flags']['epochs']} of {result['full_epochs']} epochs", file=sys.stderr)
+    elif args.by_compute:
+        print(f"d3p: target compute saved {result['target_ratio']:.4f}, predicted "
+              f"{result['predicted_compute_saved']:.4f} (prune ratio {result['predicted_ratio']:.4f})", file=sys.stderr)
     else:
         print(f"{args.method}: target {result['target_ratio']:.4f}, predicted {result['predicted_ratio']:.4f}",
               file=sys.stderr)

@@ -40,7 +40,8 @@
 # random is the matched arm. whole_eqc = Train less: the whole data for the epochs that cost what the D3P arm of
 # the seed cost (warm-up and cosine compressed; tools/match_ratio.py whole_eqc). Sweep arms <method>_p<PCT> run at
 # PCT% pruned (whole_eqc_p<PCT>: at that compute; d3p_p<PCT>: D3P with --d3p_target_ratio solved so that the run,
-# full epochs before the first decision included, prunes PCT%); a ratio out of a method's reach is logged as SKIP. One folder
+# full epochs before the first decision and its forward-only passes included, saves PCT% of the compute, the
+# column's compute: it prunes more, 80% at 70); a ratio out of a method's reach is logged as SKIP. One folder
 # per arm and seed: OUT/<arm>_seed<S>/{pretrain,knn,linprobe,finetune[,finetune_cifar100]}, ratio_match.json for
 # matched arms. Resumable: a stage whose summary.json exists is skipped; an interrupted stage restarts with
 # --auto_resume. The table (OUT/table1.md, OUT/table1.json, OUT/figure.png) is printed at the end from whatever
@@ -303,6 +304,8 @@ pretrain_flags() {
     cal=(--calibration "$OUT/${method}_seed$cs/pretrain")
   fi
   solver=$method; [[ $arm == whole_eqc* ]] && solver=whole_eqc
+  # D3P's recording epochs add forward-only passes: its sweep arm matches the column's compute, not its ratio
+  [[ $method == d3p && $arm == *_p[0-9]* ]] && cal+=(--by_compute)
   local solved more err="$OUT/${arm}_seed$seed/ratio_match.err"
   mkdir -p "$OUT/${arm}_seed$seed"
   if ! solved=$($PY tools/match_ratio.py "$solver" --target "$target" "${cal[@]}" --epochs "$EPOCHS" \

@@ -362,3 +362,21 @@ def test_verdict_without_a_train_less_control():
     rows = [{"key": "infobatch", "is_whole": False, "paired": {"knn_top1": {}}, "prune_ratio": 30.0}]
     (v,) = make_table.verdicts(rows)
     assert v["text"].startswith("not compared with train less here") and v["pays"] == []
+
+
+def test_d3p_sweep_arm_at_the_columns_compute(tmp_path):
+    """D3P's sweep arm (match_ratio --by_compute) prunes more than the column's ratio so that, its forward-only
+    passes included, it spends the column's compute: it is named by that, paired with the column's controls."""
+    dirs = _converged_and_sweep(tmp_path)
+    for seed in range(3):  # 30% of the compute saved: 6,700 trained + 900 forward-only / 3 = 7,000 of 10,000
+        dirs.append(arm(tmp_path, f"d3p_p30_seed{seed}", "d3p", seed=seed, trained=6700, fwd=900, knn=77.5 + seed,
+                        ratio_match={"method": "d3p", "target_ratio": 0.3, "target": "compute_saved",
+                                     "flags": {"d3p_target_ratio": 0.358}}))
+    rows = rows_by_key(dirs)
+    row = rows["d3p@30"]
+    assert row["method"] == "D3P (30% compute saved)"
+    assert row["prune_ratio"] == pytest.approx(33.0) and row["compute_saved"] == pytest.approx(30.0)
+    assert row["paired"]["knn_top1"]["Train less"]["control"] == "whole_eqc@30"
+    assert row["paired"]["knn_top1"]["Train less"]["mean"] == pytest.approx(0.5)
+    assert rows["rs2@30"]["method"] == "RS2 (30% pruned)"
+    assert "(P% compute saved): D3P's sweep arm" in make_table.markdown(list(rows.values()), "final", [])

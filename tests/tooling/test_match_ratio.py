@@ -167,3 +167,38 @@ def test_d3p_orderdp_and_random_static_at_a_ratio(capsys):
     assert match_ratio.main(["d3p", "--target", "0.3", "--epochs", "80", "--d3p_start", "3", "--d3p_period", "5",
                              "--d3p_window", "2"]) == 0
     assert capsys.readouterr().out.strip() == f"--d3p_target_ratio {0.3 * 80 / 77!r}"
+
+
+@pytest.mark.parametrize("target", [0.3, 0.7])
+def test_d3p_by_compute_saves_the_target_share_of_the_compute(target):
+    """The sweep's D3P arm (--by_compute): r from the model r (P - F/3) / E = target, then the real strategy's
+    plans over 80 epochs (s=3, p=5, n=2), charged like the ledger (a trained sample 1, a forward-only one 1/3),
+    save the target share of the compute; the plain ratio solve would save less (its forward-only passes)."""
+    from d3p.ledger import FORWARD_ONLY_COST
+    from d3p.methods.d3p import D3P
+    from d3p.schedule import D3PSchedule
+
+    assert match_ratio.d3p_recording_pruned_epochs(80, 3, 5, 2) == 30  # 2 of every 5 pruned epochs record
+    out = match_ratio.solve("d3p", str(target), None, 80, 5, d3p_schedule=(3, 5, 2, 0), by_compute=True)
+    r = out["flags"]["d3p_target_ratio"]
+    assert r == pytest.approx(target * 80 / (77 - 30 / 3)) and out["target"] == "compute_saved"
+    n, epochs, rng = 1500, 80, np.random.default_rng(0)
+    base = rng.lognormal(0.0, 0.4, n)
+    s = D3P(n, D3PSchedule(start=3, period=5, window=2, epochs=epochs), bins=32, seed=0, target_ratio=r)
+    cost = 0.0
+    for epoch in range(epochs):
+        plan = s.plan_epoch(epoch)
+        cost += plan.kept.size + FORWARD_ONLY_COST * plan.forward_only.size
+        losses = None
+        if plan.record_losses:
+            loss = base * (0.98 ** epoch) * rng.lognormal(0.0, 0.05, n)
+            losses = EpochLosses(loss, np.ones(n, dtype=np.int32))
+        s.end_epoch(epoch, losses)
+    saved = 1.0 - cost / (n * epochs)
+    assert abs(saved - target) <= 0.005, saved
+    plain = match_ratio.solve("d3p", str(target), None, 80, 5, d3p_schedule=(3, 5, 2, 0))
+    assert plain["flags"]["d3p_target_ratio"] < r  # by ratio it prunes less and saves less than the target
+    with pytest.raises(match_ratio.RatioError, match="out of reach"):
+        match_ratio.solve("d3p", "0.84", None, 80, 5, d3p_schedule=(3, 5, 2, 0), by_compute=True)  # 67/80 at most
+    with pytest.raises(match_ratio.RatioError, match="--by_compute is for d3p"):
+        match_ratio.solve("rs2", "0.5", None, 80, 5, by_compute=True)

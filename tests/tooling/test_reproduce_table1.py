@@ -164,9 +164,11 @@ def test_converged_plan_calibrates_infobatch_once_for_every_seed(tmp_path):
 
 def test_sweep_plan_skips_a_ratio_out_of_reach(tmp_path):
     out = tmp_path / "out"
-    res = run_recipe(out, timeout=1800, PLAN="sweep", SWEEP_RATIOS="70", SWEEP_METHODS="infobatch whole_eqc",
+    res = run_recipe(out, timeout=1800, PLAN="sweep", SWEEP_RATIOS="70", SWEEP_METHODS="infobatch d3p whole_eqc",
                      SEEDS="0", EPOCHS=4, LP_EPOCHS=1, PRETRAIN_ARGS="--train_subset 192")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # D3P's sweep arm is solved for the column's compute (--by_compute): 1 pruned epoch of 4 saves at most 25%
+    assert "SKIP d3p_p70_seed0: error: D3P saves at most 25.0% of the compute" in res.stdout
     # InfoBatch prunes at most (its below-mean fraction x the pruned epochs) / E: 70% is out of reach -> skipped
     assert "SKIP infobatch_p70_seed0" in res.stdout and not (out / "infobatch_p70_seed0" / "pretrain").exists()
     eqc = _summary(out / "whole_eqc_p70_seed0" / "pretrain" / "summary.json")
