@@ -67,7 +67,7 @@ CI_LEVEL = 0.95
 # flags that differ between seeds of one configuration, so they do not split a group
 _PER_SEED_FLAGS = ("random_match",)
 # flags solved per seed for an equal-ratio arm (tools/match_ratio.py)
-_MATCHED_FLAGS = ("prune_ratio", "seta_window_scale")
+_MATCHED_FLAGS = ("prune_ratio", "seta_window_scale", "orderdp_target_ratio", "d3p_target_ratio")
 _CONFIG_FIELDS = ("epochs", "model", "data_set", "num_samples", "label_noise")
 FORWARD_ONLY_COST = 1.0 / 3.0
 DASH = "—"

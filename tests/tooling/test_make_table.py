@@ -380,3 +380,16 @@ def test_d3p_sweep_arm_at_the_columns_compute(tmp_path):
     assert row["paired"]["knn_top1"]["Train less"]["mean"] == pytest.approx(0.5)
     assert rows["rs2@30"]["method"] == "RS2 (30% pruned)"
     assert "(P% compute saved): D3P's sweep arm" in make_table.markdown(list(rows.values()), "final", [])
+
+
+def test_orderdp_at_d3p_ratio_is_one_row_over_seeds(tmp_path):
+    """Each seed's OrderDP arm gets its own solved --orderdp_target_ratio (D3P's ratio of that seed): still one
+    configuration, one row with every seed, as for the other arms at D3P's ratio."""
+    dirs = _converged_and_sweep(tmp_path)
+    for seed in range(5):
+        dirs.append(arm(tmp_path, f"orderdp_eq_seed{seed}", "orderdp", seed=seed, trained=9000 + 10 * seed,
+                        knn=79.5 + 0.2 * seed, flags={"orderdp_target_ratio": 0.1 - seed / 1000}, ratio_match=0.1))
+    rows = rows_by_key(dirs)
+    row = rows["orderdp@d3p"]
+    assert row["seeds"] == 5 and row["method"] == "OrderDP (= D3P ratio)"
+    assert row["paired"]["knn_top1"]["Random"]["control"] == "random_matched"
