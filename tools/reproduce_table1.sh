@@ -55,9 +55,11 @@
 # (LP_SEEDS="0 1 2 3 4" adds 35 linear probes, ~9 min). 80 epochs: the Whole arm's k-NN (seed 0, each length its
 # own cosine run) is 76.1% at 20 epochs, 89.2% at 40, 97.6% at 80, 99.0% at 160 (docs/does_pruning_pay.md): the
 # doubling to 80 gains 8.4 points, the doubling to 160 1.3, and 80 is the longest run 5 seeds of 7 arms fit in 90
-# minutes. Measured 2026-12-03 on the idle machine: 88.5 min for the 5 seeds (31 pre-trainings of 250-340 s each).
-# sweep: 3 seeds x (Whole + InfoBatch's calibration + 6 arms x 3 ratios) ~ 32 x 80 whole-data epochs; measured
-# 2026-12-03: seed 0's 18 arms 25.5 min on the idle machine, the whole sweep ~85-90 min (docs/does_pruning_pay.md).
+# minutes. Measured 2026-12-06 on the idle machine, with OrderDP (8 pre-trainings per seed): 75 min for the 5 seeds
+# with the Whole arms of seeds 0-2 and the calibration already run by the sweep, about 85 min from an empty folder.
+# sweep: 3 seeds x (Whole + InfoBatch's calibration + 8 arms x 3 ratios; InfoBatch SKIPs 50 and 70 on the digits);
+# measured 2026-12-06: a 70% column ~10-12 min per seed, a 50% column ~10.5 min per seed, so the whole sweep is
+# about 2 h 10 min, more than one 90-minute slot: SWEEP_RATIOS picks columns, and a rerun resumes (docs/does_pruning_pay.md).
 # table1: 3 seeds x (7 default + 4 equal-ratio pre-trainings) = 33 pre-trainings of 20 epochs (~2,100 s), 33 k-NN
 # (~260 s), 36 linear probes (~1,050 s), fine-tuning only for the 8 default-ratio arms of seed 0 (FT_SEEDS,
 # FT_EQUAL; ~640 s): ~4,050 single-core seconds, ~35 min with 2 lanes. Choices: D3P s=3, p=5, n=2 (decisions at
