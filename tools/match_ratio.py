@@ -95,27 +95,25 @@ def static_ratio(target: float, num_epochs: int, warmup_epochs: int) -> float:
     return r
 
 
-def d3p_pruned_epochs(num_epochs: int, start: int, period: int, window: int, anneal_epochs: int = 0) -> int:
-    """The epochs a D3P run trains on a decision's kept set: after the first decision, before the annealing."""
+def _d3p_pruned(num_epochs: int, start: int, period: int, window: int, anneal_epochs: int = 0):
+    """(schedule, the epochs a D3P run trains on a decision's kept set: after the first decision, before annealing)."""
     from d3p.schedule import D3PSchedule
 
     schedule = D3PSchedule(start, period, window, num_epochs, anneal_epochs)
     decisions = schedule.decision_epochs()
-    if not decisions:
-        return 0
-    return sum(1 for e in range(decisions[0] + 1, num_epochs) if not schedule.is_annealing(e))
+    first = decisions[0] + 1 if decisions else num_epochs
+    return schedule, [e for e in range(first, num_epochs) if not schedule.is_annealing(e)]
+
+
+def d3p_pruned_epochs(num_epochs: int, start: int, period: int, window: int, anneal_epochs: int = 0) -> int:
+    """How many epochs a D3P run trains on a decision's kept set."""
+    return len(_d3p_pruned(num_epochs, start, period, window, anneal_epochs)[1])
 
 
 def d3p_recording_pruned_epochs(num_epochs: int, start: int, period: int, window: int, anneal_epochs: int = 0) -> int:
     """The pruned epochs that are also recording epochs: D3P runs a forward-only pass over their pruned samples."""
-    from d3p.schedule import D3PSchedule
-
-    schedule = D3PSchedule(start, period, window, num_epochs, anneal_epochs)
-    decisions = schedule.decision_epochs()
-    if not decisions:
-        return 0
-    return sum(1 for e in range(decisions[0] + 1, num_epochs)
-               if not schedule.is_annealing(e) and schedule.is_recording(e))
+    schedule, pruned = _d3p_pruned(num_epochs, start, period, window, anneal_epochs)
+    return sum(1 for e in pruned if schedule.is_recording(e))
 
 
 def d3p_compute_ratio(target: float, num_epochs: int, pruned_epochs: int, recording_pruned: int) -> float:
