@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from d3p.collectives import get_rank
 from d3p.sampler import BalancedBatchSampler
 from util.item_seeding import ItemSeedSampler, SeededItems
-from util.stop import worker_init
+from util.stop import stop_signals_blocked, worker_init
 
 
 def collate_indexed(batch):
@@ -87,10 +87,21 @@ def _release_workers() -> None:
 atexit.register(_release_workers)
 
 
-def _tracked(loader: DataLoader) -> DataLoader:
-    if loader.num_workers > 0:
-        _LOADERS.add(loader)
-    return loader
+class StopSafeDataLoader(DataLoader):
+    """A DataLoader whose workers cannot die of a stop signal sent while they start (util.stop.stop_signals_blocked;
+    give it worker_init_fn=util.stop.worker_init()), and whose persistent workers are stopped in order at exit
+    (_release_workers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_workers > 0:
+            _LOADERS.add(self)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with stop_signals_blocked():  # the first call starts the workers (persistent: once per loader)
+            return super().__iter__()
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int, stream: int,
@@ -104,11 +115,11 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, ba
     Mixup's pairs), so every kept sample is trained once and no step is a runt. `drop_last`: MAE's batching
     (full batches, the rest dropped), for parity checks only."""
     items = ItemSeedSampler(sampler, args.seed, get_rank(), stream)
-    return _tracked(DataLoader(
+    return StopSafeDataLoader(
         SeededItems(dataset), batch_sampler=BalancedBatchSampler(items, batch_size, drop_last, multiple_of),
         collate_fn=collate_indexed, generator=torch.Generator(),
         **_worker_options(args),  # creating an iterator never draws from the global RNG (own generator)
-    ))
+    )
 
 
 def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, batch_size: int,
@@ -118,8 +129,8 @@ def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespac
     Its own generator, as in make_loader: creating an iterator would otherwise draw a worker seed from the
     global torch RNG. With persistent workers that happens once per run, so a run resumed mid-training would
     draw it at another point than the uninterrupted run, and every drop-path mask after it would differ."""
-    return _tracked(DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False,
-                               collate_fn=collate_fn, generator=torch.Generator(), **_worker_options(args)))
+    return StopSafeDataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=False,
+                              collate_fn=collate_fn, generator=torch.Generator(), **_worker_options(args))
 
 
 def _worker_options(args: argparse.Namespace) -> dict:

@@ -9,11 +9,12 @@ no device work) without waiting, and reads each result two boundaries later, whe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,11 +79,40 @@ def ignore_stop_signals_in_worker(worker_id: int, then: Callable[[int], None] | 
     every process of the step), so the workers get the SIGTERM too; torch's worker handler then kills the
     worker (the sender is not its parent) and the training process raises "DataLoader worker (pid N) is
     killed by signal: Terminated" before it can save. Ignored, the workers go on feeding the loop until the
-    training process has saved; they still exit when it shuts the loader down or dies (torch's watchdog)."""
+    training process has saved; they still exit when it shuts the loader down or dies (torch's watchdog).
+
+    A worker is born with the stop signals blocked (`stop_signals_blocked` around the start of the workers): one
+    sent before this function runs stays pending, and ignoring it here discards it; then they are unblocked."""
     for sig in stop_signals():
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
     if then is not None:
         then(worker_id)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold the stop signals (block them in this thread) for a block that starts DataLoader workers.
+
+    Why: a worker runs torch's own SIGTERM handler (which kills it when the sender is not its parent) from its
+    start until its worker_init_fn ignores the stop signals. A scheduler's SIGTERM to the process group in that
+    window (a loader whose workers start in the middle of a run: the forward-only or embedding pass, evaluation)
+    killed the worker, and the rank failed with "DataLoader worker (pid N) is killed by signal: Terminated"
+    instead of saving. A forked process inherits the signal mask: the workers start blocked, and
+    `ignore_stop_signals_in_worker` ignores, then unblocks, them. In this process a signal that arrived meanwhile
+    is delivered when the block ends (the stop flag is not lost).
+    Only for fork, the default start method of loader workers on Linux up to Python 3.13 (this project's 3.11):
+    a worker started by 'spawn' gets a fresh mask from Python's exec, and one started by 'forkserver' (Linux's
+    default from Python 3.14) is forked by the server, not by this process; for them the window remains."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no process-group signals)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def worker_init(then: Callable[[int], None] | None = None) -> Callable[[int], None]:

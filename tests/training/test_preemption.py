@@ -88,7 +88,7 @@ def test_stop_signal_sets_a_flag_and_hands_over_to_the_previous_handler():
 
 
 LOADER_SCRIPT = """
-import os, signal, sys, argparse
+import os, signal, sys, argparse, time
 import torch
 from torch.utils.data import TensorDataset
 from d3p.sampler import PrunedDistributedSampler
@@ -100,10 +100,18 @@ data = IndexedDataset(TensorDataset(torch.arange(64).float().view(64, 1), torch.
 stop = StopSignals()
 loader = make_loader(data, PrunedDistributedSampler(64, shuffle=False), args, batch_size=4, stream=0)
 seen = []
-for step, (x, _, index) in enumerate(loader):
-    if step == 1:
+if AT_START:
+    # the race made wide: from its fork a worker has torch's SIGTERM handler (fatal for a signal from another
+    # process) until worker_init_fn runs; here it has the default action (as fatal) and waits 0.5 s there
+    os.register_at_fork(after_in_child=lambda: (signal.signal(signal.SIGNAL, signal.SIG_DFL), time.sleep(0.5)))
+batches = iter(loader)  # starts the 2 workers (fork, Linux's default)
+if AT_START:  # they are still starting
+    os.killpg(os.getpgid(0), signal.SIGNAL)
+for step, (x, _, index) in enumerate(batches):
+    if step == 1 and not AT_START:
         os.killpg(os.getpgid(0), signal.SIGNAL)  # the whole group: this process and its 2 workers
     seen += index.tolist()
+del batches  # (the loader's own reference is dropped at exit, which stops its persistent workers)
 print("flag", stop(), "seen", sorted(seen) == list(range(64)))
 """
 
@@ -113,10 +121,22 @@ def test_loader_workers_outlive_a_stop_signal_to_the_process_group(name):
     """Without the workers ignoring it, torch's worker handler dies on a SIGTERM from a process other than
     its parent, and the loop raises "DataLoader worker (pid N) is killed by signal: Terminated"; SLURM's
     USR1/USR2 warning would kill a worker by its default action."""
-    res = run_script(["-c", LOADER_SCRIPT.replace("SIGNAL", name)], timeout=120)
+    res = run_script(["-c", LOADER_SCRIPT.replace("SIGNAL", name).replace("AT_START", "False")], timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "flag True seen True" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "killed by signal" not in res.stderr
+
+
+def test_loader_workers_outlive_a_stop_signal_that_comes_while_they_start():
+    """A loader that starts its workers mid-run (the forward-only or embedding pass, evaluation) while the
+    scheduler's SIGTERM reaches the process group: the workers are born with the stop signals blocked
+    (util.stop.stop_signals_blocked), so the signal waits until they ignore it. Without that, both workers die
+    at once here ("DataLoader worker (pid(s) ...) exited unexpectedly"), and a rank of a 2-rank run failed the
+    same way when the agent's signal came as it started its forward-only loader."""
+    res = run_script(["-c", LOADER_SCRIPT.replace("SIGNAL", "SIGTERM").replace("AT_START", "True")], timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "flag True seen True" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "killed by signal" not in res.stderr and "exited unexpectedly" not in res.stderr
 
 
 # ------------------------------------------------------------------------------------ pre-training
