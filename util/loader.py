@@ -88,18 +88,17 @@ atexit.register(_release_workers)
 
 
 class StopSafeDataLoader(DataLoader):
-    """A DataLoader whose workers cannot die of a stop signal sent while they start (util.stop.stop_signals_blocked;
-    give it worker_init_fn=util.stop.worker_init()), and whose persistent workers are stopped in order at exit
-    (_release_workers)."""
+    """A DataLoader whose workers outlive a stop signal: they ignore the stop signals (util.stop.worker_init, run
+    before the given worker_init_fn), are started with them blocked so that one sent while they start waits for
+    that (util.stop.stop_signals_blocked), and, when persistent, are stopped in order at exit (_release_workers)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.num_workers > 0:
+            self.worker_init_fn = worker_init(then=self.worker_init_fn)
             _LOADERS.add(self)
 
     def __iter__(self):
-        if self.num_workers == 0:
-            return super().__iter__()
         with stop_signals_blocked():  # the first call starts the workers (persistent: once per loader)
             return super().__iter__()
 
@@ -108,7 +107,7 @@ def make_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespace, ba
                 drop_last: bool = False, multiple_of: int = 1) -> DataLoader:
     """A training-side loader: items come with their dataset index, and their augmentation is a function of
     (seed, stream, epoch, rank, position) in worker processes (util.item_seeding.SeededItems), so a resume with
-    workers replays it exactly. Workers ignore stop signals (ignore_stop_signals_in_worker).
+    workers replays it exactly. Workers ignore stop signals (StopSafeDataLoader).
 
     Batches are balanced (d3p.BalancedBatchSampler): each rank's K samples of the epoch in ceil(K / batch_size)
     batches whose sizes differ by at most one (by at most `multiple_of`, all multiples of it but the last, for
@@ -136,4 +135,4 @@ def make_eval_loader(dataset: Dataset, sampler: Sampler, args: argparse.Namespac
 def _worker_options(args: argparse.Namespace) -> dict:
     workers = int(args.num_workers)
     return dict(num_workers=workers, pin_memory=bool(args.pin_mem) and str(args.device).startswith("cuda"),
-                persistent_workers=workers > 0, worker_init_fn=worker_init() if workers > 0 else None)
+                persistent_workers=workers > 0)

@@ -109,6 +109,30 @@ def test_workers_ignore_the_stop_signals_then_run_the_loader_init():
             signal.signal(sig, handler)
 
 
+def test_a_stop_safe_loader_gives_its_workers_the_stop_init_before_the_users():
+    """StopSafeDataLoader owns the workers' stop handling: whatever worker_init_fn the caller passes runs after the
+    stop signals are ignored and unblocked (a worker is born with them blocked)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from util.loader import StopSafeDataLoader
+
+    seen = []
+    loader = StopSafeDataLoader(TensorDataset(torch.arange(4)), num_workers=2, worker_init_fn=seen.append)
+    previous = {sig: signal.getsignal(sig) for sig in stop.stop_signals()}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop.stop_signals())  # as a worker starts
+    try:
+        loader.worker_init_fn(1)  # what a worker runs first
+        assert seen == [1]
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in stop.stop_signals())
+        assert not set(stop.stop_signals()) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert StopSafeDataLoader(TensorDataset(torch.arange(4)), worker_init_fn=seen.append).worker_init_fn == seen.append
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_creating_a_loader_iterator_leaves_the_global_rng_alone(workers):
     """A resume creates the (persistent) loaders' iterators at another point of the run than the uninterrupted
